@@ -1,0 +1,1 @@
+"""fedjax_exp: a FedJAX-compatible federated learning library and experiment framework."""
