@@ -21,3 +21,7 @@ SingleExample = Mapping[str, np.ndarray | jax.Array]
 BatchExample = Mapping[str, np.ndarray | jax.Array]
 SinglePrediction = PyTree
 BatchPrediction = PyTree
+
+# Padded batches mark their real examples with a boolean vector under this key. Defined here,
+# below both models and data, so each can honour masks without importing the other.
+EXAMPLE_MASK_KEY = "__mask__"
