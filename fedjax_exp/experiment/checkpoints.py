@@ -1,0 +1,117 @@
+"""Checkpoints of a training run: algorithm state, step, RNG, data position and clock.
+
+Written with orbax-checkpoint's CheckpointManager: each step goes to a temporary dir that is
+renamed into place when complete, so a run killed mid-save leaves the previous checkpoints
+intact; only the last ``keep`` are kept. Saves are synchronous: the states here are at most a
+few hundred MB, and a blocking save keeps the order of saves and metrics lines simple.
+
+The algorithm state is stored as its flat list of leaves and restored into the tree structure
+of a freshly initialised state. That works for any pytree (optax states with empty tuples,
+stax parameter lists, user dataclasses) without teaching orbax about each node type.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pathlib
+from typing import Any
+
+import jax
+import numpy as np
+
+CHECKPOINT_DIR = "checkpoints"
+
+
+@dataclasses.dataclass(frozen=True)
+class Snapshot:
+    """Everything a resumed run needs to continue exactly where a saved one was."""
+
+    state: Any  # The algorithm state pytree (params, optimizer state, ...).
+    step: int
+    rng: np.ndarray  # Raw key data of the run's base PRNG key.
+    data_position: int  # Number of training inputs consumed from the data stream.
+    elapsed: float  # Seconds of training before this snapshot (for the metrics "time").
+
+
+def _host_copy(tree: Any) -> Any:
+    # A real copy: the train step donates its input buffers, and on CPU np.asarray may alias
+    # device memory that the next step reuses.
+    return jax.tree_util.tree_map(lambda x: np.array(x, copy=True), tree)
+
+
+def _to_item(snapshot: Snapshot) -> dict[str, Any]:
+    return {
+        "state": _host_copy(jax.tree_util.tree_leaves(snapshot.state)),
+        "step": np.asarray(snapshot.step, np.int64),
+        "rng": np.asarray(snapshot.rng),
+        "data_position": np.asarray(snapshot.data_position, np.int64),
+        "elapsed": np.asarray(snapshot.elapsed, np.float64),
+    }
+
+
+def find_checkpoint_dir(path: str | os.PathLike[str]) -> tuple[pathlib.Path, int | None]:
+    """Resolves ``trainer.resume=PATH`` to (checkpoints dir, step or None for the latest).
+
+    PATH may be a run dir (holding ``checkpoints/``), a checkpoints dir, or one step's dir.
+    """
+    path = pathlib.Path(path)
+    if (path / CHECKPOINT_DIR).is_dir():
+        return path / CHECKPOINT_DIR, None
+    if path.name.isdigit() and path.is_dir():
+        return path.parent, int(path.name)
+    return path, None
+
+
+class Checkpointer:
+    """Saves and restores :class:`Snapshot` s under one directory."""
+
+    def __init__(self, directory: str | os.PathLike[str], keep: int):
+        import orbax.checkpoint as ocp  # Imported here: it is slow to import and JAX-heavy.
+
+        self._ocp = ocp
+        self.directory = pathlib.Path(directory).absolute()
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep, create=True, enable_async_checkpointing=False
+        )
+        self._manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def latest_step(self) -> int | None:
+        """The newest complete checkpoint's step, or None."""
+        return self._manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self._manager.all_steps())
+
+    def save(self, snapshot: Snapshot) -> None:
+        """Saves ``snapshot`` (replacing a checkpoint of the same step, e.g. on a rerun)."""
+        if snapshot.step in self._manager.all_steps():
+            self._manager.delete(snapshot.step)
+        self._manager.save(snapshot.step, args=self._ocp.args.StandardSave(_to_item(snapshot)))
+        self._manager.wait_until_finished()
+
+    def restore(
+        self, template_state: Any, template_rng: np.ndarray, step: int | None = None
+    ) -> Snapshot:
+        """Loads ``step`` (default: the latest) into the structures of the templates."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        leaves, treedef = jax.tree_util.tree_flatten(template_state)
+        template = _to_item(Snapshot(leaves, 0, np.asarray(template_rng), 0, 0.0))
+        item = self._manager.restore(step, args=self._ocp.args.StandardRestore(template))
+        if len(item["state"]) != len(leaves):
+            raise ValueError(
+                f"checkpoint {self.directory / str(step)} holds {len(item['state'])} arrays but "
+                f"this config's state has {len(leaves)}: was it written by another model?"
+            )
+        return Snapshot(
+            state=jax.tree_util.tree_unflatten(treedef, item["state"]),
+            step=int(item["step"]),
+            rng=np.asarray(item["rng"]),
+            data_position=int(item["data_position"]),
+            elapsed=float(item["elapsed"]),
+        )
+
+    def close(self) -> None:
+        self._manager.close()

@@ -1,0 +1,40 @@
+"""Hydra callbacks that check the run before Hydra writes anything.
+
+Kept free of JAX imports: Hydra builds callbacks in the parent process of a multirun, and JAX
+must not start there before launchers fork their workers.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+from fedjax_exp.experiment.validation import check_writable_dir
+
+
+class OutputDirCheck(Callback):
+    """Exits with one error line when the run (or sweep) output dir cannot be written.
+
+    Hydra itself would fail later with a traceback while saving ``.hydra/``; checking here
+    reports the problem before any job starts.
+    """
+
+    def _check(self, path: str, override: str) -> None:
+        problem = check_writable_dir(path)
+        if problem is not None:
+            print(
+                f"error: cannot write the output dir {path!r} ({problem}); "
+                f"choose a writable one with {override}=DIR",
+                file=sys.stderr,
+            )
+            # SystemExit passes through Hydra's callback wrapper, which swallows Exceptions.
+            raise SystemExit(2)
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._check(str(config.hydra.run.dir), "hydra.run.dir")
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._check(str(config.hydra.sweep.dir), "hydra.sweep.dir")

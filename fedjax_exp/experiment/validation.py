@@ -1,0 +1,197 @@
+"""Checks a composed config before anything is built, so bad input fails in one line.
+
+Every check raises :class:`ConfigError` with a message that names the offending key, the bad
+value and the fix. Nothing here imports JAX, and nothing here writes files except a probe file
+in the output dir (removed at once).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import pathlib
+import tempfile
+from collections.abc import Iterator
+from numbers import Real
+from typing import Any
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from fedjax_exp.experiment.errors import ConfigError
+
+# Config subtrees that describe Hydra itself, not the experiment.
+_SKIPPED_ROOTS = ("hydra",)
+
+
+def check_writable_dir(path: str | os.PathLike[str]) -> str | None:
+    """Returns why ``path`` cannot be used as an output dir, or None when it can.
+
+    The dir is created if missing (Hydra would create it next anyway) and a probe file is
+    written and removed: permission bits alone say nothing when running as root.
+    """
+    try:
+        directory = pathlib.Path(path)
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".write_probe_"):
+            pass
+    except OSError as e:
+        return f"{type(e).__name__}: {e.strerror or e}"
+    return None
+
+
+def locate(dotted_path: str) -> Any:
+    """Imports ``pkg.module.attr`` (attributes may nest); raises ImportError with the reason."""
+    if not isinstance(dotted_path, str) or not dotted_path:
+        raise ImportError(f"expected a dotted path string, got {dotted_path!r}")
+    parts = dotted_path.split(".")
+    # Longest importable module prefix, then attribute lookups for the rest.
+    for split in range(len(parts), 0, -1):
+        module_name = ".".join(parts[:split])
+        try:
+            obj: Any = importlib.import_module(module_name)
+        except ModuleNotFoundError as e:
+            # A missing parent is fine (try a shorter prefix); a failing import inside an
+            # existing module is a real error worth reporting.
+            if e.name is not None and not module_name.startswith(e.name):
+                raise ImportError(f"importing {module_name!r} failed: {e}") from e
+            continue
+        for attr in parts[split:]:
+            if not hasattr(obj, attr):
+                raise ImportError(f"module {module_name!r} has no attribute path {attr!r}")
+            obj = getattr(obj, attr)
+        return obj
+    raise ImportError(f"no module named {parts[0]!r}")
+
+
+def _walk(node: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """(dotted key, value) for every leaf and container of a resolved plain container."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            path = f"{prefix}.{key}" if prefix else str(key)
+            yield path, value
+            yield from _walk(value, path)
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            path = f"{prefix}[{i}]"
+            yield path, value
+            yield from _walk(value, path)
+
+
+def resolved_container(cfg: DictConfig) -> dict[str, Any]:
+    """The config as plain Python values, interpolations resolved, Hydra's own node dropped."""
+    missing = [k for k in OmegaConf.missing_keys(cfg) if not k.startswith(_SKIPPED_ROOTS)]
+    if missing:
+        key = sorted(missing)[0]
+        raise ConfigError(f"{key} is required but not set: add {key}=VALUE to the command line")
+    try:
+        container = OmegaConf.to_container(cfg, resolve=True)
+    except OmegaConfBaseException as e:
+        message = str(e).splitlines()[0]
+        raise ConfigError(f"the config does not resolve: {message}") from e
+    assert isinstance(container, dict)
+    for root in _SKIPPED_ROOTS:
+        container.pop(root, None)
+    return container
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _require_int(cfg: dict[str, Any], key: str, minimum: int, *, optional: bool = False) -> None:
+    value = _select(cfg, key)
+    if value is None and optional:
+        return
+    if not _is_int(value) or value < minimum:
+        kind = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        raise ConfigError(f"{key} must be {kind}, got {value!r}: set e.g. {key}={max(minimum, 1)}")
+
+
+def _select(cfg: dict[str, Any], key: str) -> Any:
+    node: Any = cfg
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def check_trainer(cfg: dict[str, Any]) -> None:
+    """Step counts, batch sizes and intervals are integers in range."""
+    if not isinstance(cfg.get("trainer"), dict):
+        raise ConfigError("the config has no trainer section: add trainer=default")
+    _require_int(cfg, "trainer.steps", 0)
+    for key in ("batch_size", "client_buffer_size", "example_buffer_size", "eval_batch_size"):
+        _require_int(cfg, f"trainer.{key}", 1)
+    _require_int(cfg, "trainer.log_every", 1)
+    _require_int(cfg, "trainer.keep_checkpoints", 1)
+    for key in ("eval_every", "checkpoint_every"):
+        _require_int(cfg, f"trainer.{key}", 0)
+    for split in ("train", "test"):
+        _require_int(cfg, f"trainer.eval_batches.{split}", 0, optional=True)
+    _require_int(cfg, "trainer.per_client_max_clients", 1, optional=True)
+    if not isinstance(_select(cfg, "seed"), int):
+        raise ConfigError(f"seed must be an integer, got {_select(cfg, 'seed')!r}")
+
+
+def check_learning_rate(cfg: dict[str, Any]) -> None:
+    """A configured learning rate (and schedule peak) is a positive finite number."""
+    optimizer = cfg.get("optimizer")
+    if not isinstance(optimizer, dict):
+        raise ConfigError("the config has no optimizer section: add optimizer=adam (or another)")
+    if "learning_rate" not in optimizer:
+        return  # A user optimizer by _target_ may take no learning rate.
+    lr = optimizer["learning_rate"]
+    if isinstance(lr, bool) or not isinstance(lr, Real) or not (0 < lr < float("inf")):
+        raise ConfigError(
+            f"optimizer.learning_rate must be a positive number, got {lr!r}: "
+            "set e.g. optimizer.learning_rate=1e-3"
+        )
+
+
+def check_paths(cfg: dict[str, Any]) -> None:
+    """Every ``*_path`` setting of the dataset names an existing file or dir."""
+    for key, value in _walk(cfg.get("dataset") or {}, "dataset"):
+        if key.endswith("_path") and value is not None:
+            if not isinstance(value, str) or not os.path.exists(value):
+                raise ConfigError(
+                    f"{key}={value!r} does not exist: give the path of an existing file "
+                    f"(relative paths are taken from {os.getcwd()})"
+                )
+
+
+def check_targets(cfg: dict[str, Any]) -> None:
+    """Every ``_target_`` imports."""
+    for key, value in _walk(cfg):
+        if key.endswith("._target_") or key == "_target_":
+            try:
+                locate(value)
+            except ImportError as e:
+                raise ConfigError(
+                    f"{key}={value!r} cannot be imported ({e}): check the dotted path and that "
+                    "its package is installed or on PYTHONPATH"
+                ) from e
+
+
+def check_resume(cfg: dict[str, Any]) -> None:
+    """``trainer.resume`` is true, false or an existing path."""
+    resume = _select(cfg, "trainer.resume")
+    if isinstance(resume, bool) or resume is None:
+        return
+    if not isinstance(resume, str) or not os.path.exists(resume):
+        raise ConfigError(
+            f"trainer.resume={resume!r} does not exist: give a run dir, its checkpoints/ dir or "
+            "one checkpoint step dir (or true/false)"
+        )
+
+
+def validate_config(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
+    """Runs every check; returns the resolved plain config. Raises ConfigError."""
+    container = resolved_container(cfg) if isinstance(cfg, (DictConfig, ListConfig)) else cfg
+    check_trainer(container)
+    check_learning_rate(container)
+    check_paths(container)
+    check_resume(container)
+    check_targets(container)
+    return container

@@ -1,0 +1,226 @@
+"""Metric writers: one interface, a local JSON-lines file (always on) and W&B.
+
+The metrics file ``metrics.jsonl`` is the contract with the comparison report: one JSON object
+per line with ``"step"`` (int), ``"time"`` (seconds since the run started, carried across
+resumes) and flat, "/"-namespaced metric keys such as ``"train/loss"``, ``"eval/test/accuracy"``
+and ``"final/test/accuracy"``. ``status.json`` says how the run ended.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import pathlib
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, Protocol
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.jsonl"
+STATUS_FILE = "status.json"
+
+
+class MetricWriter(Protocol):
+    """Where metrics go. Values are plain Python numbers (host-side already)."""
+
+    def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
+        """Records ``scalars`` at ``step``."""
+
+    def write_histogram(self, step: int, name: str, values: Sequence[float]) -> None:
+        """Records a distribution (e.g. per-client accuracy) at ``step``."""
+
+    def write_summary(self, summary: Mapping[str, Any]) -> None:
+        """Records end-of-run values (final metrics)."""
+
+    def close(self, exit_code: int) -> None:
+        """Flushes and releases resources; ``exit_code != 0`` marks a failed run."""
+
+
+def _json_value(value: Any) -> Any:
+    """A JSON-safe scalar: NaN/inf become strings so every line stays valid JSON."""
+    value = value.item() if isinstance(value, np.generic | np.ndarray) else value
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
+    """Writes ``text`` to ``path`` via a temporary file and rename (readers never see half)."""
+    path = pathlib.Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_metrics(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """The records of a metrics.jsonl file (a trailing partial line, from a kill, is skipped)."""
+    records = []
+    with open(path) as f:
+        for line in f:
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return records
+
+
+class JsonlWriter:
+    """Appends one JSON line per ``write_scalars`` call to ``<dir>/metrics.jsonl``.
+
+    Each line is flushed at once so a killed run keeps everything logged before the kill.
+    """
+
+    def __init__(self, directory: str | os.PathLike[str], clock: Any, resume_step: int | None):
+        self.path = pathlib.Path(directory) / METRICS_FILE
+        self._clock = clock
+        if resume_step is not None and self.path.exists():
+            self._truncate(resume_step)
+        elif resume_step is None and self.path.exists():
+            self.path.unlink()  # A fresh run does not inherit an old history.
+        self._file = open(self.path, "a")
+
+    def _truncate(self, step: int) -> None:
+        # Lines after the checkpoint we resume from (and old final results) would be logged
+        # again by the resumed run; dropping them keeps one consistent history.
+        kept = [
+            r
+            for r in read_metrics(self.path)
+            if r.get("step", 0) <= step and not any(k.startswith("final/") for k in r)
+        ]
+        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+
+    def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
+        record = {"step": int(step), **{k: _json_value(v) for k, v in scalars.items()}}
+        record["time"] = round(self._clock(), 6)
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+
+    def write_histogram(self, step: int, name: str, values: Sequence[float]) -> None:
+        pass  # The file holds scalars; distributions are summarised as percentiles instead.
+
+    def write_summary(self, summary: Mapping[str, Any]) -> None:
+        pass  # Final values are written as scalars (final/...) and in status.json.
+
+    def close(self, exit_code: int) -> None:
+        self._file.close()
+
+
+class WandbWriter:
+    """Logs to a W&B run (offline by default). Created through :func:`create_wandb_writer`."""
+
+    def __init__(self, run: Any):
+        self.run = run
+
+    def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
+        self.run.log({k: _json_value(v) for k, v in scalars.items()}, step=int(step))
+
+    def write_histogram(self, step: int, name: str, values: Sequence[float]) -> None:
+        import wandb
+
+        self.run.log({name: wandb.Histogram(np.asarray(values))}, step=int(step))
+
+    def write_summary(self, summary: Mapping[str, Any]) -> None:
+        for key, value in summary.items():
+            self.run.summary[key] = _json_value(value)
+
+    def close(self, exit_code: int) -> None:
+        self.run.finish(exit_code=exit_code)
+
+
+def create_wandb_writer(
+    settings: Mapping[str, Any],
+    *,
+    directory: str | os.PathLike[str],
+    config: Mapping[str, Any],
+    default_name: str,
+    default_group: str,
+    run_id: str | None,
+) -> WandbWriter | None:
+    """Starts a W&B run from ``logger.wandb`` settings; None (with a warning) if it fails.
+
+    W&B is a convenience, never a reason to lose a run: when ``wandb.init`` raises (no
+    login for online mode, a broken install, ...) training continues with local logging only.
+    """
+    mode = settings.get("mode", "offline")
+    if mode == "disabled":
+        return None
+    try:
+        import wandb
+
+        run = wandb.init(
+            mode=mode,
+            project=settings.get("project"),
+            entity=settings.get("entity"),
+            group=settings.get("group") or default_group,
+            job_type=settings.get("job_type"),
+            name=settings.get("name") or default_name,
+            tags=list(settings.get("tags") or []),
+            notes=settings.get("notes"),
+            config=dict(config),
+            dir=str(directory),
+            id=run_id,
+            resume="allow" if run_id else None,
+            # In a multirun every job gets its own run even if a previous one leaked.
+            reinit="finish_previous",
+        )
+    except Exception as e:  # noqa: BLE001 - any W&B failure must fall back, not crash.
+        message = f"W&B failed to start ({type(e).__name__}: {e}); logging locally only"
+        warnings.warn(message, RuntimeWarning, stacklevel=2)
+        log.warning(message)
+        return None
+    return WandbWriter(run)
+
+
+class MultiWriter:
+    """Fans every call out to several writers; closes all of them even if one fails."""
+
+    def __init__(self, writers: Iterable[MetricWriter]):
+        self.writers = list(writers)
+
+    def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
+        for w in self.writers:
+            w.write_scalars(step, scalars)
+
+    def write_histogram(self, step: int, name: str, values: Sequence[float]) -> None:
+        for w in self.writers:
+            w.write_histogram(step, name, values)
+
+    def write_summary(self, summary: Mapping[str, Any]) -> None:
+        for w in self.writers:
+            w.write_summary(summary)
+
+    def close(self, exit_code: int) -> None:
+        errors = []
+        for w in self.writers:
+            try:
+                w.close(exit_code)
+            except Exception as e:  # noqa: BLE001 - keep closing the others.
+                errors.append(e)
+        if errors:
+            raise errors[0]
+
+
+def write_status(
+    directory: str | os.PathLike[str],
+    *,
+    status: str,
+    step: int,
+    error: str | None,
+    final: Mapping[str, float],
+) -> None:
+    """Writes ``status.json`` atomically: how the run ended and its final metrics."""
+    payload = {
+        "status": status,
+        "step": int(step),
+        "error": error,
+        "final": {k: _json_value(v) for k, v in final.items()},
+    }
+    atomic_write_text(pathlib.Path(directory) / STATUS_FILE, json.dumps(payload, indent=2) + "\n")
