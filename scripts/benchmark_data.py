@@ -186,8 +186,11 @@ def main(argv: list[str] | None = None) -> int:
         rows.append({"kind": "index_stream", "batch_size": bs, "fedjax_exp_batches_per_s": r_idx})
 
     print()
-    print(f"data: {args.h5} ({ours.num_clients()} clients, {ours.num_examples} examples, ")
-    print(f"      {array_bytes / 2**20:.1f} MiB of arrays)")
+    print(f"data: {args.h5}")
+    print(
+        f"      {ours.num_clients()} clients, {ours.num_examples} examples, "
+        f"{array_bytes / 2**20:.1f} MiB of arrays"
+    )
     print(f"{'kind':14s} {'batch':>5s} {'fedjax_exp/s':>14s} {'fedjax/s':>12s} {'ratio':>8s}")
     for row in rows:
         theirs_rate = row.get("fedjax_batches_per_s")

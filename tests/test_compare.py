@@ -79,7 +79,7 @@ def sweep(tmp_path: pathlib.Path) -> pathlib.Path:
         )
     make_job(
         root / "3",
-        [{"step": 10, "time": 1.0, "train/loss": float("nan")}],
+        [{"step": 10, "time": 1.0, "train/loss": "nan"}],
         base_config(0.01, 1),
         ["optimizer.learning_rate=0.01", "seed=1"],
         {"status": "failed", "step": 10, "error": "loss is nan at step 10", "final": {}},
@@ -116,10 +116,16 @@ def test_read_metrics_resumed_run_keeps_last_value_and_skips_partial_tail(tmp_pa
             # Resumed from step 1: step 2 is logged again with a new value.
             {"step": 2, "time": 0.3, "train/loss": 1.5},
             {"step": 3, "time": 0.4, "train/loss": 1.0},
+            {"step": 4, "time": 0.5, "train/loss": "inf", "eval/loss": "-inf"},
+            {"step": 5, "time": 0.6, "train/loss": "NaN"},
         ],
-        raw_tail='{"step": 4, "train/lo',
+        raw_tail='{"step": 6, "train/lo',
     )
-    assert compare.read_metrics(job / "metrics.jsonl") == {"train/loss": {1: 3.0, 2: 1.5, 3: 1.0}}
+    metrics = compare.read_metrics(job / "metrics.jsonl")
+    assert metrics.keys() == {"train/loss", "eval/loss"}
+    assert [metrics["train/loss"][s] for s in (1, 2, 3, 4)] == [3.0, 1.5, 1.0, math.inf]
+    assert math.isnan(metrics["train/loss"][5])
+    assert metrics["eval/loss"] == {4: -math.inf}
 
 
 def test_read_metrics_rejects_malformed_line_with_location(tmp_path):

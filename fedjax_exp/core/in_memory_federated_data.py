@@ -40,6 +40,9 @@ from fedjax_exp.core.federated_data import (
 )
 from fedjax_exp.core.typing import ClientId
 
+# Target bytes gathered per fancy-indexing call by shuffle_repeat_batches (see there).
+_CHUNK_BYTES = 1 << 18  # 256 KiB: a chunk stays in L2 while its batches are used.
+
 __all__ = [
     "InMemoryFederatedData",
     "shuffle_repeat_batch_indices",
@@ -178,51 +181,56 @@ def shuffle_repeat_batch_indices(
             "cannot draw shuffled batches from a dataset with no examples; "
             "check that the dataset (or its slice) has clients with data"
         )
-    return _index_batches(
-        offsets, batch_size, client_buffer_size, example_buffer_size, seed, start_batch, total
+    return _index_chunks(
+        offsets,
+        batch_size,
+        client_buffer_size,
+        example_buffer_size,
+        seed,
+        start_batch * batch_size,
+        total,
     )
 
 
-def _index_batches(
+def _index_chunks(
     offsets: np.ndarray,
-    batch_size: int,
+    chunk_rows: int,
     client_buffer_size: int,
     example_buffer_size: int,
     seed: int,
-    start_batch: int,
+    start_row: int,
     total: int,
 ) -> Iterator[np.ndarray]:
+    """The stream's row indices from ``start_row`` on, in consecutive chunks of ``chunk_rows``.
+
+    A chunk inside one epoch is a read-only view of that epoch's order (no copy); one that
+    straddles epochs is concatenated (``chunk_rows`` may exceed an epoch: whole epochs are
+    taken as needed).
+    """
+
     def epoch_order(epoch: int) -> np.ndarray:
         order = shuffled_epoch_order(offsets, epoch, client_buffer_size, example_buffer_size, seed)
-        order.flags.writeable = False  # Yielded batches are views of it.
+        order.flags.writeable = False  # Yielded chunks are views of it.
         return order
 
-    position = start_batch * batch_size
-    epoch, pos = divmod(position, total)
+    epoch, pos = divmod(start_row, total)
     order = epoch_order(epoch)
     while True:
-        if pos + batch_size <= total:
-            # The hot path for batches inside one epoch: a view, no copy.
-            yield order[pos : pos + batch_size]
-            pos += batch_size
-            if pos == total:
-                epoch, pos = epoch + 1, 0
+        if pos + chunk_rows <= total:
+            yield order[pos : pos + chunk_rows]  # The hot path: a view.
+            pos += chunk_rows
+        else:
+            parts = [order[pos:]]
+            need = chunk_rows - (total - pos)
+            while need > 0:
+                epoch += 1
                 order = epoch_order(epoch)
-            continue
-        parts = [order[pos:]]
-        need = batch_size - (total - pos)
-        while True:  # batch_size may exceed an epoch: take whole epochs as needed.
-            epoch += 1
-            order = epoch_order(epoch)
-            if need <= total:
                 parts.append(order[:need])
-                pos = need
-                break
-            parts.append(order)
-            need -= total
-        batch = np.concatenate(parts)
-        batch.flags.writeable = False
-        yield batch
+                need -= len(parts[-1])
+            pos = len(parts[-1])
+            chunk = np.concatenate(parts)
+            chunk.flags.writeable = False
+            yield chunk
         if pos == total:
             epoch, pos = epoch + 1, 0
             order = epoch_order(epoch)
@@ -492,20 +500,33 @@ class InMemoryFederatedData(FederatedData):
             )
         if seed is None:
             seed = int(np.random.SeedSequence().generate_state(1)[0])
-        indices = self.shuffle_repeat_batch_indices(
-            batch_size, client_buffer_size, example_buffer_size, seed, start_batch
+        # Validate eagerly (errors at the call, not at the first next()).
+        shuffle_repeat_batch_indices(
+            self._offsets, batch_size, client_buffer_size, example_buffer_size, seed, start_batch
         )
-        return self._gather_all(indices)
+        # Gather several batches per fancy-indexing call: at small batch sizes the per-call
+        # overhead, not memory traffic, dominates. Each batch is then a view of its chunk.
+        row_bytes = max(1, sum(v.nbytes // max(1, len(v)) for v in self._columns.values()))
+        batches_per_chunk = max(1, _CHUNK_BYTES // (row_bytes * batch_size))
+        chunks = _index_chunks(
+            self._offsets,
+            batches_per_chunk * batch_size,
+            client_buffer_size,
+            example_buffer_size,
+            seed,
+            start_batch * batch_size,
+            self.num_examples,
+        )
+        return self._gather_batches(chunks, batch_size)
 
-    def _gather_all(self, indices: Iterator[np.ndarray]) -> Iterator[Examples]:
+    def _gather_batches(self, chunks: Iterator[np.ndarray], batch_size: int) -> Iterator[Examples]:
         columns = list(self._columns.items())
         preprocess = self._preprocess_batch
-        if not preprocess.fns:
-            for idx in indices:
-                yield {k: v[idx] for k, v in columns}
-        else:
-            for idx in indices:
-                yield preprocess({k: v[idx] for k, v in columns})
+        for idx in chunks:
+            gathered = [(k, v[idx]) for k, v in columns]
+            for start in range(0, len(idx), batch_size):
+                rows = slice(start, start + batch_size)
+                yield preprocess({k: v[rows] for k, v in gathered})
 
     def padded_batches(
         self, batch_size: int, num_batch_size_buckets: int = 1

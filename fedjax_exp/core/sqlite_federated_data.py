@@ -165,14 +165,11 @@ def _connect_read_only(path: pathlib.Path) -> sqlite3.Connection:
     connection = sqlite3.connect(uri, uri=True, check_same_thread=False)
     try:
         columns = {
-            row[1]
-            for row in connection.execute("PRAGMA table_info(federated_data);").fetchall()
+            row[1] for row in connection.execute("PRAGMA table_info(federated_data);").fetchall()
         }
     except sqlite3.DatabaseError as exc:
         connection.close()
-        raise ValueError(
-            f"{str(path)!r} is a corrupt or truncated SQLite database: {exc}"
-        ) from exc
+        raise ValueError(f"{str(path)!r} is a corrupt or truncated SQLite database: {exc}") from exc
     missing = {"client_id", "data", "num_examples"} - columns
     if missing:
         connection.close()
@@ -188,9 +185,7 @@ def _connect_read_only(path: pathlib.Path) -> sqlite3.Connection:
     return connection
 
 
-def _decode_row(
-    client_id: ClientId, data: bytes, parse: Callable[[bytes], Examples]
-) -> Examples:
+def _decode_row(client_id: ClientId, data: bytes, parse: Callable[[bytes], Examples]) -> Examples:
     try:
         return parse(data)
     except (zlib.error, ValueError, TypeError, msgpack.UnpackException) as exc:
@@ -378,7 +373,9 @@ def load_sqlite_columns(
                 "SELECT client_id, num_examples FROM federated_data ORDER BY rowid;"
             ).fetchall()
         except sqlite3.DatabaseError as exc:
-            raise ValueError(f"{str(path)!r} is a corrupt or truncated SQLite database: {exc}")
+            raise ValueError(
+                f"{str(path)!r} is a corrupt or truncated SQLite database: {exc}"
+            ) from exc
         if not rows:
             raise ValueError(f"{str(path)!r} holds no clients")
         empty = [bytes(cid) for cid, n in rows if n == 0]
@@ -408,7 +405,9 @@ def load_sqlite_columns(
                 i = position[client_id]
                 _fill(columns, examples, int(offsets[i]), int(sizes[i]), client_id)
         except sqlite3.DatabaseError as exc:
-            raise ValueError(f"{str(path)!r} is a corrupt or truncated SQLite database: {exc}")
+            raise ValueError(
+                f"{str(path)!r} is a corrupt or truncated SQLite database: {exc}"
+            ) from exc
         assert columns is not None
         return client_ids, offsets, columns
     finally:
@@ -538,6 +537,7 @@ class SQLiteFederatedDataBuilder(FederatedDataBuilder):
         self._connection.commit()
         self._connection.close()
         self._connection = None
+        _chmod_like_new_file(self._tmp)
         os.replace(self._tmp, self._path)
 
     def abort(self) -> None:
@@ -573,3 +573,10 @@ def write_sqlite(
             )
             for i, cid in enumerate(client_ids)
         )
+
+
+def _chmod_like_new_file(path: str | os.PathLike[str]) -> None:
+    """mkstemp creates files 0600; give the final file the mode a plain open() would."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)

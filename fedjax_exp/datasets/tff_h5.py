@@ -150,7 +150,8 @@ def _read(
     np.cumsum(sizes, out=offsets[1:])
     total = int(offsets[-1])
     columns = {
-        feature: np.empty((total, *shape), dtype=dtype) for feature, (shape, dtype) in schema.items()
+        feature: np.empty((total, *shape), dtype=dtype)
+        for feature, (shape, dtype) in schema.items()
     }
 
     # Pass 2: one read_direct per client dataset straight into its rows.
@@ -244,7 +245,15 @@ def write_h5_columns(
                 lo, hi = int(offsets[i]), int(offsets[i + 1])
                 for feature, col in columns.items():
                     group.create_dataset(feature, data=col[lo:hi], compression=compression)
+        _chmod_like_new_file(tmp)
         os.replace(tmp, path)
     except BaseException:
         pathlib.Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _chmod_like_new_file(path: str | os.PathLike[str]) -> None:
+    """mkstemp creates files 0600; give the final file the mode a plain open() would."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)

@@ -13,6 +13,7 @@ stax parameter lists, user dataclasses) without teaching orbax about each node t
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import pathlib
 from typing import Any
@@ -68,6 +69,9 @@ class Checkpointer:
 
     def __init__(self, directory: str | os.PathLike[str], keep: int):
         import orbax.checkpoint as ocp  # Imported here: it is slow to import and JAX-heavy.
+
+        # Orbax logs every save step by step at INFO through absl; keep run logs readable.
+        logging.getLogger("absl").setLevel(logging.WARNING)
 
         self._ocp = ocp
         self.directory = pathlib.Path(directory).absolute()

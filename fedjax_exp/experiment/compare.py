@@ -94,16 +94,26 @@ class Run:
 # Reading runs
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+# The runner writes non-finite values as strings so that every line stays valid JSON.
+_NON_FINITE = {"nan": math.nan, "inf": math.inf, "infinity": math.inf, "-inf": -math.inf}
+
+
+def _to_float(value: Any) -> float | None:
+    """A metric value as a float; None for values that are not numbers (text, histograms)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str):
+        return _NON_FINITE.get(value.strip().lower())
+    return None
 
 
 def read_metrics(path: pathlib.Path) -> dict[str, dict[int, float]]:
     """Reads a metrics.jsonl file into metric -> {step: value}.
 
-    Non-numeric values (strings, histograms) are skipped. A malformed *last* line is ignored,
-    because a killed process can leave a partly written line; a malformed line elsewhere is an
-    error.
+    Values that are not numbers (text, histograms) are skipped; the strings ``"nan"``,
+    ``"inf"`` and ``"-inf"`` (how the runner writes non-finite values) become floats. A
+    malformed *last* line is ignored, because a killed process can leave a partly written
+    line; a malformed line elsewhere is an error.
     """
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
@@ -128,9 +138,9 @@ def read_metrics(path: pathlib.Path) -> dict[str, dict[int, float]]:
             )
         step = record["step"]
         for key, value in record.items():
-            if key in RESERVED_KEYS or not _is_number(value):
-                continue
-            history.setdefault(key, {})[step] = float(value)
+            number = _to_float(value)
+            if key not in RESERVED_KEYS and number is not None:
+                history.setdefault(key, {})[step] = number
     return history
 
 
@@ -147,9 +157,10 @@ def read_status(job_dir: pathlib.Path) -> tuple[str, str | None, dict[str, float
         raise CompareError(f"{path}: expected a JSON object, got {type(status).__name__}")
     final = {}
     for key, value in (status.get("final") or {}).items():
-        if _is_number(value):
+        number = _to_float(value)
+        if number is not None:
             name = key if key.startswith(FINAL_PREFIX) else FINAL_PREFIX + key
-            final[name] = float(value)
+            final[name] = number
     return str(status.get("status", "incomplete")), status.get("error"), final
 
 

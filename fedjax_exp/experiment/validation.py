@@ -82,8 +82,10 @@ def resolved_container(cfg: DictConfig) -> dict[str, Any]:
     """The config as plain Python values, interpolations resolved, Hydra's own node dropped."""
     missing = [k for k in OmegaConf.missing_keys(cfg) if not k.startswith(_SKIPPED_ROOTS)]
     if missing:
-        key = sorted(missing)[0]
-        raise ConfigError(f"{key} is required but not set: add {key}=VALUE to the command line")
+        keys = sorted(missing)
+        verb = "is" if len(keys) == 1 else "are"
+        settings = " ".join(f"{k}=VALUE" for k in keys)
+        raise ConfigError(f"{', '.join(keys)} {verb} required but not set: add {settings}")
     try:
         container = OmegaConf.to_container(cfg, resolve=True)
     except OmegaConfBaseException as e:

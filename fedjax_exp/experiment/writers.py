@@ -42,10 +42,10 @@ class MetricWriter(Protocol):
 
 
 def _json_value(value: Any) -> Any:
-    """A JSON-safe scalar: NaN/inf become strings so every line stays valid JSON."""
+    """A JSON-safe scalar: NaN/inf become null so every line stays strict JSON."""
     value = value.item() if isinstance(value, np.generic | np.ndarray) else value
     if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
+        return None
     return value
 
 
@@ -101,6 +101,11 @@ class JsonlWriter:
         record = {"step": int(step), **{k: _json_value(v) for k, v in scalars.items()}}
         record["time"] = round(self._clock(), 6)
         self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+
+    def write_event(self, step: int, **fields: str) -> None:
+        """A non-metric line, e.g. ``status="failed", error=...`` when the run fails."""
+        self._file.write(json.dumps({"step": int(step), **fields, "time": self._clock()}) + "\n")
         self._file.flush()
 
     def write_histogram(self, step: int, name: str, values: Sequence[float]) -> None:

@@ -1,0 +1,494 @@
+"""The Model container and the functions that train and evaluate with it.
+
+A :class:`Model` bundles the pure functions that centralized and federated training need:
+``init``, ``apply_for_train``, ``apply_for_eval``, ``train_loss`` and ``eval_metrics``. It
+works for Haiku (:func:`create_model_from_haiku`), stax (:func:`create_model_from_stax`) or
+hand-written functions, with FedJAX 0.0.17's names, semantics and numbers.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
+
+import haiku as hk
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fedjax_exp.core import metrics
+from fedjax_exp.core.dataclasses import dataclass
+from fedjax_exp.core.typing import (
+    EXAMPLE_MASK_KEY,
+    BatchExample,
+    BatchPrediction,
+    ClientId,
+    Params,
+    PRNGKey,
+)
+
+__all__ = [
+    "AverageLossEvaluator",
+    "BatchEvalPrediction",
+    "BatchTrainOutput",
+    "Model",
+    "ModelEvaluator",
+    "create_model_from_haiku",
+    "create_model_from_stax",
+    "evaluate_average_loss",
+    "evaluate_model",
+    "grad",
+    "model_grad",
+    "model_per_example_loss",
+]
+
+# Usually the unnormalized logits of a batch.
+BatchTrainOutput = jax.Array
+BatchEvalPrediction = BatchPrediction
+PerExampleLoss = Callable[[Params, BatchExample, PRNGKey], jax.Array]
+Regularizer = Callable[[Params], jax.Array]
+
+
+@dataclass
+class Model:
+    """The functions that define a model for training and evaluation.
+
+    Attributes:
+        init: ``rng -> params``, the initial parameters (a pytree).
+        apply_for_train: ``(params, batch, rng) -> output``, the forward pass in training mode
+            (dropout etc. drawn from ``rng``); its output feeds ``train_loss``.
+        apply_for_eval: ``(params, batch) -> prediction``, the deterministic forward pass; its
+            output feeds ``eval_metrics``.
+        train_loss: ``(batch, output) -> loss``, a vector with one loss per example (not
+            reduced; training takes the masked mean).
+        eval_metrics: Ordered mapping of metric name to :class:`~fedjax_exp.metrics.Metric`,
+            used by :func:`evaluate_model`.
+
+    A Model is frozen: use ``model.replace(train_loss=...)`` to derive a variant. It is
+    hashable and can be a static argument of ``jax.jit``. Unlike FedJAX (which compares
+    Models by identity), two Models are equal when they hold the same functions and equal
+    metrics in the same order, so a ``replace`` that changes nothing reuses compiled code.
+    """
+
+    init: Callable[[PRNGKey], Params]
+    apply_for_train: Callable[[Params, BatchExample, PRNGKey | None], BatchTrainOutput]
+    apply_for_eval: Callable[[Params, BatchExample], BatchEvalPrediction]
+    train_loss: Callable[[BatchExample, BatchTrainOutput], jax.Array]
+    eval_metrics: Mapping[str, metrics.Metric]
+
+    def _functions(self) -> tuple[Callable[..., Any], ...]:
+        return (self.init, self.apply_for_train, self.apply_for_eval, self.train_loss)
+
+    # eval_metrics is usually a plain (unhashable) dict, so the generated dataclass hash would
+    # fail; hash the functions and the metric items instead. Metrics are frozen dataclasses
+    # and hashable; should one not be, the names alone keep hash consistent with __eq__.
+    def __hash__(self) -> int:
+        items = tuple(self.eval_metrics.items())
+        try:
+            return hash((self._functions(), items))
+        except TypeError:
+            return hash((self._functions(), tuple(name for name, _ in items)))
+
+    def __eq__(self, other: object) -> bool:
+        if self is other:
+            return True
+        if not isinstance(other, Model) or self._functions() != other._functions():
+            return False
+        mine, theirs = tuple(self.eval_metrics.items()), tuple(other.eval_metrics.items())
+        try:
+            return bool(mine == theirs)
+        except Exception:  # noqa: BLE001 - e.g. a metric holding arrays; be conservative.
+            return False
+
+
+def create_model_from_haiku(
+    transformed_forward_pass: hk.Transformed,
+    sample_batch: BatchExample,
+    train_loss: Callable[[BatchExample, BatchTrainOutput], jax.Array],
+    eval_metrics: Mapping[str, metrics.Metric] | None = None,
+    train_kwargs: Mapping[str, Any] | None = None,
+    eval_kwargs: Mapping[str, Any] | None = None,
+) -> Model:
+    """Builds a Model from a Haiku ``hk.transform``-ed forward pass ``f(batch, **kwargs)``.
+
+    Args:
+        transformed_forward_pass: ``hk.transform(forward_pass)``.
+        sample_batch: A batch with the model's input shapes; only used to create the params.
+        train_loss: Per-example training loss ``(batch, output) -> [batch]``.
+        eval_metrics: Metric name -> Metric for :func:`evaluate_model`; default none.
+        train_kwargs: Extra keyword arguments of the forward pass in training
+            (e.g. ``{'is_train': True}`` to enable dropout).
+        eval_kwargs: Extra keyword arguments of the forward pass in evaluation.
+
+    Returns:
+        The Model; ``init``, ``apply_for_train`` and ``apply_for_eval`` are jitted.
+    """
+    eval_metrics = dict(eval_metrics or {})
+    train_kwargs = dict(train_kwargs or {})
+    eval_kwargs = dict(eval_kwargs or {})
+
+    @jax.jit
+    def init(rng: PRNGKey) -> Params:
+        return transformed_forward_pass.init(rng, sample_batch)
+
+    @jax.jit
+    def apply_for_train(
+        params: Params, batch: BatchExample, rng: PRNGKey | None = None
+    ) -> BatchTrainOutput:
+        return transformed_forward_pass.apply(params, rng, batch, **train_kwargs)
+
+    @jax.jit
+    def apply_for_eval(params: Params, batch: BatchExample) -> BatchEvalPrediction:
+        return transformed_forward_pass.apply(params, None, batch, **eval_kwargs)
+
+    return Model(init, apply_for_train, apply_for_eval, train_loss, eval_metrics)
+
+
+def create_model_from_stax(
+    stax_init: Callable[..., Any],
+    stax_apply: Callable[..., jax.Array],
+    sample_shape: tuple[int, ...],
+    train_loss: Callable[[BatchExample, BatchTrainOutput], jax.Array],
+    eval_metrics: Mapping[str, metrics.Metric] | None = None,
+    train_kwargs: Mapping[str, Any] | None = None,
+    eval_kwargs: Mapping[str, Any] | None = None,
+    input_key: str = "x",
+) -> Model:
+    """Builds a Model from the ``(init_fun, apply_fun)`` pair of ``stax.serial``.
+
+    Args:
+        stax_init: ``init_fun(rng, input_shape) -> (output_shape, params)``.
+        stax_apply: ``apply_fun(params, inputs, rng=..., **kwargs) -> output``.
+        sample_shape: Input shape for ``stax_init``; -1 for the batch dimension.
+        train_loss: Per-example training loss ``(batch, output) -> [batch]``.
+        eval_metrics: Metric name -> Metric for :func:`evaluate_model`; default none.
+        train_kwargs: Extra keyword arguments of ``stax_apply`` in training.
+        eval_kwargs: Extra keyword arguments of ``stax_apply`` in evaluation.
+        input_key: The batch feature fed to the network.
+
+    Returns:
+        The Model; ``init``, ``apply_for_train`` and ``apply_for_eval`` are jitted.
+    """
+    eval_metrics = dict(eval_metrics or {})
+    train_kwargs = dict(train_kwargs or {})
+    eval_kwargs = dict(eval_kwargs or {})
+    sample_shape = tuple(sample_shape)
+
+    @jax.jit
+    def init(rng: PRNGKey) -> Params:
+        _, params = stax_init(rng, sample_shape)
+        return params
+
+    @jax.jit
+    def apply_for_train(
+        params: Params, batch: BatchExample, rng: PRNGKey | None = None
+    ) -> BatchTrainOutput:
+        return stax_apply(params, batch[input_key], rng=rng, **train_kwargs)
+
+    @jax.jit
+    def apply_for_eval(params: Params, batch: BatchExample) -> BatchEvalPrediction:
+        return stax_apply(params, batch[input_key], **eval_kwargs)
+
+    return Model(init, apply_for_train, apply_for_eval, train_loss, eval_metrics)
+
+
+# ----------------------------------------------------------------------------------------------
+# Losses and gradients.
+# ----------------------------------------------------------------------------------------------
+
+
+def _batch_size(batch: BatchExample) -> int | None:
+    """The leading dimension of the batch's features (None if it has no array features)."""
+    if EXAMPLE_MASK_KEY in batch:
+        return int(jnp.shape(batch[EXAMPLE_MASK_KEY])[0])
+    for value in jax.tree_util.tree_leaves(batch):
+        if jnp.ndim(value) > 0:
+            return int(jnp.shape(value)[0])
+    return None
+
+
+def _check_per_example(loss: jax.Array, batch: BatchExample, source: str) -> None:
+    """Fails at trace time when a loss is not one value per example.
+
+    A scalar (already averaged) loss would otherwise be silently re-averaged or broadcast
+    against the padding mask, giving a wrong gradient for padded batches.
+    """
+    batch_size = _batch_size(batch)
+    if jnp.ndim(loss) != 1 or (batch_size is not None and jnp.shape(loss)[0] != batch_size):
+        expected = f"[{batch_size}]" if batch_size is not None else "[batch_size]"
+        raise ValueError(
+            f"{source} must return one loss per example, shape {expected}, but returned shape "
+            f"{tuple(jnp.shape(loss))}. Do not reduce (mean/sum) inside the loss; the training "
+            "step takes the mean over the unmasked examples."
+        )
+
+
+def model_per_example_loss(model: Model) -> PerExampleLoss:
+    """``(params, batch, rng) -> [batch]``: ``model.train_loss`` of ``model.apply_for_train``.
+
+    Raises:
+        ValueError: (when called) if ``model.train_loss`` does not return a vector with one
+            entry per example.
+    """
+
+    def per_example_loss(params: Params, batch: BatchExample, rng: PRNGKey) -> jax.Array:
+        loss = model.train_loss(batch, model.apply_for_train(params, batch, rng))
+        _check_per_example(loss, batch, "Model.train_loss")
+        return loss
+
+    return per_example_loss
+
+
+def _safe_div(numerator: jax.Array, denominator: jax.Array) -> jax.Array:
+    # 0 / 0 -> 0 without a NaN gradient (both where-branches are finite).
+    nonzero = denominator != 0
+    return jnp.where(nonzero, numerator / jnp.where(nonzero, denominator, 1), 0)
+
+
+def _mean_loss(batch_loss: jax.Array, batch: BatchExample) -> jax.Array:
+    """The mean over the real examples: padding (mask False) contributes nothing."""
+    if EXAMPLE_MASK_KEY in batch:
+        mask = batch[EXAMPLE_MASK_KEY]
+        return _safe_div(jnp.vdot(batch_loss, mask), jnp.sum(mask))
+    return jnp.mean(batch_loss)
+
+
+def grad(
+    per_example_loss: PerExampleLoss, regularizer: Regularizer | None = None
+) -> Callable[[Params, BatchExample, PRNGKey], Params]:
+    """The jitted gradient of ``mean(per_example_loss) + regularizer(params)``.
+
+    The mean is over the unmasked examples when the batch carries ``EXAMPLE_MASK_KEY``
+    (a padded batch), so padding does not dilute the gradient; an all-padding batch gives a
+    zero data gradient.
+
+    Args:
+        per_example_loss: ``(params, batch, rng) -> [batch]``.
+        regularizer: Optional ``params -> scalar`` added to the mean loss.
+
+    Returns:
+        ``(params, batch, rng) -> grads`` with the structure of the params.
+    """
+
+    def scalar_loss(params: Params, batch: BatchExample, rng: PRNGKey) -> jax.Array:
+        batch_loss = per_example_loss(params, batch, rng)
+        _check_per_example(batch_loss, batch, "The per-example loss")
+        loss = _mean_loss(batch_loss, batch)
+        if regularizer is not None:
+            loss += regularizer(params)
+        return loss
+
+    return jax.jit(jax.grad(scalar_loss))
+
+
+def model_grad(
+    model: Model, regularizer: Regularizer | None = None
+) -> Callable[[Params, BatchExample, PRNGKey], Params]:
+    """:func:`grad` of the model's per-example training loss (masked mean + regularizer)."""
+    return grad(model_per_example_loss(model), regularizer)
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation with metrics.
+# ----------------------------------------------------------------------------------------------
+
+Stats = dict[str, metrics.Stat]
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _evaluate_batch_into(
+    model: Model, params: Params, batch: BatchExample, stats: Stats | None
+) -> Stats:
+    """Adds one batch's statistics to ``stats`` (None: start from each metric's zero).
+
+    Jitted with the model static, so the compiled step is cached per (model, batch shapes).
+    The ``None`` start is a separate trace, which keeps the carried stats' dtypes identical
+    from the second batch on (Python-float zeros would otherwise force a recompile).
+    """
+    mask = batch.get(EXAMPLE_MASK_KEY)
+    if mask is not None:
+        mask = jnp.asarray(mask).astype(jnp.bool_)
+    prediction = model.apply_for_eval(params, batch)
+    merged = {}
+    for name, metric in model.eval_metrics.items():
+        batch_stat = metrics.evaluate_batch(metric, batch, prediction, mask)
+        previous = metric.zero() if stats is None else stats[name]
+        merged[name] = previous.merge(batch_stat)
+    return merged
+
+
+@jax.jit
+def _results(stats: Stats) -> dict[str, jax.Array]:
+    return {name: stat.result() for name, stat in stats.items()}
+
+
+def _zero_results(model: Model) -> dict[str, jax.Array]:
+    return _results({name: metric.zero() for name, metric in model.eval_metrics.items()})
+
+
+def _evaluate_batches(
+    model: Model, params: Params, batches: Iterable[BatchExample], caller: str
+) -> dict[str, np.ndarray]:
+    stats = None
+    for batch in batches:
+        # No host sync here: the stats stay on device and steps are dispatched asynchronously.
+        stats = _evaluate_batch_into(model, params, batch, stats)
+    if stats is None:
+        warnings.warn(
+            f"{caller} got no batches; returning each metric's zero result (0 for means and "
+            "sums), as FedJAX does. Check that the dataset or client is not empty.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        results = _zero_results(model)
+    else:
+        results = _results(stats)
+    # The one device -> host transfer of the call.
+    return jax.device_get(results)
+
+
+def evaluate_model(
+    model: Model, params: Params, batches: Iterable[BatchExample]
+) -> dict[str, np.ndarray]:
+    """Evaluates ``model.eval_metrics`` of ``params`` over all examples in ``batches``.
+
+    Batches may be padded: examples whose ``EXAMPLE_MASK_KEY`` entry is false are ignored.
+    Statistics accumulate on the device inside one jitted step per batch (compiled once per
+    model and batch shape, and reused by later calls); the host waits only once, for the
+    final results.
+
+    Args:
+        model: The Model (``apply_for_eval`` and ``eval_metrics`` are used).
+        params: The parameters to evaluate.
+        batches: An iterable of batches (dicts of arrays with a leading batch axis).
+
+    Returns:
+        Metric name -> result, as 0-d (or, e.g. for a confusion matrix, n-d) NumPy arrays, in
+        the order of ``model.eval_metrics``.
+
+        An empty ``batches`` gives each metric's zero-statistic result (0 for ``MeanStat``
+        and ``SumStat`` metrics), the same numbers FedJAX 0.0.17 returns, and emits a
+        ``RuntimeWarning`` so an empty evaluation set does not pass unnoticed.
+    """
+    return _evaluate_batches(model, params, batches, "evaluate_model")
+
+
+class ModelEvaluator:
+    """Evaluates a model on each client's batches, with shared or per-client params.
+
+    To evaluate on a single dataset use :func:`evaluate_model`. Each client's result is
+    computed as :func:`evaluate_model` would, including the warning for a client without
+    batches.
+    """
+
+    def __init__(self, model: Model):
+        self._model = model
+
+    def evaluate_global_params(
+        self, params: Params, clients: Iterable[tuple[ClientId, Iterable[BatchExample]]]
+    ) -> Iterator[tuple[ClientId, dict[str, np.ndarray]]]:
+        """Yields ``(client_id, results)`` for each client, all evaluated with ``params``."""
+        for client_id, batches in clients:
+            yield client_id, _evaluate_batches(self._model, params, batches, "ModelEvaluator")
+
+    def evaluate_per_client_params(
+        self, clients: Iterable[tuple[ClientId, Iterable[BatchExample], Params]]
+    ) -> Iterator[tuple[ClientId, dict[str, np.ndarray]]]:
+        """Yields ``(client_id, results)`` for each ``(client_id, batches, params)``."""
+        for client_id, batches, params in clients:
+            yield client_id, _evaluate_batches(self._model, params, batches, "ModelEvaluator")
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation of the average training loss.
+# ----------------------------------------------------------------------------------------------
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _average_loss_step(
+    per_example_loss: PerExampleLoss,
+    params: Params,
+    batch: BatchExample,
+    rng: PRNGKey,
+    loss_sum: jax.Array,
+    num_examples: jax.Array,
+) -> tuple[PRNGKey, jax.Array, jax.Array]:
+    rng, use_rng = jax.random.split(rng)
+    loss = per_example_loss(params, batch, use_rng)
+    _check_per_example(loss, batch, "The per-example loss")
+    if EXAMPLE_MASK_KEY in batch:
+        mask = batch[EXAMPLE_MASK_KEY]
+        loss_sum += jnp.vdot(mask, loss)
+        num_examples += jnp.sum(mask)
+    else:
+        loss_sum += jnp.sum(loss)
+        num_examples += loss.shape[0]
+    return rng, loss_sum, num_examples
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _finish_average_loss(
+    regularizer: Regularizer | None,
+    params: Params,
+    loss_sum: jax.Array,
+    num_examples: jax.Array,
+) -> jax.Array:
+    average = _safe_div(loss_sum, num_examples)
+    if regularizer is not None:
+        average += regularizer(params)
+    return average
+
+
+def _zero_accumulators() -> tuple[jax.Array, jax.Array]:
+    # float32 counts are exact up to 2**24 examples; fixed dtypes mean one compile per shape.
+    return jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)
+
+
+def evaluate_average_loss(
+    params: Params,
+    batches: Iterable[BatchExample],
+    rng: PRNGKey,
+    per_example_loss: PerExampleLoss,
+    regularizer: Regularizer | None = None,
+) -> jax.Array:
+    """The mean per-example loss over all (unmasked) examples, plus ``regularizer(params)``.
+
+    ``rng`` is split once per batch, in order, for the stochastic forward pass. With no
+    batches (or only padding) the mean part is 0.
+    """
+    loss_sum, num_examples = _zero_accumulators()
+    for batch in batches:
+        rng, loss_sum, num_examples = _average_loss_step(
+            per_example_loss, params, batch, rng, loss_sum, num_examples
+        )
+    return _finish_average_loss(regularizer, params, loss_sum, num_examples)
+
+
+class AverageLossEvaluator:
+    """:func:`evaluate_average_loss` for each client, with shared or per-client params."""
+
+    def __init__(self, per_example_loss: PerExampleLoss, regularizer: Regularizer | None = None):
+        self._per_example_loss = per_example_loss
+        self._regularizer = regularizer
+
+    def evaluate_global_params(
+        self,
+        params: Params,
+        clients: Iterable[tuple[ClientId, Iterable[BatchExample], PRNGKey]],
+    ) -> Iterator[tuple[ClientId, jax.Array]]:
+        """Yields ``(client_id, average_loss)`` for each ``(client_id, batches, rng)``."""
+        for client_id, batches, rng in clients:
+            yield client_id, evaluate_average_loss(
+                params, batches, rng, self._per_example_loss, self._regularizer
+            )
+
+    def evaluate_per_client_params(
+        self, clients: Iterable[tuple[ClientId, Iterable[BatchExample], PRNGKey, Params]]
+    ) -> Iterator[tuple[ClientId, jax.Array]]:
+        """Yields ``(client_id, average_loss)`` for each ``(client_id, batches, rng, params)``."""
+        for client_id, batches, rng, params in clients:
+            yield client_id, evaluate_average_loss(
+                params, batches, rng, self._per_example_loss, self._regularizer
+            )

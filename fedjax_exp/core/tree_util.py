@@ -1,0 +1,124 @@
+"""Arithmetic on pytrees of arrays (``fedjax.tree_util``).
+
+Model parameters, gradients and optimizer states are pytrees; federated algorithms add, scale
+and average them. These helpers do that leaf by leaf with ``jax.tree_util`` (the old
+``jax.tree_map`` alias that FedJAX 0.0.17 used is gone from current JAX).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import jax
+import jax.numpy as jnp
+
+from fedjax_exp.core.typing import PyTree
+
+__all__ = [
+    "tree_add",
+    "tree_clip_by_global_norm",
+    "tree_inverse_weight",
+    "tree_l2_norm",
+    "tree_l2_squared",
+    "tree_mean",
+    "tree_size",
+    "tree_sum",
+    "tree_weight",
+    "tree_zeros_like",
+]
+
+
+def _scale(pytree: PyTree, weight: float | jax.Array) -> PyTree:
+    return jax.tree_util.tree_map(lambda leaf: leaf * weight, pytree)
+
+
+def _add(left: PyTree, right: PyTree) -> PyTree:
+    return jax.tree_util.tree_map(jnp.add, left, right)
+
+
+@jax.jit
+def tree_weight(pytree: PyTree, weight: float | jax.Array) -> PyTree:
+    """Multiplies every leaf of ``pytree`` by ``weight``."""
+    return _scale(pytree, weight)
+
+
+@jax.jit
+def tree_add(left: PyTree, right: PyTree) -> PyTree:
+    """Adds two pytrees of the same structure leaf by leaf."""
+    return _add(left, right)
+
+
+# Running sums own their accumulator, so its buffers can be reused for the result.
+_add_into = jax.jit(_add, donate_argnums=0)
+_scale_in_place = jax.jit(_scale, donate_argnums=0)
+
+
+def _inverse(weight: float) -> float:
+    # A zero total weight means "nothing was averaged": return zeros rather than inf/nan.
+    return 1.0 / weight if weight > 0.0 else 0.0
+
+
+def tree_inverse_weight(pytree: PyTree, weight: float) -> PyTree:
+    """Multiplies every leaf by ``1 / weight``; a non-positive weight gives zeros."""
+    return tree_weight(pytree, _inverse(weight))
+
+
+@jax.jit
+def tree_zeros_like(pytree: PyTree) -> PyTree:
+    """A pytree of zeros with the structure, shapes and dtypes of ``pytree``."""
+    return jax.tree_util.tree_map(jnp.zeros_like, pytree)
+
+
+def tree_sum(pytrees: Iterable[PyTree]) -> PyTree | None:
+    """Sums pytrees of the same structure; returns None for an empty iterable."""
+    total = None
+    for pytree in pytrees:
+        if total is None:
+            # Copy: the caller still owns the first tree, and later adds donate the total.
+            total = jax.tree_util.tree_map(jnp.array, pytree)
+        else:
+            total = _add_into(total, pytree)
+    return total
+
+
+def tree_mean(pytrees_and_weights: Iterable[tuple[PyTree, float]]) -> PyTree | None:
+    """The weighted mean ``sum_i w_i * t_i / sum_i w_i`` of ``(tree, weight)`` pairs.
+
+    A total weight of zero gives a tree of zeros; an empty iterable gives None.
+    """
+    total = None
+    total_weight = 0.0
+    for pytree, weight in pytrees_and_weights:
+        weighted = tree_weight(pytree, weight)
+        total = weighted if total is None else _add_into(total, weighted)
+        total_weight += weight
+    if total is None:
+        return None
+    return _scale_in_place(total, _inverse(total_weight))
+
+
+def tree_size(pytree: PyTree) -> int:
+    """The total number of scalars in all leaves of ``pytree``."""
+    return sum(int(jnp.size(leaf)) for leaf in jax.tree_util.tree_leaves(pytree))
+
+
+@jax.jit
+def tree_l2_squared(pytree: PyTree) -> jax.Array:
+    """The squared L2 norm of all leaves taken together, ``sum_leaves <leaf, leaf>``."""
+    return sum(jnp.vdot(leaf, leaf) for leaf in jax.tree_util.tree_leaves(pytree))
+
+
+@jax.jit
+def tree_l2_norm(pytree: PyTree) -> jax.Array:
+    """The global L2 norm of all leaves taken together."""
+    return jnp.sqrt(tree_l2_squared(pytree))
+
+
+@jax.jit
+def tree_clip_by_global_norm(pytree: PyTree, max_norm: float) -> PyTree:
+    """Scales ``pytree`` by ``min(1, max_norm / ||pytree||)`` (Pascanu et al., 2012).
+
+    Trees whose global norm is at most ``max_norm`` come back unchanged.
+    """
+    scale = jnp.minimum(1.0, max_norm / tree_l2_norm(pytree))
+    return jax.tree_util.tree_map(lambda leaf: scale * leaf, pytree)

@@ -1,0 +1,111 @@
+"""What to evaluate and when: periodic checks on a few batches, the final full test pass,
+and the per-client accuracy distribution."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from fedjax_exp.core.typing import Params
+
+PERCENTILES = (10, 25, 50, 75, 90)
+
+
+def flatten_results(prefix: str, results: Mapping[str, Any]) -> dict[str, float]:
+    """``{name: value}`` -> ``{prefix/name: float}``; vector results (e.g. per-domain
+    accuracy) become one key per entry, ``prefix/name/i``."""
+    flat: dict[str, float] = {}
+    for name, value in results.items():
+        array = np.asarray(value)
+        if array.ndim == 0:
+            flat[f"{prefix}/{name}"] = float(array)
+        else:
+            for i, v in enumerate(array.reshape(-1)):
+                flat[f"{prefix}/{name}/{i}"] = float(v)
+    return flat
+
+
+def first_padded_batches(fd: Any, batch_size: int, num_batches: int | None) -> list[Any]:
+    """The first ``num_batches`` padded batches of ``fd`` (all of them for None)."""
+    from fedjax_exp.core.federated_data import padded_batch_federated_data
+
+    batches = padded_batch_federated_data(fd, batch_size=batch_size)
+    return list(itertools.islice(batches, num_batches))
+
+
+def summarize_distribution(values: np.ndarray) -> dict[str, float]:
+    """Mean, min, max and percentiles of per-client values."""
+    summary = {"mean": float(np.mean(values)), "min": float(np.min(values))}
+    summary["max"] = float(np.max(values))
+    for q, v in zip(PERCENTILES, np.percentile(values, PERCENTILES), strict=True):
+        summary[f"p{q}"] = float(v)
+    return summary
+
+
+class Evaluator:
+    """Evaluates a model's parameters on fixed subsets and on the whole test set.
+
+    The periodic subsets (the first ``num_batches[split]`` padded batches of each split) are
+    materialised once, so every periodic evaluation sees the same examples and costs no data
+    loading.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        datasets: Mapping[str, Any],
+        batch_size: int,
+        num_batches: Mapping[str, int | None],
+    ):
+        self.model = model
+        self.datasets = dict(datasets)
+        self.batch_size = batch_size
+        self._periodic = {
+            split: first_padded_batches(fd, batch_size, num_batches.get(split))
+            for split, fd in self.datasets.items()
+            if num_batches.get(split, 0) != 0
+        }
+
+    def periodic(self, params: Params) -> dict[str, float]:
+        """``eval/<split>/<metric>`` on the fixed subsets."""
+        from fedjax_exp.core.models import evaluate_model
+
+        scalars: dict[str, float] = {}
+        for split, batches in self._periodic.items():
+            scalars.update(flatten_results(f"eval/{split}", evaluate_model(self.model, params, batches)))
+        return scalars
+
+    def final(self, params: Params, split: str = "test") -> dict[str, float]:
+        """``final/<split>/<metric>`` over every example of ``split``."""
+        from fedjax_exp.core.federated_data import padded_batch_federated_data
+        from fedjax_exp.core.models import evaluate_model
+
+        batches = padded_batch_federated_data(self.datasets[split], batch_size=self.batch_size)
+        return flatten_results(f"final/{split}", evaluate_model(self.model, params, batches))
+
+    def per_client(
+        self, params: Params, split: str = "test", max_clients: int | None = None
+    ) -> tuple[dict[str, float], np.ndarray]:
+        """Per-client accuracy summary (``final/per_client/<split>/accuracy/<stat>``) and the
+        per-client values, over the first ``max_clients`` non-empty clients."""
+        from fedjax_exp.core.models import evaluate_model
+
+        metric = "accuracy" if "accuracy" in self.model.eval_metrics else None
+        if metric is None:
+            metric = next(iter(self.model.eval_metrics))
+        values = []
+        for _, dataset in self.datasets[split].clients():
+            if len(dataset) == 0:
+                continue
+            batches = dataset.padded_batch(batch_size=self.batch_size)
+            values.append(float(np.asarray(evaluate_model(self.model, params, batches)[metric])))
+            if max_clients is not None and len(values) >= max_clients:
+                break
+        values_array = np.asarray(values, dtype=np.float64)
+        prefix = f"final/per_client/{split}/{metric}"
+        summary = {f"{prefix}/{k}": v for k, v in summarize_distribution(values_array).items()}
+        summary[f"final/per_client/{split}/num_clients"] = float(len(values))
+        return summary, values_array

@@ -1,0 +1,172 @@
+"""The training loop: steps an :class:`~fedjax_exp.experiment.algorithms.Algorithm` and runs
+the periodic actions (log, evaluate, checkpoint) around it.
+
+Per-step work is dispatch only: step outputs stay on the device and are read back (one host
+sync) when they are logged, when the state is checkpointed, and at the end.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fedjax_exp.experiment.checkpoints import Checkpointer, Snapshot
+from fedjax_exp.experiment.errors import RunFailed
+from fedjax_exp.experiment.evaluation import Evaluator
+from fedjax_exp.experiment.writers import MetricWriter
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopSettings:
+    """When things happen; intervals of 0 mean never (checkpoints: only at the end)."""
+
+    steps: int
+    log_every: int
+    eval_every: int
+    checkpoint_every: int
+    progress_bar: bool = True
+
+
+def due(step: int, every: int) -> bool:
+    """Whether a periodic action with interval ``every`` (0 = never) runs after ``step``."""
+    return every > 0 and step % every == 0
+
+
+class Clock:
+    """Seconds of training so far, including time before a resume."""
+
+    def __init__(self, elapsed: float = 0.0):
+        self._offset = elapsed
+        self._start = time.monotonic()
+
+    def __call__(self) -> float:
+        return self._offset + time.monotonic() - self._start
+
+
+class Diverged(RunFailed):
+    """The loss or the parameters became NaN or infinite (at ``step``)."""
+
+    def __init__(self, message: str, step: int):
+        super().__init__(message)
+        self.step = step
+
+
+class _PendingScalars:
+    """Device-side step scalars since the last read-back."""
+
+    def __init__(self) -> None:
+        self._values: dict[str, list[jax.Array]] = {}
+
+    def add(self, scalars: Mapping[str, jax.Array]) -> None:
+        for key, value in scalars.items():
+            self._values.setdefault(key, []).append(value)
+
+    def pop_means(self) -> dict[str, float]:
+        """Means over the pending steps (the host sync), then forgets them."""
+        means = {k: float(jnp.mean(jnp.stack(v))) for k, v in self._values.items() if v}
+        self._values = {}
+        return means
+
+
+def _all_finite(tree: Any) -> bool:
+    leaves = [x for x in jax.tree_util.tree_leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    if not leaves:
+        return True
+    return bool(jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])))
+
+
+def train(
+    algorithm: Any,
+    state: Any,
+    *,
+    start_step: int,
+    seed: int,
+    rng: jax.Array,
+    settings: LoopSettings,
+    writer: MetricWriter,
+    evaluator: Evaluator | None,
+    checkpointer: Checkpointer | None,
+    clock: Clock,
+    on_step: Callable[[int], None] | None = None,
+) -> tuple[Any, int]:
+    """Runs steps ``start_step + 1 .. settings.steps``; returns (final state, last step).
+
+    ``rng`` is the run's base key (raw ``uint32`` key data); step ``k`` uses ``fold_in(rng, k)``, so a resumed run draws
+    the same randomness as an uninterrupted one. The data stream starts at position
+    ``start_step`` (one input per step). Raises :class:`Diverged` on a non-finite training
+    loss or parameters, leaving the last checkpoint that was still finite.
+    """
+    from tqdm.auto import tqdm
+
+    pending = _PendingScalars()
+    step = start_step
+    last_logged = start_step
+    stream = algorithm.data_stream(seed, start_step) if settings.steps > start_step else iter(())
+    step_keys = jax.jit(lambda k: jax.random.fold_in(rng, k))
+
+    def log_pending() -> None:
+        nonlocal last_logged
+        if step == last_logged:
+            return
+        means = {f"train/{k}": v for k, v in pending.pop_means().items()}
+        first, last_logged = last_logged + 1, step
+        writer.write_scalars(step, means)
+        if progress is not None and "train/loss" in means:
+            progress.set_postfix(loss=f"{means['train/loss']:.4f}", refresh=False)
+        bad = {k: v for k, v in means.items() if not math.isfinite(v)}
+        if bad:
+            values = ", ".join(f"{k}={v}" for k, v in bad.items())
+            raise Diverged(
+                f"training diverged: non-finite {values} (mean over steps {first}..{step}); "
+                "lower optimizer.learning_rate or check the data",
+                step,
+            )
+
+    progress = tqdm(
+        total=settings.steps,
+        initial=start_step,
+        disable=not settings.progress_bar,
+        desc="train",
+        dynamic_ncols=True,
+    )
+    try:
+        for step in range(start_step + 1, settings.steps + 1):  # noqa: B007 - used in closures.
+            state, scalars = algorithm.step(state, next(stream), step_keys(step))
+            pending.add(scalars)
+            progress.update(1)
+            if on_step is not None:
+                on_step(step)
+            at_end = step == settings.steps
+            if due(step, settings.log_every) or at_end:
+                log_pending()
+            if due(step, settings.eval_every) and evaluator is not None:
+                writer.write_scalars(step, evaluator.periodic(algorithm.eval_params(state)))
+            if checkpointer is not None and (due(step, settings.checkpoint_every) or at_end):
+                # Never save a diverged state: the last checkpoint must be a good one.
+                log_pending()
+                if not _all_finite(algorithm.eval_params(state)):
+                    raise Diverged(
+                        f"training diverged: non-finite parameters after step {step}; "
+                        "lower optimizer.learning_rate or check the data",
+                        step,
+                    )
+                checkpointer.save(
+                    Snapshot(
+                        state=state,
+                        step=step,
+                        rng=np.asarray(rng),
+                        data_position=step,
+                        elapsed=clock(),
+                    )
+                )
+        log_pending()
+    finally:
+        progress.close()
+    return state, step

@@ -1,0 +1,229 @@
+"""``run(cfg)``: one experiment from a composed config, start to finish.
+
+Order matters for "nothing half-written": every check that can reject the config runs before
+the first file of the run (metrics, status, checkpoints, W&B) is created.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pathlib
+import uuid
+from typing import Any
+
+from omegaconf import DictConfig
+
+from fedjax_exp.experiment.errors import ConfigError
+from fedjax_exp.experiment.validation import check_writable_dir, validate_config
+
+log = logging.getLogger(__name__)
+
+WANDB_ID_FILE = "wandb_run_id.txt"
+
+
+def _hydra_job_info(cfg_task_name: str) -> tuple[str, str, bool]:
+    """(run name, group, is_multirun) from Hydra's runtime config, or defaults."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        hc = HydraConfig.get()
+    except (ImportError, ValueError):
+        return cfg_task_name, cfg_task_name, False
+    multirun = hc.mode == RunMode.MULTIRUN
+    name = hc.job.override_dirname or cfg_task_name
+    group = f"{cfg_task_name}:{hc.sweep.dir}" if multirun else cfg_task_name
+    return name, group, multirun
+
+
+def _default_output_dir() -> str:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return HydraConfig.get().runtime.output_dir
+    except ValueError as e:
+        raise ConfigError(
+            "no output dir: call run(cfg, output_dir=DIR) when not running under Hydra"
+        ) from e
+
+
+def _check_optimized_metric(container: dict[str, Any]) -> None:
+    key = container.get("optimized_metric")
+    if key is None:
+        return
+    parts = str(key).split("/")
+    names = set(container.get("metrics") or {})
+    if len(parts) < 3 or parts[0] != "final" or (parts[1] == "test" and parts[2] not in names):
+        options = ", ".join(f"final/test/{n}" for n in sorted(names))
+        raise ConfigError(f"optimized_metric={key!r} is not a final metric; use one of: {options}")
+
+
+def _resume_source(resume: Any, own_dir: pathlib.Path) -> tuple[pathlib.Path, int | None] | None:
+    """Where to resume from: (checkpoints dir, step or None for latest), or None for fresh."""
+    from fedjax_exp.experiment.checkpoints import find_checkpoint_dir
+
+    def has_checkpoints(d: pathlib.Path) -> bool:
+        return d.is_dir() and any(p.name.isdigit() for p in d.iterdir())
+
+    if resume is True:
+        return (own_dir, None) if has_checkpoints(own_dir) else None
+    if resume is False or resume is None:
+        if has_checkpoints(own_dir):
+            raise ConfigError(
+                f"{own_dir} already holds checkpoints and trainer.resume=false: resume with "
+                "trainer.resume=true or pick a new hydra.run.dir"
+            )
+        return None
+    directory, step = find_checkpoint_dir(resume)
+    if not has_checkpoints(directory):
+        raise ConfigError(f"trainer.resume={resume!r} holds no checkpoints")
+    return directory, step
+
+
+def run(cfg: DictConfig, output_dir: str | os.PathLike[str] | None = None) -> float:
+    """Trains and evaluates the experiment ``cfg``; returns ``cfg.optimized_metric``.
+
+    Writes into ``output_dir`` (default: Hydra's job dir): ``metrics.jsonl``, ``status.json``,
+    ``checkpoints/`` and ``wandb/``. Rerunning with the same output dir resumes from its
+    checkpoints. Raises :class:`ConfigError` (before writing anything) for a bad config and
+    :class:`RunFailed` when training fails.
+    """
+    out = pathlib.Path(output_dir if output_dir is not None else _default_output_dir())
+    problem = check_writable_dir(out)
+    if problem is not None:
+        raise ConfigError(f"cannot write the output dir {str(out)!r} ({problem}): choose another")
+    container = validate_config(cfg)
+    _check_optimized_metric(container)
+    trainer = container["trainer"]
+    own_checkpoints = out / "checkpoints"
+    source = _resume_source(trainer["resume"], own_checkpoints)
+
+    # Only now import JAX and the library (Hydra's parent process never gets here).
+    import jax
+
+    # JAX reports at INFO that it found no TPU; Hydra's job logging would print that.
+    logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
+    import numpy as np
+
+    from fedjax_exp.experiment import builders, loop, writers
+    from fedjax_exp.experiment.checkpoints import Checkpointer
+    from fedjax_exp.experiment.evaluation import Evaluator
+
+    model = builders.build_model(cfg)
+    optimizer = builders.build_optimizer(cfg)
+    train_data, test_data = builders.build_datasets(cfg)
+    algorithm = builders.build_algorithm(cfg, model, optimizer, train_data)
+
+    seed = int(container["seed"])
+    rng = jax.random.PRNGKey(seed)
+    init_rng, train_rng = jax.random.split(rng)
+    state = algorithm.init(init_rng)
+    start_step, elapsed = 0, 0.0
+    if source is not None:
+        source_dir, source_step = source
+        reader = Checkpointer(source_dir, keep=int(trainer["keep_checkpoints"]))
+        snapshot = reader.restore(state, np.asarray(train_rng), source_step)
+        reader.close()
+        state, start_step, elapsed = snapshot.state, snapshot.step, snapshot.elapsed
+        train_rng = jax.numpy.asarray(snapshot.rng)
+        log.info("resuming from %s at step %d", source_dir, start_step)
+    if start_step > trainer["steps"]:
+        raise ConfigError(
+            f"the checkpoint is at step {start_step}, beyond trainer.steps={trainer['steps']}: "
+            "raise trainer.steps or start a new run dir"
+        )
+
+    evaluator = Evaluator(
+        model,
+        {"train": train_data, "test": test_data},
+        batch_size=int(trainer["eval_batch_size"]),
+        num_batches=dict(trainer["eval_batches"]),
+    )
+
+    # From here on the run writes files; every exit path records how it ended.
+    clock = loop.Clock(elapsed)
+    jsonl = writers.JsonlWriter(out, clock, resume_step=start_step if source else None)
+    all_writers: list[Any] = [jsonl]
+    wandb_settings = (container.get("logger") or {}).get("wandb")
+    if wandb_settings:
+        name, group, _ = _hydra_job_info(str(container.get("task_name", "train")))
+        id_file = out / WANDB_ID_FILE
+        run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:12]
+        wandb_writer = writers.create_wandb_writer(
+            wandb_settings,
+            directory=out,
+            config=container,
+            default_name=name,
+            default_group=group,
+            run_id=run_id,
+        )
+        if wandb_writer is not None:
+            writers.atomic_write_text(id_file, run_id + "\n")
+            all_writers.append(wandb_writer)
+    writer = writers.MultiWriter(all_writers)
+    checkpointer = Checkpointer(own_checkpoints, keep=int(trainer["keep_checkpoints"]))
+
+    settings = loop.LoopSettings(
+        steps=int(trainer["steps"]),
+        log_every=int(trainer["log_every"]),
+        eval_every=int(trainer["eval_every"]),
+        checkpoint_every=int(trainer["checkpoint_every"]),
+        progress_bar=bool(trainer["progress_bar"]),
+    )
+    step, final, exit_code, error = start_step, {}, 1, None
+
+    def on_step(done: int) -> None:
+        nonlocal step
+        step = done
+
+    try:
+        state, step = loop.train(
+            algorithm,
+            state,
+            start_step=start_step,
+            seed=seed,
+            rng=train_rng,
+            settings=settings,
+            writer=writer,
+            evaluator=evaluator,
+            checkpointer=checkpointer,
+            clock=clock,
+            on_step=on_step,
+        )
+        params = algorithm.eval_params(state)
+        final = evaluator.final(params, "test")
+        if trainer.get("per_client_eval"):
+            summary, values = evaluator.per_client(
+                params, "test", trainer.get("per_client_max_clients")
+            )
+            final.update(summary)
+            writer.write_histogram(step, "final/per_client/test/histogram", values.tolist())
+        writer.write_scalars(step, final)
+        writer.write_summary(final)
+        exit_code = 0
+    except BaseException as e:
+        error = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+        if isinstance(e, loop.Diverged):
+            kept = checkpointer.latest_step()
+            where = f"step {kept} in {own_checkpoints}" if kept is not None else "none"
+            e.args = (f"{e}; last good checkpoint: {where}",)
+            error = f"{type(e).__name__}: {e}"
+        jsonl.write_event(step, status="failed", error=error)
+        raise
+    finally:
+        writers.write_status(
+            out,
+            status="completed" if exit_code == 0 else "failed",
+            step=step,
+            error=error,
+            final=final,
+        )
+        checkpointer.close()
+        writer.close(exit_code)
+    key = container.get("optimized_metric")
+    if key is None:
+        return float("nan")
+    if key not in final:
+        raise ConfigError(f"optimized_metric={key!r} was not computed; got {sorted(final)}")
+    return float(final[key])

@@ -1,0 +1,53 @@
+"""Train one experiment (or a sweep with -m) from the Hydra config in conf/.
+
+    python run.py                              # logistic model on the embedded sample
+    python run.py model=cnn loss=hinge trainer.steps=500
+    python run.py -m optimizer=sgd,adam        # a sweep (see README)
+
+Returns the optimized metric (``optimized_metric``) so Optuna sweeps can maximise it.
+"""
+
+from __future__ import annotations
+
+import logging
+import pathlib
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+from fedjax_exp.experiment import ConfigError, RunFailed
+from fedjax_exp.experiment.cli import precheck_overrides
+
+CONFIG_DIR = pathlib.Path(__file__).resolve().parent / "conf"
+
+log = logging.getLogger("run")
+
+
+def _in_multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+def main(cfg: DictConfig) -> float:
+    from fedjax_exp.experiment import run
+
+    try:
+        return run(cfg)
+    except (ConfigError, RunFailed) as e:
+        if _in_multirun():
+            kind = "config error" if isinstance(e, ConfigError) else "run failed"
+            log.error("%s: %s", kind, e)
+            raise  # Hydra records the job as failed; the other jobs of the sweep still run.
+        # A single run: one line on stderr instead of a traceback, and a non-zero exit.
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2 if isinstance(e, ConfigError) else 1) from None
+
+
+if __name__ == "__main__":
+    # Bad overrides of a single run fail here in one line, before Hydra creates the run dir.
+    precheck_overrides(str(CONFIG_DIR), "config", sys.argv[1:])
+    main()

@@ -1,0 +1,302 @@
+"""Model, create_model_from_*, gradients and evaluation, without FedJAX."""
+
+from __future__ import annotations
+
+import functools
+import warnings
+
+import haiku as hk
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.example_libraries import stax
+
+from fedjax_exp.core import losses, metrics, models, regularizers
+from fedjax_exp.core.typing import EXAMPLE_MASK_KEY
+
+NUM_FEATURES, NUM_CLASSES = 4, 3
+
+
+def _linear_model(trace_log: list | None = None, train_loss=losses.cross_entropy_loss):
+    """A tiny softmax regression from plain functions; logs each trace of apply_for_eval."""
+
+    def init(rng):
+        return {
+            "w": jax.random.normal(rng, (NUM_FEATURES, NUM_CLASSES)),
+            "b": jnp.zeros(NUM_CLASSES),
+        }
+
+    def apply_for_eval(params, batch):
+        if trace_log is not None:
+            trace_log.append(jnp.shape(batch["x"]))  # Runs only while JAX traces.
+        return batch["x"] @ params["w"] + params["b"]
+
+    def apply_for_train(params, batch, rng=None):
+        del rng
+        return apply_for_eval(params, batch)
+
+    return models.Model(
+        init,
+        apply_for_train,
+        apply_for_eval,
+        train_loss,
+        {"accuracy": metrics.Accuracy(), "loss": metrics.CrossEntropyLoss()},
+    )
+
+
+def _batch(n: int, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {
+        "x": rng.normal(size=(n, NUM_FEATURES)).astype(np.float32),
+        "y": rng.integers(0, NUM_CLASSES, size=n).astype(np.int32),
+    }
+
+
+def _pad(batch: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
+    """Pads with garbage examples (large values) that must not affect any result."""
+    n = len(batch["y"])
+    padded = {
+        "x": np.concatenate([batch["x"], np.full((size - n, NUM_FEATURES), 1e3, np.float32)]),
+        "y": np.concatenate([batch["y"], np.full(size - n, 2, np.int32)]),
+    }
+    padded[EXAMPLE_MASK_KEY] = np.arange(size) < n
+    return padded
+
+
+def _np_metrics(params, batch) -> dict[str, float]:
+    logits = batch["x"].astype(np.float64) @ np.asarray(params["w"], np.float64) + np.asarray(
+        params["b"]
+    )
+    log_probs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    y = batch["y"]
+    return {
+        "accuracy": float(np.mean(np.argmax(logits, -1) == y)),
+        "loss": float(-np.mean(log_probs[np.arange(len(y)), y])),
+    }
+
+
+@pytest.fixture(scope="module")
+def params():
+    return _linear_model().init(jax.random.PRNGKey(0))
+
+
+# -- Model container ---------------------------------------------------------------------------
+
+
+def test_replace_returns_new_model_and_keeps_the_rest():
+    model = _linear_model()
+    hinge = model.replace(train_loss=losses.hinge_loss)
+    assert hinge is not model
+    assert hinge.train_loss is losses.hinge_loss
+    assert model.train_loss is losses.cross_entropy_loss
+    assert hinge.init is model.init and hinge.apply_for_eval is model.apply_for_eval
+    assert hinge.eval_metrics == model.eval_metrics
+    with pytest.raises(TypeError):
+        model.replace(not_a_field=1)
+    with pytest.raises(AttributeError):
+        model.train_loss = losses.hinge_loss  # type: ignore[misc]
+
+
+def test_model_equality_and_hash_with_dict_metrics():
+    model = _linear_model()
+    same = model.replace()
+    assert same == model and hash(same) == hash(model)
+    assert model.replace(train_loss=losses.hinge_loss) != model
+    reordered = model.replace(eval_metrics=dict(reversed(list(model.eval_metrics.items()))))
+    assert reordered != model  # Result order is part of a Model's behaviour.
+    fewer = model.replace(eval_metrics={"accuracy": metrics.Accuracy()})
+    assert fewer != model
+    assert model != "not a model"
+
+
+def test_model_is_a_static_jit_argument(params):
+    @functools.partial(jax.jit, static_argnums=0)
+    def mean_loss(model, params, batch):
+        return jnp.mean(model.train_loss(batch, model.apply_for_train(params, batch, None)))
+
+    model = _linear_model()
+    batch = _batch(8)
+    ce = mean_loss(model, params, batch)
+    hinge = mean_loss(model.replace(train_loss=losses.hinge_loss), params, batch)
+    np.testing.assert_allclose(ce, _np_metrics(params, batch)["loss"], rtol=1e-5)
+    logits = batch["x"] @ np.asarray(params["w"]) + np.asarray(params["b"])
+    np.testing.assert_allclose(
+        hinge, np.mean(losses.multiclass_hinge(batch["y"], logits)), rtol=1e-6
+    )
+
+
+def test_create_model_from_haiku_passes_kwargs_and_metrics():
+    def forward(batch, scale=1.0):
+        return hk.Linear(NUM_CLASSES)(batch["x"]) * scale
+
+    model = models.create_model_from_haiku(
+        hk.transform(forward),
+        sample_batch=_batch(1),
+        train_loss=losses.cross_entropy_loss,
+        train_kwargs={"scale": 2.0},
+        eval_kwargs={"scale": 3.0},
+    )
+    assert model.eval_metrics == {}
+    params = model.init(jax.random.PRNGKey(1))
+    assert params["linear"]["w"].shape == (NUM_FEATURES, NUM_CLASSES)
+    batch = _batch(5)
+    base = batch["x"] @ params["linear"]["w"] + params["linear"]["b"]
+    np.testing.assert_allclose(model.apply_for_train(params, batch, None), 2 * base, rtol=1e-5)
+    np.testing.assert_allclose(model.apply_for_eval(params, batch), 3 * base, rtol=1e-5)
+
+
+def test_create_model_from_stax_uses_input_key_and_sample_shape():
+    init, apply = stax.serial(stax.Dense(NUM_CLASSES))
+    model = models.create_model_from_stax(
+        init, apply, (-1, NUM_FEATURES), losses.cross_entropy_loss, input_key="features"
+    )
+    params = model.init(jax.random.PRNGKey(0))
+    assert params[0][0].shape == (NUM_FEATURES, NUM_CLASSES)
+    batch = {"features": _batch(6)["x"]}
+    out = model.apply_for_eval(params, batch)
+    np.testing.assert_allclose(out, batch["features"] @ params[0][0] + params[0][1], rtol=1e-5)
+    np.testing.assert_array_equal(model.apply_for_train(params, batch, None), out)
+
+
+# -- Losses and gradients ----------------------------------------------------------------------
+
+
+def test_model_per_example_loss(params):
+    model = _linear_model()
+    batch = _batch(6)
+    loss = models.model_per_example_loss(model)(params, batch, None)
+    logits = model.apply_for_eval(params, batch)
+    np.testing.assert_array_equal(loss, losses.cross_entropy_loss(batch, logits))
+
+
+def _leaves_close(a, b, **kwargs):
+    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+        np.testing.assert_allclose(x, y, **kwargs)
+
+
+def test_model_grad_masked_equals_unmasked(params):
+    model = _linear_model()
+    grad_fn = models.model_grad(model)
+    batch = _batch(5)
+    _leaves_close(grad_fn(params, _pad(batch, 8), None), grad_fn(params, batch, None), rtol=1e-5)
+
+
+def test_model_grad_is_the_mean_gradient(params):
+    model = _linear_model()
+    batch = _batch(6)
+    grads = models.model_grad(model)(params, batch, None)
+    # The mean of per-example gradients (computed one example at a time).
+    per_example = [
+        jax.grad(lambda p, b=b: jnp.sum(models.model_per_example_loss(model)(p, b, None)))(params)
+        for b in ({k: v[i : i + 1] for k, v in batch.items()} for i in range(6))
+    ]
+    _leaves_close(grads, jax.tree_util.tree_map(lambda *g: sum(g) / 6, *per_example), rtol=1e-5)
+
+
+def test_model_grad_with_regularizer_and_all_padding(params):
+    model = _linear_model()
+    reg = regularizers.l2_regularizer(0.5)
+    batch = _pad(_batch(1), 4)
+    batch[EXAMPLE_MASK_KEY] = np.zeros(4, bool)  # Only padding: the data term is 0 / 0 -> 0.
+    grads = models.model_grad(model, reg)(params, batch, None)
+    _leaves_close(grads, jax.tree_util.tree_map(lambda p: 2 * 0.5 * p, params), rtol=1e-6)
+
+
+def test_scalar_train_loss_is_rejected(params):
+    model = _linear_model(train_loss=lambda b, out: jnp.mean(losses.cross_entropy_loss(b, out)))
+    with pytest.raises(ValueError, match=r"one loss per example, shape \[6\].*shape \(\)"):
+        models.model_grad(model)(params, _batch(6), None)
+    with pytest.raises(ValueError, match="one loss per example"):
+        models.model_per_example_loss(model)(params, _batch(6), None)
+    with pytest.raises(ValueError, match="one loss per example"):
+        models.evaluate_average_loss(
+            params, [_batch(6)], jax.random.PRNGKey(0), models.model_per_example_loss(model)
+        )
+
+
+# -- Evaluation --------------------------------------------------------------------------------
+
+
+def test_evaluate_model_exact_values(params):
+    batch = _batch(8)
+    got = models.evaluate_model(_linear_model(), params, [batch])
+    want = _np_metrics(params, batch)
+    assert list(got) == ["accuracy", "loss"]
+    assert float(got["accuracy"]) == want["accuracy"]
+    assert float(got["loss"]) == pytest.approx(want["loss"], rel=1e-5)
+    assert isinstance(got["loss"], np.ndarray)  # Already on the host.
+
+
+def test_evaluate_model_is_batching_and_padding_invariant(params):
+    model = _linear_model()
+    data = _batch(11, seed=3)
+    whole = models.evaluate_model(model, params, [data])
+    pieces = [{k: v[i : i + 4] for k, v in data.items()} for i in range(0, 11, 4)]
+    padded = [_pad(p, 4) for p in pieces]
+    for batches in (pieces, padded):
+        got = models.evaluate_model(model, params, batches)
+        assert float(got["accuracy"]) == float(whole["accuracy"])
+        np.testing.assert_allclose(got["loss"], whole["loss"], rtol=1e-6)
+
+
+def test_evaluate_model_compiles_once_per_model_and_shape(params):
+    log: list = []
+    model = _linear_model(trace_log=log)
+    batches = [_pad(_batch(3, seed=s), 4) for s in range(3)]
+    first = models.evaluate_model(model, params, batches)
+    traces_after_first_call = len(log)
+    second = models.evaluate_model(model, params, batches)
+    again = models.evaluate_model(model.replace(), params, batches)  # An equal Model.
+    assert len(log) == traces_after_first_call <= 2  # Start step + carry step, then cached.
+    assert float(first["loss"]) == float(second["loss"]) == float(again["loss"])
+
+
+def test_evaluate_model_empty_stream_warns_and_returns_zeros(params):
+    with pytest.warns(RuntimeWarning, match="no batches"):
+        got = models.evaluate_model(_linear_model(), params, [])
+    assert {k: float(v) for k, v in got.items()} == {"accuracy": 0.0, "loss": 0.0}
+
+
+def test_evaluate_model_missing_metric_key_is_an_error(params):
+    model = _linear_model().replace(eval_metrics={"acc": metrics.Accuracy(target_key="label")})
+    with pytest.raises(KeyError, match="label"):
+        models.evaluate_model(model, params, [_batch(4)])
+
+
+def test_model_evaluator_global_and_per_client(params):
+    model = _linear_model()
+    clients = [(b"a", [_batch(4, 1)]), (b"b", [_batch(3, 2), _pad(_batch(2, 3), 3)])]
+    evaluator = models.ModelEvaluator(model)
+    global_results = dict(evaluator.evaluate_global_params(params, clients))
+    for cid, batches in clients:
+        want = models.evaluate_model(model, params, batches)
+        assert float(global_results[cid]["loss"]) == float(want["loss"])
+    other = jax.tree_util.tree_map(lambda p: p * 2, params)
+    per_client = dict(
+        evaluator.evaluate_per_client_params([(b"a", clients[0][1], other)]),
+    )
+    want = models.evaluate_model(model, other, clients[0][1])
+    assert float(per_client[b"a"]["accuracy"]) == float(want["accuracy"])
+
+
+def test_evaluate_average_loss(params):
+    model = _linear_model()
+    per_example = models.model_per_example_loss(model)
+    data = _batch(7, seed=5)
+    batches = [_pad({k: v[:4] for k, v in data.items()}, 4), _pad({k: v[4:] for k, v in data.items()}, 4)]
+    reg = regularizers.l2_regularizer(0.01)
+    got = models.evaluate_average_loss(params, batches, jax.random.PRNGKey(0), per_example, reg)
+    want = _np_metrics(params, data)["loss"] + float(reg(params))
+    assert float(got) == pytest.approx(want, rel=1e-5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        empty = models.evaluate_average_loss(params, [], jax.random.PRNGKey(0), per_example)
+    assert float(empty) == 0.0
+    evaluator = models.AverageLossEvaluator(per_example, reg)
+    (cid, value), = evaluator.evaluate_global_params(params, [(b"c", batches, jax.random.PRNGKey(0))])
+    assert cid == b"c" and float(value) == float(got)
+    (cid, value), = evaluator.evaluate_per_client_params(
+        [(b"d", batches, jax.random.PRNGKey(0), params)]
+    )
+    assert cid == b"d" and float(value) == float(got)

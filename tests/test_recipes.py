@@ -1,0 +1,130 @@
+"""The recipes in experiments/: they compose to the seed chapter's settings and they run."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+
+# The seed chapter: Adam 1e-3, batch 8, client buffer 16, example buffer 1024, seed 0,
+# evaluation on the first 16 padded test batches of 128 examples.
+RECIPES = {
+    "seed_logistic": ("create_logistic_model", 5000),
+    "seed_mlp": ("create_mlp_model", 5000),
+    "seed_cnn": ("create_stax_cnn_model", 1000),
+}
+
+
+def compose_config(repo_root: pathlib.Path, overrides: list[str]):
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(repo_root / "conf"), version_base="1.3"):
+        return compose("config", overrides=overrides)
+
+
+def test_every_recipe_is_tested(repo_root):
+    names = sorted(p.stem for p in (repo_root / "experiments").glob("*.yaml"))
+    assert names == sorted(RECIPES)
+
+
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_recipe_composes_to_the_seed_settings(repo_root, name):
+    model_fn, steps = RECIPES[name]
+    cfg = compose_config(repo_root, [f"experiment={name}"])
+    assert cfg.model._target_ == f"fedjax_exp.models.emnist.{model_fn}"
+    assert cfg.optimizer._target_ == "fedjax_exp.core.optimizers.adam"
+    assert cfg.optimizer.learning_rate == 1e-3
+    assert cfg.optimizer.schedule.name == "constant"
+    assert cfg.loss.fn._target_ == "fedjax_exp.core.losses.cross_entropy_loss"
+    assert cfg.seed == 0
+    assert cfg.task_name == name
+    trainer = cfg.trainer
+    assert (trainer.steps, trainer.batch_size) == (steps, 8)
+    assert (trainer.client_buffer_size, trainer.example_buffer_size) == (16, 1024)
+    assert (trainer.eval_batch_size, trainer.eval_batches.test) == (128, 16)
+    # The last periodic evaluation falls on the last step: it is the seed chapter's figure.
+    assert steps % trainer.eval_every == 0
+    assert cfg.dataset.name == "sample"
+
+
+def test_recipe_command_line_overrides_win(repo_root):
+    cfg = compose_config(
+        repo_root, ["experiment=seed_cnn", "trainer.steps=7", "optimizer.learning_rate=0.01"]
+    )
+    assert (cfg.trainer.steps, cfg.optimizer.learning_rate) == (7, 0.01)
+    assert cfg.model._target_.endswith("create_stax_cnn_model")
+
+
+def test_recipe_with_shared_files_composes(repo_root):
+    shared = repo_root.parent / "shared" / "data" / "femnist"
+    cfg = compose_config(
+        repo_root,
+        [
+            "experiment=seed_logistic",
+            "dataset=files",
+            f"dataset.loader.train_path={shared / 'femnist_leaf_train.h5'}",
+            f"dataset.loader.test_path={shared / 'femnist_leaf_test.h5'}",
+        ],
+    )
+    assert cfg.dataset.name == "files"
+    assert cfg.trainer.steps == 5000
+
+
+def run_recipes(repo_root: pathlib.Path, sweep_dir: pathlib.Path, *overrides: str):
+    env = dict(os.environ, WANDB_MODE="offline", WANDB_SILENT="true", JAX_PLATFORMS="cpu")
+    cmd = [
+        sys.executable,
+        "run.py",
+        "-m",
+        "experiment=" + ",".join(sorted(RECIPES)),
+        "trainer.steps=3",
+        "trainer.log_every=1",
+        "trainer.eval_every=3",
+        "trainer.eval_batches.train=1",
+        "trainer.eval_batches.test=1",
+        "trainer.checkpoint_every=0",
+        "trainer.progress_bar=false",
+        "logger=local",
+        *overrides,
+        f"hydra.sweep.dir={sweep_dir}",
+    ]
+    proc = subprocess.run(cmd, cwd=repo_root, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc
+
+
+def check_recipe_jobs(sweep_dir: pathlib.Path) -> None:
+    for num, name in enumerate(sorted(RECIPES)):
+        job = sweep_dir / str(num)
+        status = json.loads((job / "status.json").read_text())
+        assert status["status"] == "completed", (name, status)
+        assert status["step"] == 3
+        lines = [json.loads(x) for x in (job / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in lines if "train/loss" in r] == [1, 2, 3]
+        config = (job / ".hydra" / "config.yaml").read_text()
+        assert RECIPES[name][0] in config
+
+
+def test_each_recipe_runs_a_few_steps(repo_root, tmp_path):
+    sweep_dir = tmp_path / "recipes"
+    run_recipes(repo_root, sweep_dir)
+    check_recipe_jobs(sweep_dir)
+
+
+@pytest.mark.slow
+@pytest.mark.shared_data
+def test_each_recipe_runs_on_the_shared_files(repo_root, tmp_path, shared_femnist_dir):
+    sweep_dir = tmp_path / "recipes"
+    run_recipes(
+        repo_root,
+        sweep_dir,
+        "dataset=files",
+        f"dataset.loader.train_path={shared_femnist_dir / 'femnist_leaf_train.h5'}",
+        f"dataset.loader.test_path={shared_femnist_dir / 'femnist_leaf_test.h5'}",
+    )
+    check_recipe_jobs(sweep_dir)

@@ -1,0 +1,133 @@
+"""End-to-end `python run.py ...` runs in a subprocess: exit codes, files, error lines."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+# A tiny run: the logistic model, a few steps, one small eval batch, no progress bar, no W&B.
+TINY = [
+    "logger=local",
+    "trainer.steps=4",
+    "trainer.log_every=2",
+    "trainer.eval_every=2",
+    "trainer.eval_batch_size=32",
+    "trainer.eval_batches.train=1",
+    "trainer.eval_batches.test=1",
+    "trainer.checkpoint_every=2",
+    "trainer.progress_bar=false",
+]
+
+
+def run_cli(*overrides: str, run_dir: pathlib.Path) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    env.update(WANDB_MODE="offline", WANDB_SILENT="true", JAX_PLATFORMS="cpu")
+    return subprocess.run(
+        [sys.executable, "run.py", *overrides, f"hydra.run.dir={run_dir}"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def read_jsonl(path: pathlib.Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_cnn_with_hinge_loss_trains_and_writes_metrics(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = run_cli("model=cnn", "loss=hinge", *TINY, run_dir=run_dir)
+    assert proc.returncode == 0, proc.stderr
+    records = read_jsonl(run_dir / "metrics.jsonl")
+    assert [r["step"] for r in records if "train/loss" in r] == [2, 4]
+    assert [r["step"] for r in records if "eval/test/accuracy" in r] == [2, 4]
+    final = [r for r in records if "final/test/accuracy" in r]
+    assert len(final) == 1 and final[0]["step"] == 4
+    assert set(final[0]) >= {"final/test/accuracy", "final/test/loss", "time", "step"}
+    assert 0.0 <= final[0]["final/test/accuracy"] <= 1.0
+    # The hinge loss is >= 0, and is what is reported as the loss.
+    assert all(r["train/loss"] >= 0 for r in records if "train/loss" in r)
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["status"] == "completed" and status["step"] == 4 and status["error"] is None
+    assert status["final"]["final/test/accuracy"] == final[0]["final/test/accuracy"]
+    overrides = (run_dir / ".hydra" / "overrides.yaml").read_text()
+    assert "model=cnn" in overrides and "loss=hinge" in overrides
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit()) == [
+        "2",
+        "4",
+    ]
+
+
+def _assert_one_line_failure(proc: subprocess.CompletedProcess[str], *needles: str) -> str:
+    assert proc.returncode != 0
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert "Traceback" not in proc.stderr, proc.stderr
+    first = lines[0]
+    for needle in needles:
+        assert needle in first, proc.stderr
+    return first
+
+
+def _assert_nothing_written(run_dir: pathlib.Path) -> None:
+    if run_dir.exists():
+        written = {p.name for p in run_dir.iterdir()}
+        assert not written & {"metrics.jsonl", "status.json", "checkpoints", "wandb"}, written
+
+
+@pytest.mark.parametrize(
+    ("overrides", "needles"),
+    [
+        (["optimizer.learning_rate=0"], ["optimizer.learning_rate", "positive", "0"]),
+        (["optimizer=sgd", "optimizer.learning_rate=-0.1"], ["optimizer.learning_rate"]),
+        (["trainer.batch_size=0"], ["trainer.batch_size", "positive integer", "0"]),
+        (["trainer.steps=-1"], ["trainer.steps", "-1"]),
+        (
+            ["dataset=files", "dataset.loader.train_path=/nope/a.h5", "dataset.loader.test_path=x"],
+            ["dataset.loader.train_path", "/nope/a.h5", "does not exist"],
+        ),
+        (["model._target_=no_such_pkg.make_model"], ["model._target_", "no_such_pkg"]),
+        (["dataset=files"], ["dataset.loader.train_path", "required"]),
+    ],
+    ids=["lr0", "lr-neg", "batch0", "steps-neg", "missing-path", "bad-target", "unset-path"],
+)
+def test_bad_config_values_fail_in_one_line(tmp_path, overrides, needles):
+    run_dir = tmp_path / "run"
+    proc = run_cli(*TINY, *overrides, run_dir=run_dir)
+    first = _assert_one_line_failure(proc, *needles)
+    assert first.startswith("error: ")
+    assert len([line for line in proc.stderr.splitlines() if line.strip()]) == 1, proc.stderr
+    assert proc.returncode == 2
+    _assert_nothing_written(run_dir)
+
+
+def test_unknown_group_option_fails_clearly(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = run_cli(*TINY, "model=no_such_model", run_dir=run_dir)
+    _assert_one_line_failure(proc, "model/no_such_model")
+    assert not run_dir.exists()
+
+
+def test_unknown_key_fails_clearly(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = run_cli(*TINY, "trainer.no_such_key=3", run_dir=run_dir)
+    _assert_one_line_failure(proc, "trainer.no_such_key")
+    assert not run_dir.exists()
+
+
+def test_unwritable_output_dir_is_reported_before_training(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a dir")
+    proc = run_cli(*TINY, run_dir=blocker / "run")
+    first = _assert_one_line_failure(proc, "cannot write the output dir", str(blocker / "run"))
+    assert first.startswith("error: ")
+    assert proc.returncode == 2
+    assert blocker.read_text() == "not a dir"
