@@ -99,8 +99,13 @@ def test_outputs_and_default_metrics(name):
     out = model.apply_for_eval(params, batch)
     assert out.shape == (3, 10)
     np.testing.assert_array_equal(model.apply_for_train(params, batch, jax.random.PRNGKey(2)), out)
-    assert model.eval_metrics == {"loss": metrics.CrossEntropyLoss(), "accuracy": metrics.Accuracy()}
-    np.testing.assert_array_equal(model.train_loss(batch, out), losses.cross_entropy_loss(batch, out))
+    assert model.eval_metrics == {
+        "loss": metrics.CrossEntropyLoss(),
+        "accuracy": metrics.Accuracy(),
+    }
+    np.testing.assert_array_equal(
+        model.train_loss(batch, out), losses.cross_entropy_loss(batch, out)
+    )
 
 
 def test_conv_dropout_only_in_training():
@@ -112,7 +117,9 @@ def test_conv_dropout_only_in_training():
     np.testing.assert_array_equal(model.apply_for_eval(params, batch), eval_out)
     train_a = model.apply_for_train(params, batch, jax.random.PRNGKey(1))
     train_b = model.apply_for_train(params, batch, jax.random.PRNGKey(2))
-    np.testing.assert_array_equal(model.apply_for_train(params, batch, jax.random.PRNGKey(1)), train_a)
+    np.testing.assert_array_equal(
+        model.apply_for_train(params, batch, jax.random.PRNGKey(1)), train_a
+    )
     assert not np.allclose(train_a, train_b)
     assert not np.allclose(train_a, eval_out)
 

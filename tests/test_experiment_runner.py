@@ -41,62 +41,84 @@ def sample_files() -> list[str]:
     from fedjax_exp.datasets import sample
 
     paths = sample.paths()
-    return [f"dataset.loader.train_path={paths['train']}", f"dataset.loader.test_path={paths['test']}"]
+    return [
+        f"dataset.loader.train_path={paths['train']}",
+        f"dataset.loader.test_path={paths['test']}",
+    ]
 
 
-# group option -> extra overrides it needs to run here (no network, a few steps).
+# Extra overrides some options need to run here (no network, a few steps).
 NEEDS = {
-    ("dataset", "files"): sample_files,
-    ("optimizer/schedule", "warmup_cosine"): lambda: ["optimizer.schedule.warmup_steps=1"],
-    ("debug", "profile"): lambda: ["trainer.steps=2", "trainer.eval_every=0"],
+    "dataset=files": sample_files,
+    "optimizer/schedule=warmup_cosine": lambda: ["optimizer.schedule.warmup_steps=1"],
 }
 # Options that download data: composed and validated only.
-DOWNLOADS = {("dataset", "emnist"), ("dataset", "emnist_digits")}
+DOWNLOADS = ["dataset=emnist", "dataset=emnist_digits"]
+GROUPS = ["model", "loss", "optimizer", "optimizer/schedule", "metrics", "dataset"]
+GROUPS += ["algorithm", "trainer", "logger", "debug"]
 
-CASES = [
-    (group, option)
-    for group in ["model", "loss", "optimizer", "optimizer/schedule", "metrics", "dataset"]
-    + ["algorithm", "trainer", "logger", "debug"]
-    for option in options(group)
+
+def _runnable(group: str) -> list[str]:
+    return [f"{group}={o}" for o in options(group) if f"{group}={o}" not in DOWNLOADS]
+
+
+# Every option of every group appears in at least one run; each run combines one option of
+# every group (cycling through the shorter lists, each group shifted by its position so equal-
+# length groups do not always pair the same options), so a handful of runs covers them all.
+# (metrics=full needs domain ids, so it must not meet dataset=synthetic; asserted below.)
+_WIDTH = max(len(_runnable(g)) for g in GROUPS)
+COMBOS = [
+    [_runnable(g)[(i + k) % len(_runnable(g))] for k, g in enumerate(GROUPS)] for i in range(_WIDTH)
 ]
 
 
-def test_cases_cover_every_option():
+def test_combos_cover_every_option():
     groups = {p.name for p in CONF.iterdir() if p.is_dir() and not p.is_symlink()}
-    assert groups - {"hparams_search", "hydra"} <= {g.split("/")[0] for g, _ in CASES}
-    assert ("model", "haiku_cnn") in CASES and ("loss", "hinge") in CASES
+    assert groups - {"hparams_search", "hydra"} <= {g.split("/")[0] for g in GROUPS}
+    covered = {o for combo in COMBOS for o in combo} | set(DOWNLOADS)
+    assert covered == {f"{g}={o}" for g in GROUPS for o in options(g)}
+    assert len(COMBOS) == len(options("model"))
+    assert not any({"metrics=full", "dataset=synthetic"} <= set(c) for c in COMBOS)
 
 
-@pytest.mark.parametrize(("group", "option"), CASES, ids=[f"{g}={o}" for g, o in CASES])
-def test_every_group_option_composes_and_trains(tmp_path, group, option):
-    extra = NEEDS.get((group, option), list)()
-    # debug presets set their own trainer/logger: apply them after (on top of) TINY.
-    cfg = make_config(f"{group}={option}", *extra)
-    if (group, option) in DOWNLOADS:
-        from fedjax_exp.experiment.validation import validate_config
+@pytest.mark.parametrize("download_option", DOWNLOADS)
+def test_download_options_compose_and_validate(download_option):
+    from fedjax_exp.experiment.validation import validate_config
 
-        resolved = validate_config(cfg)
-        assert resolved["dataset"]["loader"]["only_digits"] == (option == "emnist_digits")
-        return
+    resolved = validate_config(make_config(download_option))
+    assert resolved["dataset"]["loader"]["only_digits"] == download_option.endswith("_digits")
+    assert resolved["dataset"]["num_classes"] == (10 if download_option.endswith("_digits") else 62)
+
+
+@pytest.mark.parametrize("combo", COMBOS, ids=[c[0] for c in COMBOS])
+def test_every_group_option_composes_and_trains(tmp_path, combo):
+    extra = [o for option in combo for o in NEEDS.get(option, list)()]
+    # The options first, then TINY again: debug presets must not lengthen the run.
+    cfg = make_config(*combo, *extra, *(o for o in TINY if not o.startswith("logger=")))
     value = run(cfg, output_dir=tmp_path)
     status = json.loads((tmp_path / "status.json").read_text())
     assert status["status"] == "completed"
-    assert status["step"] == cfg.trainer.steps
+    assert status["step"] == cfg.trainer.steps == 2
     final = status["final"]
     assert value == final[cfg.optimized_metric]
     assert 0.0 <= final["final/test/accuracy"] <= 1.0
     records = read_metrics(tmp_path / "metrics.jsonl")
-    assert [r["step"] for r in records if "train/loss" in r] == list(
-        range(cfg.trainer.log_every, cfg.trainer.steps + 1, cfg.trainer.log_every)
-    )
-    if group == "metrics" and option == "full":
+    assert [r["step"] for r in records if "train/loss" in r] == [1, 2]
+    assert [r["step"] for r in records if "eval/test/accuracy" in r] == [2]
+    if "metrics=full" in combo:
         assert {"final/test/top5_accuracy", "final/test/per_domain_accuracy/0"} <= set(final)
         assert final["final/test/top5_accuracy"] >= final["final/test/accuracy"]
+    assert cfg.logger.wandb is None or "logger=wandb" in combo
+    if cfg.logger.wandb is not None:
+        assert len(list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))) == 1
 
 
 def final_metrics(tmp_path: pathlib.Path, *overrides: str) -> tuple[list[dict], dict]:
     run(make_config(*overrides), output_dir=tmp_path)
-    records = [{k: v for k, v in r.items() if k != "time"} for r in read_metrics(tmp_path / "metrics.jsonl")]
+    records = [
+        {k: v for k, v in r.items() if k != "time"}
+        for r in read_metrics(tmp_path / "metrics.jsonl")
+    ]
     return records, json.loads((tmp_path / "status.json").read_text())["final"]
 
 

@@ -20,7 +20,7 @@ def _np_cross_entropy(y: np.ndarray, logits: np.ndarray) -> np.ndarray:
 def _np_hinge(y: np.ndarray, scores: np.ndarray) -> np.ndarray:
     # Crammer-Singer: worst margin violation over the wrong classes, floored at 0.
     out = []
-    for label, s in zip(y, scores.astype(np.float64)):
+    for label, s in zip(y, scores.astype(np.float64), strict=True):
         others = np.delete(s, label)
         out.append(max(0.0, np.max(others) + 1.0 - s[label]))
     return np.array(out)

@@ -171,7 +171,7 @@ def test_model_per_example_loss(params):
 
 
 def _leaves_close(a, b, **kwargs):
-    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True):
         np.testing.assert_allclose(x, y, **kwargs)
 
 
@@ -226,6 +226,11 @@ def test_evaluate_model_exact_values(params):
     assert float(got["accuracy"]) == want["accuracy"]
     assert float(got["loss"]) == pytest.approx(want["loss"], rel=1e-5)
     assert isinstance(got["loss"], np.ndarray)  # Already on the host.
+    # Results come back in the model's metric order (jit alone would sort the keys).
+    reordered = _linear_model().replace(
+        eval_metrics={"loss": metrics.CrossEntropyLoss(), "accuracy": metrics.Accuracy()}
+    )
+    assert list(models.evaluate_model(reordered, params, [batch])) == ["loss", "accuracy"]
 
 
 def test_evaluate_model_is_batching_and_padding_invariant(params):
@@ -284,7 +289,10 @@ def test_evaluate_average_loss(params):
     model = _linear_model()
     per_example = models.model_per_example_loss(model)
     data = _batch(7, seed=5)
-    batches = [_pad({k: v[:4] for k, v in data.items()}, 4), _pad({k: v[4:] for k, v in data.items()}, 4)]
+    batches = [
+        _pad({k: v[:4] for k, v in data.items()}, 4),
+        _pad({k: v[4:] for k, v in data.items()}, 4),
+    ]
     reg = regularizers.l2_regularizer(0.01)
     got = models.evaluate_average_loss(params, batches, jax.random.PRNGKey(0), per_example, reg)
     want = _np_metrics(params, data)["loss"] + float(reg(params))
@@ -294,9 +302,11 @@ def test_evaluate_average_loss(params):
         empty = models.evaluate_average_loss(params, [], jax.random.PRNGKey(0), per_example)
     assert float(empty) == 0.0
     evaluator = models.AverageLossEvaluator(per_example, reg)
-    (cid, value), = evaluator.evaluate_global_params(params, [(b"c", batches, jax.random.PRNGKey(0))])
+    ((cid, value),) = evaluator.evaluate_global_params(
+        params, [(b"c", batches, jax.random.PRNGKey(0))]
+    )
     assert cid == b"c" and float(value) == float(got)
-    (cid, value), = evaluator.evaluate_per_client_params(
+    ((cid, value),) = evaluator.evaluate_per_client_params(
         [(b"d", batches, jax.random.PRNGKey(0), params)]
     )
     assert cid == b"d" and float(value) == float(got)

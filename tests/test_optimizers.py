@@ -45,7 +45,9 @@ def test_adam_first_step_is_lr_times_sign():
     state = opt.init(_params())
     _, params = opt.apply(_grads(), state, _params())
     expected = jax.tree_util.tree_map(lambda p, g: p - 0.01 * np.sign(g), _params(), _grads())
-    for got, want in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(expected)):
+    for got, want in zip(
+        jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(expected), strict=True
+    ):
         np.testing.assert_allclose(got, want, rtol=1e-5)
 
 
@@ -83,7 +85,9 @@ def test_aliases_equal_the_optax_transformation(make):
         state, params = ours.apply(grads, state, params)
         updates, ref_state = tx.update(grads, ref_state, ref_params)
         ref_params = optax.apply_updates(ref_params, updates)
-    for got, want in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(ref_params)):
+    for got, want in zip(
+        jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(ref_params), strict=True
+    ):
         np.testing.assert_allclose(got, want, rtol=1e-6)
 
 

@@ -124,7 +124,9 @@ def test_resume_from_another_runs_checkpoint(tmp_path, reference):
     marker = tmp_path / "marker"
     marker.write_text("no kill")
     run_dir = tmp_path / "run"
-    proc = run_cli(f"trainer.resume={reference / 'checkpoints' / '8'}", run_dir=run_dir, marker=marker)
+    proc = run_cli(
+        f"trainer.resume={reference / 'checkpoints' / '8'}", run_dir=run_dir, marker=marker
+    )
     assert proc.returncode == 0, proc.stderr
     # The new run dir holds steps 9..12 only, and ends exactly like the reference.
     new_history = history(run_dir)

@@ -81,7 +81,7 @@ def _targets(batch: BatchExample, target_key: str) -> jax.Array:
 
 
 def cross_entropy_loss(batch: BatchExample, output: jax.Array, target_key: str = "y") -> jax.Array:
-    """``Model.train_loss``: :func:`softmax_cross_entropy` of ``output`` vs ``batch[target_key]``."""
+    """``Model.train_loss``: :func:`softmax_cross_entropy` of output vs ``batch[target_key]``."""
     return softmax_cross_entropy(_targets(batch, target_key), output)
 
 
@@ -97,7 +97,7 @@ LOSSES: dict[str, TrainLoss] = {
 }
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def get_train_loss(name: str, target_key: str = "y") -> TrainLoss:
     """The ``Model.train_loss`` called ``name`` (see :data:`LOSSES`), reading ``target_key``.
 

@@ -346,7 +346,9 @@ def _evaluate_batches(
     else:
         results = _results(stats)
     # The one device -> host transfer of the call.
-    return jax.device_get(results)
+    results = jax.device_get(results)
+    # jit returns dicts with sorted keys; give them back in the order the model lists them.
+    return {name: results[name] for name in model.eval_metrics}
 
 
 def evaluate_model(
@@ -480,8 +482,11 @@ class AverageLossEvaluator:
     ) -> Iterator[tuple[ClientId, jax.Array]]:
         """Yields ``(client_id, average_loss)`` for each ``(client_id, batches, rng)``."""
         for client_id, batches, rng in clients:
-            yield client_id, evaluate_average_loss(
-                params, batches, rng, self._per_example_loss, self._regularizer
+            yield (
+                client_id,
+                evaluate_average_loss(
+                    params, batches, rng, self._per_example_loss, self._regularizer
+                ),
             )
 
     def evaluate_per_client_params(
@@ -489,6 +494,9 @@ class AverageLossEvaluator:
     ) -> Iterator[tuple[ClientId, jax.Array]]:
         """Yields ``(client_id, average_loss)`` for each ``(client_id, batches, rng, params)``."""
         for client_id, batches, rng, params in clients:
-            yield client_id, evaluate_average_loss(
-                params, batches, rng, self._per_example_loss, self._regularizer
+            yield (
+                client_id,
+                evaluate_average_loss(
+                    params, batches, rng, self._per_example_loss, self._regularizer
+                ),
             )

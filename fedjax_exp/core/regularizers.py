@@ -41,7 +41,9 @@ def l2_regularizer(
             penalty = sum(jnp.vdot(leaf, leaf) for leaf in leaves)
         else:
             weights = jax.tree_util.tree_leaves(params_weights)
-            penalty = sum(jnp.vdot(w, jnp.square(leaf)) for w, leaf in zip(weights, leaves))
+            penalty = sum(
+                jnp.vdot(w, jnp.square(leaf)) for w, leaf in zip(weights, leaves, strict=True)
+            )
         return penalty * weight
 
     return regularizer

@@ -73,9 +73,9 @@ def centralized_update(
     def update(
         state: TrainState, batch: BatchExample, rng: PRNGKey
     ) -> tuple[TrainState, dict[str, jax.Array]]:
-        loss, grads = jax.value_and_grad(
-            lambda p: masked_mean_loss(model, p, batch, rng)
-        )(state.params)
+        loss, grads = jax.value_and_grad(lambda p: masked_mean_loss(model, p, batch, rng))(
+            state.params
+        )
         opt_state, params = optimizer.apply(grads, state.opt_state, state.params)
         return TrainState(params=params, opt_state=opt_state), {"loss": loss}
 

@@ -67,7 +67,9 @@ def build_model(cfg: DictConfig) -> Any:
             "not a fedjax_exp Model: point it at a function that returns a Model"
         )
     train_loss = _instantiate("loss.fn", cfg.loss.fn)
-    metrics = {str(name): _instantiate(f"metrics.{name}", node) for name, node in cfg.metrics.items()}
+    metrics = {
+        str(name): _instantiate(f"metrics.{name}", node) for name, node in cfg.metrics.items()
+    }
     return model.replace(train_loss=train_loss, eval_metrics=metrics)
 
 

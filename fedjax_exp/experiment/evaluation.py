@@ -75,7 +75,9 @@ class Evaluator:
 
         scalars: dict[str, float] = {}
         for split, batches in self._periodic.items():
-            scalars.update(flatten_results(f"eval/{split}", evaluate_model(self.model, params, batches)))
+            scalars.update(
+                flatten_results(f"eval/{split}", evaluate_model(self.model, params, batches))
+            )
         return scalars
 
     def final(self, params: Params, split: str = "test") -> dict[str, float]:

@@ -98,10 +98,11 @@ def train(
 ) -> tuple[Any, int]:
     """Runs steps ``start_step + 1 .. settings.steps``; returns (final state, last step).
 
-    ``rng`` is the run's base key (raw ``uint32`` key data); step ``k`` uses ``fold_in(rng, k)``, so a resumed run draws
-    the same randomness as an uninterrupted one. The data stream starts at position
-    ``start_step`` (one input per step). Raises :class:`Diverged` on a non-finite training
-    loss or parameters, leaving the last checkpoint that was still finite.
+    ``rng`` is the run's base key (raw ``uint32`` key data); step ``k`` uses
+    ``fold_in(rng, k)``, so a resumed run draws the same randomness as an uninterrupted one.
+    The data stream starts at position ``start_step`` (one input per step). Raises
+    :class:`Diverged` on a non-finite training loss or parameters, leaving the last
+    checkpoint that was still finite.
     """
     from tqdm.auto import tqdm
 

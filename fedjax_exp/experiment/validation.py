@@ -155,12 +155,15 @@ def check_learning_rate(cfg: dict[str, Any]) -> None:
 def check_paths(cfg: dict[str, Any]) -> None:
     """Every ``*_path`` setting of the dataset names an existing file or dir."""
     for key, value in _walk(cfg.get("dataset") or {}, "dataset"):
-        if key.endswith("_path") and value is not None:
-            if not isinstance(value, str) or not os.path.exists(value):
-                raise ConfigError(
-                    f"{key}={value!r} does not exist: give the path of an existing file "
-                    f"(relative paths are taken from {os.getcwd()})"
-                )
+        if (
+            key.endswith("_path")
+            and value is not None
+            and (not isinstance(value, str) or not os.path.exists(value))
+        ):
+            raise ConfigError(
+                f"{key}={value!r} does not exist: give the path of an existing file "
+                f"(relative paths are taken from {os.getcwd()})"
+            )
 
 
 def check_targets(cfg: dict[str, Any]) -> None:

@@ -85,7 +85,8 @@ class JsonlWriter:
             self._truncate(resume_step)
         elif resume_step is None and self.path.exists():
             self.path.unlink()  # A fresh run does not inherit an old history.
-        self._file = open(self.path, "a")
+        # Held open for the run (closed in close()): one flushed line per write.
+        self._file = open(self.path, "a")  # noqa: SIM115
 
     def _truncate(self, step: int) -> None:
         # Lines after the checkpoint we resume from (and old final results) would be logged

@@ -74,7 +74,9 @@ def machine_info(repo: pathlib.Path | None = None) -> dict[str, Any]:
 
 def finish_machine_info(info: dict[str, Any]) -> None:
     info["load_average_end"] = list(os.getloadavg())
-    info["benchmark_process_max_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    info["benchmark_process_max_rss_mib"] = (
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    )
 
 
 def _fmt(value: Any) -> str:
@@ -203,7 +205,8 @@ def markdown(result: dict[str, Any]) -> str:
         f"- evaluate_model: padded batches of 128 materialised first (at most "
         f"{s['eval_max_batches']}), one untimed call to compile, then timed calls; the same "
         "metrics (accuracy, cross-entropy) on both sides.",
-        f"- Training: {s['steps']} steps per run, Adam 1e-3, seed 0; the first "
+        f"- Training: {s['steps'] or 'per-model default'} steps per run (see each row's "
+        f"`steps` in the JSON), Adam 1e-3, seed 0; the first "
         f"{s['warmup_steps']} steps (compilation) are not timed; the rest are split into "
         f"{s['windows']} windows ending in a device sync; the rate is the median window. "
         "FedJAX: the seed chapter's `jax.jit` step over `shuffle_repeat_batch_federated_data`. "

@@ -19,9 +19,8 @@ import pathlib
 import subprocess
 import sys
 import tempfile
-import time
-import tracemalloc
 import traceback
+import tracemalloc
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from bench import data, models, reference
-from bench.timing import Rate, call_rate, stream_rate
+from bench.timing import Rate, call_rate, stream_rate, sync
 
 SECTIONS = ("data", "eval", "train", "e2e", "memory")
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -52,6 +51,16 @@ def goal_for(section: str, kind: str, model: str | None, batch_size: int | None)
     return None
 
 
+# Default training steps per run: enough for a steady rate and a meaningful accuracy, short
+# enough that the CNNs (a few steps/s at batch 128 on 2 cores) finish in minutes.
+DEFAULT_STEPS = {"logistic": 2000, "mlp": 2000, "stax_cnn": 300, "haiku_cnn": 300}
+
+
+def default_steps(model: str, batch_size: int) -> int:
+    steps = DEFAULT_STEPS[model]
+    return steps if batch_size <= 8 or model in ("logistic", "mlp") else max(50, steps // 3)
+
+
 @dataclass
 class Settings:
     """How much to measure. ``quick()`` gives the smoke-test sizes."""
@@ -59,12 +68,12 @@ class Settings:
     batch_sizes: tuple[int, ...] = (8, 128)
     stream_batches: int = 1000  # batches per timed window (data section)
     repeats: int = 5  # timed windows / calls per measurement
-    steps: int = 500  # training steps per run (train section)
+    steps: int | None = None  # training steps per run; None: DEFAULT_STEPS per model/batch
     warmup_steps: int = 20  # untimed (compiling) steps at the start of a run
     windows: int = 5  # timed windows per training run
     train_models: tuple[str, ...] = models.MODEL_NAMES
     eval_models: tuple[str, ...] = ("logistic", "stax_cnn")
-    eval_max_batches: int = 200  # cap on evaluation batches of 128 (full-size synthetic)
+    eval_max_batches: int = 40  # cap on evaluation batches of 128 (5,120 examples)
     e2e_steps: int | None = None  # None: the recipe's own step count
     e2e_recipe: str = "seed_logistic"
     e2e_extra: tuple[str, ...] = ()  # more run.py overrides
@@ -200,7 +209,7 @@ def section_data(ctx: Context) -> list[dict[str, Any]]:
                 errors: dict[str, str] = {}
                 measures: dict[str, Callable[[], Rate] | None] = {}
                 for side, lib in libs.items():
-                    fd = attempt(ctx, errors, side, lambda side=side: ctx.fd(side, name))
+                    fd = attempt(ctx, errors, side, lambda side=side, name=name: ctx.fd(side, name))
                     if fd is None:
                         measures[side] = None
                         continue
@@ -275,7 +284,7 @@ def section_eval(ctx: Context) -> list[dict[str, Any]]:
             setups: dict[str, Any] = {}
             for side, lib in (("fedjax", fedjax), ("ours", fedjax_exp)):
 
-                def setup(side: str = side, lib: Any = lib) -> Any:
+                def setup(side: str = side, lib: Any = lib, model_name: str = model_name) -> Any:
                     base = (
                         models.reference_model(lib, model_name)
                         if side == "fedjax"
@@ -283,7 +292,8 @@ def section_eval(ctx: Context) -> list[dict[str, Any]]:
                     )
                     model = base.replace(eval_metrics=_eval_metrics(lib))
                     params = model.init(jax.random.PRNGKey(reference.SEED))
-                    stream = lib.padded_batch_federated_data(ctx.fd(side, name), batch_size=128)
+                    fd = ctx.fd(side, name)  # noqa: B023 - called before the loop moves on.
+                    stream = lib.padded_batch_federated_data(fd, batch_size=128)
                     batches = list(itertools.islice(stream, s.eval_max_batches))
                     return lib, model, params, batches
 
@@ -291,20 +301,30 @@ def section_eval(ctx: Context) -> list[dict[str, Any]]:
             live = {k: v for k, v in setups.items() if v is not None}
             if not live:
                 rows.append(
-                    make_row("eval", name, f"evaluate_model {model_name}", "examples/s",
-                             None, None, errors=errors)
+                    make_row(
+                        "eval",
+                        name,
+                        f"evaluate_model {model_name}",
+                        "examples/s",
+                        None,
+                        None,
+                        errors=errors,
+                    )
                 )
                 continue
             first = next(iter(live.values()))[3]
             examples = int(sum(np.sum(np.asarray(b["__mask__"])) for b in first))
 
-            def measure(setup: Any) -> Callable[[], Rate]:
+            def measure(setup: Any, examples: int = examples) -> Callable[[], Rate]:
                 lib, model, params, batches = setup
-                return lambda: call_rate(
-                    lambda: lib.evaluate_model(model, params, batches), examples, 1, warmup=1
-                )
+                fn = lambda: lib.evaluate_model(model, params, batches)
+                sync(fn())  # Compile once, outside the timed calls.
+                return lambda: call_rate(fn, examples, 1, warmup=0)
 
-            measures = {side: measure(v) if v else None for side, v in setups.items()}
+            measures = {
+                side: attempt(ctx, errors, side, lambda v=v: measure(v)) if v else None
+                for side, v in setups.items()
+            }
             rates = attempt(ctx, errors, "both", lambda m=measures: alternate(m, s.repeats)) or {}
             results = {
                 side: attempt(
@@ -360,15 +380,18 @@ def section_train(ctx: Context) -> list[dict[str, Any]]:
     s = ctx.settings
     name = "femnist" if "femnist" in ctx.train_sets else next(iter(ctx.train_sets))
     has_test = ctx.test_set is not None
-    # Short runs keep most of their steps timed.
-    warmup = min(s.warmup_steps, max(1, s.steps // 5))
     test_batches: dict[str, Any] = {}
     rows = []
     for model_name in s.train_models:
         for bs in s.batch_sizes:
             errors: dict[str, str] = {}
+            steps = s.steps or default_steps(model_name, bs)
+            # Short runs keep most of their steps timed.
+            warmup = min(s.warmup_steps, max(1, steps // 5))
 
-            def run_ref(model_name: str = model_name, bs: int = bs) -> tuple[float, Any]:
+            def run_ref(
+                model_name: str = model_name, bs: int = bs, steps: int = steps, warmup: int = warmup
+            ) -> tuple[float, Any]:
                 fd = ctx.fd("fedjax", name)
                 model = models.reference_model(fedjax, model_name)
                 run = reference.train(
@@ -376,7 +399,7 @@ def section_train(ctx: Context) -> list[dict[str, Any]]:
                     model,
                     fd,
                     bs,
-                    s.steps,
+                    steps,
                     warmup,
                     s.windows,
                     needs_rng=model_name in models.NEEDS_RNG,
@@ -389,9 +412,11 @@ def section_train(ctx: Context) -> list[dict[str, Any]]:
                     acc = reference.accuracy(fedjax, model, run.params, batches)
                 return acc, run
 
-            def run_ours(model_name: str = model_name, bs: int = bs) -> tuple[float, Any]:
+            def run_ours(
+                model_name: str = model_name, bs: int = bs, steps: int = steps, warmup: int = warmup
+            ) -> tuple[float, Any]:
                 fd = ctx.fd("ours", name)
-                model, run = ours.train(model_name, fd, bs, s.steps, warmup, s.windows)
+                model, run = ours.train(model_name, fd, bs, steps, warmup, s.windows)
                 acc = None
                 if has_test:
                     batches = test_batches.setdefault(
@@ -408,7 +433,7 @@ def section_train(ctx: Context) -> list[dict[str, Any]]:
                 make_row(
                     "train",
                     name,
-                    f"{model_name}, batch {bs}",
+                    f"{model_name}, batch {bs}, {steps} steps",
                     "steps/s",
                     ref[1].rate.median if ref else None,
                     mine[1].rate.median if mine else None,
@@ -417,7 +442,7 @@ def section_train(ctx: Context) -> list[dict[str, Any]]:
                     errors=errors,
                     model=model_name,
                     batch_size=bs,
-                    steps=s.steps,
+                    steps=steps,
                     warmup_steps=warmup,
                     accuracy={"fedjax": acc_ref, "fedjax_exp": acc_ours},
                     accuracy_within_noise=_within_noise(acc_ref, acc_ours),
@@ -471,24 +496,26 @@ class ProcessResult:
 
 
 def run_process(cmd: list[str], env: dict[str, str], cwd: pathlib.Path) -> ProcessResult:
-    """Runs ``cmd`` to completion; wall time and the child's own peak RSS (``wait4``)."""
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        start = time.perf_counter()
-        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=err)
-        _, status, usage = os.wait4(proc.pid, 0)
-        wall = time.perf_counter() - start
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        out.seek(0)
-        err.seek(0)
-        # ru_maxrss is in KiB on Linux (bytes on macOS).
-        scale = 1 if sys.platform == "darwin" else 1024
-        return ProcessResult(
-            proc.returncode,
-            wall,
-            usage.ru_maxrss * scale,
-            out.read().decode(errors="replace"),
-            err.read().decode(errors="replace"),
-        )
+    """Runs ``cmd`` to completion through :mod:`bench.launch`; its wall time (measured by the
+    launcher, so without the launcher's own start-up) and its own peak RSS."""
+    env = dict(env)
+    env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (str(SCRIPTS_DIR), env.get("PYTHONPATH", "")) if p
+    )
+    with tempfile.TemporaryDirectory(prefix="bench_launch_") as tmp:
+        result_path = pathlib.Path(tmp) / "result.json"
+        launcher = [sys.executable, "-m", "bench.launch", str(result_path), *cmd]
+        proc = subprocess.run(launcher, cwd=cwd, env=env, capture_output=True, text=True)
+        if not result_path.is_file():
+            raise RuntimeError(f"launcher failed (exit {proc.returncode}): {proc.stderr[-300:]}")
+        measured = json.loads(result_path.read_text())
+    return ProcessResult(
+        measured["returncode"],
+        measured["wall_s"],
+        measured["max_rss_bytes"],
+        proc.stdout,
+        proc.stderr,
+    )
 
 
 def _child_env(extra_path: pathlib.Path | None = None) -> dict[str, str]:
@@ -627,7 +654,7 @@ def section_e2e(ctx: Context) -> list[dict[str, Any]]:
             ref.max_rss_bytes / 2**20 if ref else None,
             mine.max_rss_bytes / 2**20 if mine else None,
             lower_is_better=True,
-            note="getrusage/wait4 ru_maxrss of the child (W&B's service process not counted)",
+            note="ru_maxrss of the process (W&B's service process not counted)",
             errors=dict(errors),
         )
     )
@@ -690,7 +717,9 @@ def section_memory(ctx: Context) -> list[dict[str, Any]]:
         cols = data.load_tff_h5(path)
         array_bytes += cols.nbytes
         del cols
-    ref = attempt(ctx, errors, "fedjax", lambda: _traced_peak(lambda: _load_fedjax_pair(train, test)))
+    ref = attempt(
+        ctx, errors, "fedjax", lambda: _traced_peak(lambda: _load_fedjax_pair(train, test))
+    )
     mine = attempt(ctx, errors, "ours", lambda: _traced_peak(lambda: _load_ours_pair(train, test)))
     mib = 2**20
     note = f"arrays: {array_bytes / mib:.1f} MiB (x float32 + y int32)"

@@ -82,7 +82,7 @@ def stream_rate(
         gc.collect()
         count, last = 0, None
         start = time.perf_counter()
-        for last in itertools.islice(stream, batches):
+        for last in itertools.islice(stream, batches):  # noqa: B007 - synced below.
             count += 1
         sync(last)
         elapsed = time.perf_counter() - start

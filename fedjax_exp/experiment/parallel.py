@@ -1,0 +1,159 @@
+"""Scaling a train step out: data parallelism over local devices, and bf16 compute.
+
+Data parallelism uses ``jax.sharding``: a 1-D :class:`~jax.sharding.Mesh` named ``"data"``
+over the local devices; every batch is split along its leading (example) axis across the
+devices, the state (parameters, optimizer moments) is replicated, and the jitted step is
+compiled with those shardings. XLA inserts the cross-device reductions (the mean loss and
+its gradient), so the pure update is unchanged and the result equals single-device training
+up to floating-point reassociation of the sums.
+
+bf16 compute (:func:`with_compute_dtype`) keeps the parameters, optimizer state and
+gradients in float32 and casts parameters and floating inputs to bfloat16 only for the
+training forward pass; the model output is cast back to float32 before the loss. It halves
+memory traffic and uses tensor cores on GPUs; on CPU it runs but is usually slower.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from fedjax_exp.core.typing import BatchExample, Params, PRNGKey
+
+DATA_AXIS = "data"
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def data_parallel_mesh(devices: Any = None) -> Mesh:
+    """A 1-D mesh (axis ``"data"``) over ``devices`` (default: all local devices)."""
+    devices = jax.local_devices() if devices is None else list(devices)
+    return Mesh(np.asarray(devices), (DATA_AXIS,))
+
+
+def check_batch_divisible(batch_size: int, num_devices: int) -> None:
+    """Raises ValueError unless ``batch_size`` splits evenly over ``num_devices``."""
+    if batch_size % num_devices:
+        lower = batch_size - batch_size % num_devices
+        raise ValueError(
+            f"trainer.batch_size={batch_size} does not divide over {num_devices} devices for "
+            f"data-parallel training: use a multiple of {num_devices} (e.g. {max(lower, num_devices)}"
+            f" or {lower + num_devices}) or set trainer.data_parallel=false"
+        )
+
+
+class DataParallelTraining:
+    """Wraps an algorithm with a pure ``update(state, batch, rng)`` to train data-parallel.
+
+    Implements the :class:`~fedjax_exp.experiment.algorithms.Algorithm` protocol: the state is
+    replicated over ``mesh``, each batch from the wrapped data stream is placed on the devices
+    split along its leading axis (``jax.device_put`` returns at once; the copy overlaps the
+    running step), and the step is jitted with those shardings and a donated state.
+    """
+
+    def __init__(self, algorithm: Any, mesh: Mesh | None = None):
+        update = getattr(algorithm, "update", None)
+        if not callable(update):
+            raise ValueError(
+                f"{type(algorithm).__name__} has no pure update(state, batch, rng) to shard; "
+                "set trainer.data_parallel=false"
+            )
+        self.algorithm = algorithm
+        self.mesh = data_parallel_mesh() if mesh is None else mesh
+        self.num_devices = self.mesh.devices.size
+        batch_size = getattr(algorithm, "batch_size", None)
+        if batch_size is not None:
+            check_batch_divisible(int(batch_size), self.num_devices)
+        self.replicated = NamedSharding(self.mesh, PartitionSpec())
+        self.batch_sharding = NamedSharding(self.mesh, PartitionSpec(DATA_AXIS))
+        self.update = update
+        self._step = jax.jit(
+            update,
+            in_shardings=(self.replicated, self.batch_sharding, self.replicated),
+            out_shardings=(self.replicated, self.replicated),
+            donate_argnums=0,
+        )
+
+    def place_state(self, state: Any) -> Any:
+        """``state`` replicated on every device of the mesh."""
+        return jax.device_put(state, self.replicated)
+
+    def place_batch(self, batch: Mapping[str, Any]) -> dict[str, jax.Array]:
+        """``batch`` split along its leading axis over the mesh."""
+        leading = {np.shape(v)[0] for v in batch.values()}
+        for size in leading:
+            check_batch_divisible(int(size), self.num_devices)
+        return jax.device_put(dict(batch), self.batch_sharding)
+
+    def init(self, rng: PRNGKey) -> Any:
+        return self.place_state(self.algorithm.init(rng))
+
+    def data_stream(self, seed: int, start: int) -> Iterator[dict[str, jax.Array]]:
+        return map(self.place_batch, self.algorithm.data_stream(seed, start))
+
+    def step(
+        self, state: Any, inputs: BatchExample, rng: PRNGKey
+    ) -> tuple[Any, Mapping[str, jax.Array]]:
+        if not all(isinstance(v, jax.Array) for v in inputs.values()):
+            inputs = self.place_batch(inputs)
+        return self._step(state, inputs, rng)
+
+    def eval_params(self, state: Any) -> Params:
+        return self.algorithm.eval_params(state)
+
+
+def resolve_data_parallel(setting: Any, num_devices: int | None = None) -> bool:
+    """``trainer.data_parallel`` (true, false or "auto") -> whether to shard.
+
+    "auto" (and null) shard when there is more than one local device.
+    """
+    if setting is None or setting == "auto":
+        count = jax.local_device_count() if num_devices is None else num_devices
+        return count > 1
+    if isinstance(setting, bool):
+        return setting
+    raise ValueError(f"trainer.data_parallel must be true, false or auto, got {setting!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Reduced-precision compute
+
+
+def _cast_floats(tree: Any, dtype: Any) -> Any:
+    def cast(x: Any) -> Any:
+        x = jnp.asarray(x)
+        return x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
+
+    return jax.tree_util.tree_map(cast, tree)
+
+
+def with_compute_dtype(model: Any, dtype: str | Any) -> Any:
+    """``model`` whose training forward pass computes in ``dtype`` (e.g. "bfloat16").
+
+    Parameters and floating batch features are cast to ``dtype`` inside ``apply_for_train``
+    (gradients flow back through the cast, so they and the parameters stay float32) and the
+    output is cast back to float32, so the loss and its reduction run in float32. Evaluation
+    is unchanged (float32). ``"float32"`` returns ``model`` itself.
+
+    Raises:
+      ValueError: an unknown dtype name.
+    """
+    name = jnp.dtype(dtype).name if not isinstance(dtype, str) else dtype
+    if name not in COMPUTE_DTYPES:
+        raise ValueError(
+            f"trainer.compute_dtype must be one of {', '.join(COMPUTE_DTYPES)}, got {dtype!r}"
+        )
+    if name == "float32":
+        return model
+    compute = jnp.dtype(name)
+    forward: Callable[..., Any] = model.apply_for_train
+
+    def apply_for_train(params: Params, batch: BatchExample, rng: PRNGKey | None = None) -> Any:
+        output = forward(_cast_floats(params, compute), _cast_floats(dict(batch), compute), rng)
+        return _cast_floats(output, jnp.float32)
+
+    return model.replace(apply_for_train=apply_for_train)
