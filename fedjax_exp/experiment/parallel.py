@@ -38,11 +38,11 @@ def data_parallel_mesh(devices: Any = None) -> Mesh:
 def check_batch_divisible(batch_size: int, num_devices: int) -> None:
     """Raises ValueError unless ``batch_size`` splits evenly over ``num_devices``."""
     if batch_size % num_devices:
-        lower = batch_size - batch_size % num_devices
+        lower = max(batch_size - batch_size % num_devices, num_devices)
         raise ValueError(
             f"trainer.batch_size={batch_size} does not divide over {num_devices} devices for "
-            f"data-parallel training: use a multiple of {num_devices} (e.g. {max(lower, num_devices)}"
-            f" or {lower + num_devices}) or set trainer.data_parallel=false"
+            f"data-parallel training: use a multiple of {num_devices} (e.g. {lower} or "
+            f"{lower + num_devices}) or set trainer.data_parallel=false"
         )
 
 

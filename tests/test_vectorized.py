@@ -1,0 +1,243 @@
+"""Vectorized sweeps: trials trained in one vmapped program equal trials trained alone."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hydra import compose, initialize_config_dir
+
+from fedjax_exp.core import optimizers
+from fedjax_exp.core.in_memory_federated_data import InMemoryFederatedData
+from fedjax_exp.experiment import ConfigError, algorithms, vectorized
+from fedjax_exp.experiment.validation import validate_config
+from fedjax_exp.experiment.writers import read_metrics
+from fedjax_exp.models import emnist
+
+CONF = pathlib.Path(__file__).resolve().parents[1] / "conf"
+
+
+@pytest.fixture(scope="module")
+def data():
+    rng = np.random.default_rng(0)
+    clients = {
+        f"c{i}".encode(): {
+            "x": rng.random((12, 28, 28, 1), dtype=np.float32),
+            "y": rng.integers(0, 10, 12).astype(np.int32),
+        }
+        for i in range(5)
+    }
+    return InMemoryFederatedData(clients)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return emnist.create_logistic_model(only_digits=True)
+
+
+def _make_algorithm(model, data):
+    return lambda optimizer: algorithms.CentralizedTraining(model, optimizer, data, 4, 2, 8)
+
+
+def _train_alone(model, data, lr, seed, steps):
+    """A lone run exactly as the runner does it: keys from the seed, the jitted step."""
+    alg = _make_algorithm(model, data)(optimizers.adam(lr))
+    init_rng, train_rng = jax.random.split(jax.random.PRNGKey(seed))
+    state = alg.init(init_rng)
+    stream = alg.data_stream(seed, 0)
+    losses = []
+    for k in range(1, steps + 1):
+        state, scalars = alg.step(state, next(stream), jax.random.fold_in(train_rng, k))
+        losses.append(float(scalars["loss"]))
+    return state, losses
+
+
+# --- trials -----------------------------------------------------------------------------------
+
+
+def test_expand_trials_is_the_product_of_learning_rates_and_seeds():
+    trials = vectorized.expand_trials([0.1, 0.01], [3, 4], 1e-3, 0)
+    assert [(t.learning_rate, t.seed, t.name) for t in trials] == [
+        (0.1, 3, "lr=0.1,seed=3"),
+        (0.1, 4, "lr=0.1,seed=4"),
+        (0.01, 3, "lr=0.01,seed=3"),
+        (0.01, 4, "lr=0.01,seed=4"),
+    ]
+    only_lr = vectorized.expand_trials([1e-3, 3e-3], None, 0.5, 7)
+    assert [(t.learning_rate, t.seed, t.name) for t in only_lr] == [
+        (1e-3, 7, "lr=0.001"),
+        (3e-3, 7, "lr=0.003"),
+    ]
+    only_seeds = vectorized.expand_trials(None, [1, 2], 0.5, 7)
+    assert [(t.learning_rate, t.seed, t.name) for t in only_seeds] == [
+        (0.5, 1, "seed=1"),
+        (0.5, 2, "seed=2"),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("lrs", "seeds", "message"),
+    [
+        (None, None, "needs learning_rates and/or seeds"),
+        ([], None, "learning_rates must be a non-empty list"),
+        ([0.1, 0.1], None, "has duplicates"),
+        ([-0.1], None, "must be positive numbers"),
+        (None, [1.5], "must be non-negative integers"),
+        (None, [-1], "must be non-negative integers"),
+    ],
+)
+def test_expand_trials_rejects_bad_lists(lrs, seeds, message):
+    with pytest.raises(ConfigError, match=message):
+        vectorized.expand_trials(lrs, seeds, 1e-3, 0)
+
+
+# --- learning rate in the optimizer state -----------------------------------------------------
+
+
+def test_learning_rate_in_state_is_bitwise_the_plain_optimizer(model):
+    params = model.init(jax.random.PRNGKey(0))
+    grads = jax.tree_util.tree_map(lambda p: jnp.full_like(p, 0.3) + p, params)
+    plain = optimizers.adam(3e-3)
+    injected = vectorized.learning_rate_in_state(optimizers.adam, 3e-3)
+    state_a, state_b = plain.init(params), injected.init(params)
+    assert float(state_b.learning_rate) == np.float32(3e-3)
+    pa, pb = params, params
+    for _ in range(3):
+        state_a, pa = jax.jit(plain.apply)(grads, state_a, pa)
+        state_b, pb = jax.jit(injected.apply)(grads, state_b, pb)
+    for a, b in zip(jax.tree_util.tree_leaves(pa), jax.tree_util.tree_leaves(pb), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+# --- vectorized training vs trials alone ------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("lrs", "seeds"), [([1e-3, 1e-2, 1e-1], None), ([1e-2, 5e-2], [0, 5]), (None, [1, 2, 3])]
+)
+def test_vectorized_trials_equal_trials_alone(model, data, lrs, seeds):
+    trials = vectorized.expand_trials(lrs, seeds, 2e-2, 0)
+    training = vectorized.VectorizedTraining(_make_algorithm(model, data), optimizers.adam, trials)
+    logged = []
+    states = vectorized.train_steps(
+        training, training.init(), 0, 6, on_log=lambda s, m: logged.append((s, m)), log_every=3
+    )
+    assert [s for s, _ in logged] == [3, 6]
+    for i, trial in enumerate(trials):
+        alone, losses = _train_alone(model, data, trial.learning_rate, trial.seed, 6)
+        for a, b in zip(
+            jax.tree_util.tree_leaves(alone.params),
+            jax.tree_util.tree_leaves(training.eval_params(states, i)),
+            strict=True,
+        ):
+            np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(logged[0][1]["loss"][i], np.mean(losses[:3]), rtol=1e-5)
+        np.testing.assert_allclose(logged[1][1]["loss"][i], np.mean(losses[3:]), rtol=1e-5)
+
+
+def test_initial_states_are_bitwise_those_of_lone_runs(model, data):
+    trials = vectorized.expand_trials([1e-3, 1e-2], [0, 9], None, 0)
+    training = vectorized.VectorizedTraining(_make_algorithm(model, data), optimizers.adam, trials)
+    states = training.init()
+    np.testing.assert_array_equal(
+        np.asarray(states.opt_state.learning_rate), np.float32([1e-3, 1e-3, 1e-2, 1e-2])
+    )
+    for i, trial in enumerate(trials):
+        init_rng = jax.random.split(jax.random.PRNGKey(trial.seed))[0]
+        expected = model.init(init_rng)
+        for a, b in zip(
+            jax.tree_util.tree_leaves(expected),
+            jax.tree_util.tree_leaves(training.eval_params(states, i)),
+            strict=True,
+        ):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_trials_with_different_seeds_get_their_own_batches(model, data):
+    trials = vectorized.expand_trials(None, [0, 1], 1e-2, 0)
+    training = vectorized.VectorizedTraining(_make_algorithm(model, data), optimizers.adam, trials)
+    stacked = next(training.data_stream(2))
+    alg = _make_algorithm(model, data)(optimizers.adam(1e-2))
+    for i, seed in enumerate(training.seeds):
+        np.testing.assert_array_equal(stacked["x"][i], next(alg.data_stream(seed, 2))["x"])
+    assert not np.array_equal(stacked["y"][0], stacked["y"][1]) or not np.array_equal(
+        stacked["x"][0], stacked["x"][1]
+    )
+
+
+def test_schedule_cannot_be_vectorized():
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["optimizer/schedule=cosine"])
+    with pytest.raises(ConfigError, match="use optimizer/schedule=constant"):
+        vectorized.make_optimizer_factory(cfg)
+
+
+# --- the runner's sweep mode ------------------------------------------------------------------
+
+TINY = [
+    "logger=local",
+    "trainer.steps=4",
+    "trainer.batch_size=4",
+    "trainer.log_every=2",
+    "trainer.eval_every=4",
+    "trainer.eval_batch_size=64",
+    "trainer.eval_batches.train=1",
+    "trainer.eval_batches.test=1",
+    "trainer.checkpoint_every=0",
+    "trainer.progress_bar=false",
+]
+
+
+def _config(*overrides: str):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name="config", overrides=[*TINY, *overrides])
+
+
+def _run_sweep(cfg, out):
+    from omegaconf import OmegaConf
+
+    container = validate_config(cfg)
+    container["trainer"]["vectorize"] = OmegaConf.to_container(cfg.trainer.vectorize)
+    return vectorized.run_sweep(cfg, container, out, None)
+
+
+def test_run_sweep_logs_each_trial_like_a_lone_run(tmp_path):
+    from fedjax_exp.experiment import run
+
+    cfg = _config("+trainer.vectorize.learning_rates=[0.001,0.01]")
+    best = _run_sweep(cfg, tmp_path / "sweep")
+    status = json.loads((tmp_path / "sweep" / "status.json").read_text())
+    assert status["status"] == "completed"
+    assert [t["name"] for t in status["trials"]] == ["lr=0.001", "lr=0.01"]
+    finals = []
+    for lr, name in [(0.001, "lr=0.001"), (0.01, "lr=0.01")]:
+        trial_dir = tmp_path / "sweep" / "trials" / name
+        records = read_metrics(trial_dir / "metrics.jsonl")
+        lone_dir = tmp_path / f"alone-{lr}"
+        run(_config(f"optimizer.learning_rate={lr}"), output_dir=lone_dir)
+        lone = read_metrics(lone_dir / "metrics.jsonl")
+        assert [r["step"] for r in records] == [r["step"] for r in lone]
+        for mine, theirs in zip(records, lone, strict=True):
+            assert set(mine) == set(theirs)
+            for key, value in theirs.items():
+                if key != "time":
+                    assert mine[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+        trial_status = json.loads((trial_dir / "status.json").read_text())
+        assert trial_status["status"] == "completed"
+        finals.append(trial_status["final"]["final/test/accuracy"])
+        import yaml
+
+        trial_cfg = yaml.safe_load((trial_dir / ".hydra" / "config.yaml").read_text())
+        assert trial_cfg["optimizer"]["learning_rate"] == lr
+        assert "vectorize" not in trial_cfg["trainer"]
+    assert best == max(finals)
+
+
+def test_seed_sweep_rejects_seed_dependent_data(tmp_path):
+    cfg = _config("dataset=synthetic", "+trainer.vectorize.seeds=[0,1]")
+    with pytest.raises(ConfigError, match="dataset config depends on seed"):
+        _run_sweep(cfg, tmp_path)
