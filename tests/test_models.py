@@ -257,6 +257,15 @@ def test_evaluate_model_compiles_once_per_model_and_shape(params):
     assert float(first["loss"]) == float(second["loss"]) == float(again["loss"])
 
 
+def test_evaluate_model_transfers_to_host_once_per_call(params, monkeypatch):
+    transfers = []
+    device_get = jax.device_get
+    monkeypatch.setattr(jax, "device_get", lambda x: transfers.append(1) or device_get(x))
+    batches = [_pad(_batch(3, seed=s), 4) for s in range(5)]
+    models.evaluate_model(_linear_model(), params, batches)
+    assert len(transfers) == 1
+
+
 def test_evaluate_model_empty_stream_warns_and_returns_zeros(params):
     with pytest.warns(RuntimeWarning, match="no batches"):
         got = models.evaluate_model(_linear_model(), params, [])

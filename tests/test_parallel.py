@@ -54,7 +54,7 @@ _SHARDED_VS_SINGLE = textwrap.dedent(
     dp = parallel.DataParallelTraining(make())
     sharded, sharded_losses = train(dp)
     leaf = jax.tree_util.tree_leaves(sharded.params)[0]
-    batch = next(dp.data_stream(0, 0))
+    batch = dp.place_batch(next(dp.data_stream(0, 0)))
     diffs = [
         float(jnp.max(jnp.abs(a - b)))
         for a, b in zip(jax.tree_util.tree_leaves(single), jax.tree_util.tree_leaves(sharded))

@@ -15,6 +15,8 @@ import sys
 
 import pytest
 import yaml
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
 
 from fedjax_exp.experiment import compare
 
@@ -112,6 +114,38 @@ def check_completed_jobs(sweep_dir: pathlib.Path, seeds: list[int]) -> list[path
         run_ids.add(summary["id"])
     assert len(run_ids) == len(seeds)  # distinct W&B runs, not one reused run
     return jobs
+
+
+def compose_hydra(repo_root: pathlib.Path, overrides: list[str]):
+    """The composed config including the hydra node (launcher, sweeper), in-process."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(repo_root / "conf"), version_base="1.3"):
+        return compose("config", overrides=overrides, return_hydra_config=True)
+
+
+def test_optuna_search_config_composes(repo_root):
+    cfg = compose_hydra(repo_root, ["hparams_search=lr_optuna"])
+    sweeper = cfg.hydra.sweeper
+    assert sweeper._target_.endswith("OptunaSweeper")
+    assert sweeper.direction == "maximize"
+    assert cfg.optimized_metric == "final/test/accuracy"
+    assert sweeper.sampler._target_ == "optuna.samplers.TPESampler"
+    assert sweeper.sampler.seed == cfg.seed
+    assert dict(sweeper.params) == {
+        "optimizer.learning_rate": "tag(log, interval(1e-4, 1e-1))",
+        "trainer.batch_size": "choice(8, 16, 32)",
+    }
+    assert str(cfg.hydra.mode) == "RunMode.MULTIRUN"
+
+
+def test_slurm_launcher_preset_composes(repo_root):
+    cfg = compose_hydra(repo_root, ["hydra/launcher=slurm", "hydra.launcher.partition=gpu"])
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("submitit_launcher.SlurmLauncher")
+    assert (launcher.partition, launcher.gpus_per_node, launcher.timeout_min) == ("gpu", 1, 120)
+    # Without one, sbatch gets no partition and SLURM uses the cluster's default.
+    cfg = compose_hydra(repo_root, ["hydra/launcher=slurm"])
+    assert cfg.hydra.launcher.partition is None
 
 
 @pytest.fixture(scope="module")

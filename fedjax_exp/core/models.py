@@ -99,7 +99,7 @@ class Model:
         mine, theirs = tuple(self.eval_metrics.items()), tuple(other.eval_metrics.items())
         try:
             return bool(mine == theirs)
-        except Exception:  # noqa: BLE001 - e.g. a metric holding arrays; be conservative.
+        except Exception:  # E.g. a metric holding arrays: be conservative, not equal.
             return False
 
 

@@ -5,7 +5,14 @@ Gaussian noise, so models can learn it and accuracy is meaningful. Client sizes 
 each client's label distribution is drawn from Dirichlet(``label_alpha``) (small alpha: few
 classes per client; ``None``: uniform labels). Everything is determined by ``seed``.
 
-Features: ``x`` float32 (N, *x_shape) (EMNIST-shaped (28, 28, 1) by default) and ``y`` int32.
+Domains stand in for EMNIST's writer populations (NIST high-school students vs Census staff):
+client ``i`` belongs to domain ``i % num_domains``, and every example carries its client's
+domain under ``domain_id``, so per-domain metrics (``metrics=full``) work on synthetic data.
+With ``domain_shift > 0`` each domain also has its own "writing style": a fixed random offset
+added to all of its examples, so the domains differ in difficulty as real populations do.
+
+Features: ``x`` float32 (N, *x_shape) (EMNIST-shaped (28, 28, 1) by default), ``y`` int32 and
+``domain_id`` int32 in ``[0, num_domains)``.
 """
 
 from __future__ import annotations
@@ -40,6 +47,8 @@ def make_federated_data(
     noise: float = 0.5,
     seed: int = 0,
     min_client_size: int = 1,
+    num_domains: int = 2,
+    domain_shift: float = 0.0,
 ) -> InMemoryFederatedData:
     """A synthetic federated dataset (see the module docstring).
 
@@ -54,8 +63,14 @@ def make_federated_data(
       noise: standard deviation of the Gaussian noise around the class prototype.
       seed: fixes everything.
       min_client_size: smallest client size.
+      num_domains: client ``i`` is in domain ``i % num_domains`` (feature ``domain_id``); 2 by
+        default, like EMNIST's two NIST writer populations.
+      domain_shift: standard deviation of each domain's fixed offset added to ``x`` (0: the
+        domains differ only in their ids). Drawn from a separate stream, so ``x`` for
+        ``domain_shift=0`` does not depend on ``num_domains``.
     """
-    for name, value in (("num_clients", num_clients), ("num_classes", num_classes)):
+    checks = (("num_clients", num_clients), ("num_classes", num_classes))
+    for name, value in (*checks, ("num_domains", num_domains)):
         if not isinstance(value, (int, np.integer)) or value <= 0:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
     if not mean_client_size >= 1:
@@ -66,6 +81,8 @@ def make_federated_data(
         raise ValueError(f"label_alpha must be positive or None, got {label_alpha!r}")
     if noise < 0:
         raise ValueError(f"noise must be >= 0, got {noise!r}")
+    if not domain_shift >= 0:
+        raise ValueError(f"domain_shift must be >= 0, got {domain_shift!r}")
     x_shape = tuple(int(d) for d in x_shape)
 
     rng = np.random.default_rng(seed)
@@ -84,8 +101,14 @@ def make_federated_data(
     y = y.astype(np.int32)
     x = prototypes[y]
     x += rng.normal(0.0, noise, size=x.shape).astype(np.float32)
+    domain_id = np.repeat(np.arange(num_clients) % num_domains, sizes).astype(np.int32)
+    if domain_shift > 0:
+        # A child stream: adding domains leaves every draw above (and so x) unchanged.
+        style_rng = np.random.default_rng([seed, 1])
+        styles = style_rng.normal(0.0, domain_shift, size=(num_domains, *x_shape))
+        x += styles.astype(np.float32)[domain_id]
     return InMemoryFederatedData.from_columns(
-        client_ids_for(num_clients), offsets, {"x": x, "y": y}
+        client_ids_for(num_clients), offsets, {"x": x, "y": y, "domain_id": domain_id}
     )
 
 
@@ -99,12 +122,15 @@ def load_data(
     noise: float = 0.5,
     size_sigma: float = 0.5,
     seed: int = 0,
+    num_domains: int = 2,
+    domain_shift: float = 0.0,
 ) -> tuple[InMemoryFederatedData, InMemoryFederatedData]:
     """(train, test) synthetic splits over the same clients, like a federated EMNIST stand-in.
 
     Each client's examples (drawn from its own label distribution) are split: the last
     ``max(1, round(test_fraction * n))`` go to test, the rest (at least one) to train. Features
-    ``x`` float32 (N, *x_shape) and ``y`` int32; 62 classes by default, as EMNIST.
+    ``x`` float32 (N, *x_shape), ``y`` int32 and ``domain_id`` int32 (the client's domain, see
+    :func:`make_federated_data`); 62 classes and 2 domains by default, as EMNIST.
     """
     if not 0 < test_fraction < 1:
         raise ValueError(f"test_fraction must lie strictly between 0 and 1, got {test_fraction!r}")
@@ -118,6 +144,8 @@ def load_data(
         noise=noise,
         seed=seed,
         min_client_size=2,
+        num_domains=num_domains,
+        domain_shift=domain_shift,
     )
     ids = list(full.client_ids())
     offsets = full.offsets

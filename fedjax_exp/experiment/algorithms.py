@@ -14,11 +14,12 @@ sharded over devices.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from fedjax_exp.core.dataclasses import dataclass
 from fedjax_exp.core.typing import EXAMPLE_MASK_KEY, BatchExample, Params, PRNGKey
@@ -82,11 +83,76 @@ def centralized_update(
     return update
 
 
+def multi_step(
+    update: Callable[[Any, Any, PRNGKey], tuple[Any, Mapping[str, jax.Array]]],
+    num_steps: int,
+    gather: Callable[[Any, Any], Any] | None = None,
+    shardings: tuple[Any, Any] | None = None,
+) -> Callable[..., tuple[Any, dict[str, jax.Array]]]:
+    """``num_steps`` steps of ``update`` as one jitted (donated) dispatch.
+
+    The result is ``run(state, block, base_rng, first_step, columns=None) -> (state,
+    scalars)``: ``block`` holds the step inputs stacked along a leading axis of
+    ``num_steps``; step ``first_step + i`` uses ``fold_in(base_rng, first_step + i)``, derived
+    inside the program (no per-step host work); ``scalars`` have a leading ``num_steps`` axis.
+    With ``gather``, an input is first turned into a batch by ``gather(columns, input)`` (e.g.
+    row indices into device-resident columns). ``num_steps > 1`` runs a ``lax.scan``; 1 is a
+    plain call. ``shardings = (replicated, block_sharding)`` compiles for a device mesh.
+    """
+
+    def one(state: Any, inputs: Any, base_rng: PRNGKey, step: jax.Array, columns: Any) -> Any:
+        batch = inputs if gather is None else gather(columns, inputs)
+        return update(state, batch, jax.random.fold_in(base_rng, step))
+
+    def run(state: Any, block: Any, base_rng: PRNGKey, first_step: jax.Array, columns: Any):
+        if num_steps == 1:
+            inputs = jax.tree_util.tree_map(lambda x: x[0], block)
+            state, scalars = one(state, inputs, base_rng, first_step, columns)
+            return state, jax.tree_util.tree_map(lambda x: x[None], dict(scalars))
+
+        def body(state: Any, xs: tuple[Any, jax.Array]) -> Any:
+            return one(state, xs[0], base_rng, xs[1], columns)
+
+        steps = first_step + jnp.arange(num_steps, dtype=jnp.int32)
+        return jax.lax.scan(body, state, (block, steps))
+
+    if shardings is None:
+        jitted = jax.jit(run, donate_argnums=0)
+    else:
+        replicated, block_sharding = shardings
+        jitted = jax.jit(
+            run,
+            in_shardings=(replicated, block_sharding, replicated, replicated, replicated),
+            out_shardings=(replicated, replicated),
+            donate_argnums=0,
+        )
+
+    def call(state: Any, block: Any, base_rng: PRNGKey, first_step: int, columns: Any = None):
+        return jitted(state, block, base_rng, np.int32(first_step), columns)
+
+    return call
+
+
+def gather_rows(columns: Mapping[str, jax.Array], indices: jax.Array) -> dict[str, jax.Array]:
+    """The batch of rows ``indices`` of every column (inside jit: a device-side gather)."""
+    return {k: jnp.take(v, indices, axis=0) for k, v in columns.items()}
+
+
+def stack_inputs(items: Sequence[Any]) -> Any:
+    """Step inputs stacked along a new leading axis, on the host (NumPy)."""
+    return jax.tree_util.tree_map(lambda *xs: np.stack(xs), *items)
+
+
 class CentralizedTraining:
     """One optimizer step per shuffled batch pooled across all clients of the train data.
 
     Batches come from the data layer's shuffle-repeat stream (``batch_size`` examples, clients
     shuffled within ``client_buffer_size``, examples within ``example_buffer_size``).
+
+    Fast path used by the loop: :meth:`prepare` stacks several step inputs and starts their
+    transfer to the device (it runs on the prefetch thread); :meth:`run_steps` runs them as
+    one dispatch (:func:`multi_step`). After :meth:`enable_device_data` the train columns live
+    on the device and the stream yields row indices, gathered inside the step.
     """
 
     def __init__(
@@ -107,15 +173,62 @@ class CentralizedTraining:
         self.update = centralized_update(model, optimizer)
         # Donating the state lets XLA update parameters and moments in place.
         self._step = jax.jit(self.update, donate_argnums=0)
+        self.device_columns: dict[str, jax.Array] | None = None
+        self._runs: dict[int, Callable[..., Any]] = {}
+
+    # ---- device-resident data ----
+
+    def device_data_supported(self) -> bool:
+        """Whether the train data can be gathered on the device (a column store without
+        client or batch preprocessors)."""
+        fd = self.train_data
+        preprocessor = getattr(fd, "batch_preprocessor", None)
+        return (
+            getattr(fd, "supports_column_batching", False)
+            and hasattr(fd, "columns")
+            and not getattr(preprocessor, "fns", ())
+        )
+
+    def enable_device_data(self, device: Any = None) -> None:
+        """Copies the train columns to ``device`` (a device or sharding) once; from then on the
+        data stream yields row indices and the steps gather their batches on the device.
+
+        Raises:
+          ValueError: the train data is not a column store without preprocessors.
+        """
+        if not self.device_data_supported():
+            raise ValueError(
+                "trainer.device_data=true needs in-memory column data without client or batch "
+                "preprocessors; set trainer.device_data=false"
+            )
+        self.device_columns = jax.device_put(dict(self.train_data.columns), device)
+        self._runs = {}
+
+    @property
+    def gather(self) -> Callable[[Any, Any], Any] | None:
+        """``(columns, inputs) -> batch`` inside the step, or None for host batches."""
+        return gather_rows if self.device_columns is not None else None
+
+    # ---- Algorithm protocol ----
 
     def init(self, rng: PRNGKey) -> TrainState:
         params = self.model.init(rng)
         return TrainState(params=params, opt_state=self.optimizer.init(params))
 
-    def data_stream(self, seed: int, start: int) -> Iterator[BatchExample]:
+    def data_stream(self, seed: int, start: int) -> Iterator[Any]:
         from fedjax_exp.core import federated_data
 
         fd = self.train_data
+        if self.device_columns is not None:
+            # int32 indices: a quarter of the bytes of int64 per transfer, and all a GPU needs.
+            indices = fd.shuffle_repeat_batch_indices(
+                self.batch_size,
+                self.client_buffer_size,
+                self.example_buffer_size,
+                seed,
+                start_batch=start,
+            )
+            return (idx.astype(np.int32) for idx in indices)
         if getattr(fd, "supports_column_batching", False):
             # The column store restarts at any batch without replaying the ones before.
             return fd.shuffle_repeat_batches(
@@ -131,9 +244,27 @@ class CentralizedTraining:
         return itertools.islice(stream, start, None)
 
     def step(
-        self, state: TrainState, inputs: BatchExample, rng: PRNGKey
+        self, state: TrainState, inputs: Any, rng: PRNGKey
     ) -> tuple[TrainState, dict[str, jax.Array]]:
+        if self.device_columns is not None:
+            inputs = self.train_data.gather(np.asarray(inputs))
         return self._step(state, inputs, rng)
 
     def eval_params(self, state: TrainState) -> Params:
         return state.params
+
+    # ---- several steps per dispatch ----
+
+    def prepare(self, items: Sequence[Any]) -> Any:
+        """Stacks step inputs and starts their (asynchronous) transfer to the device."""
+        return jax.device_put(stack_inputs(items))
+
+    def run_steps(
+        self, state: TrainState, block: Any, base_rng: PRNGKey, first_step: int
+    ) -> tuple[TrainState, dict[str, jax.Array]]:
+        """Steps ``first_step, first_step + 1, ...`` over the prepared ``block``."""
+        num_steps = int(jax.tree_util.tree_leaves(block)[0].shape[0])
+        run = self._runs.get(num_steps)
+        if run is None:
+            run = self._runs[num_steps] = multi_step(self.update, num_steps, self.gather)
+        return run(state, block, base_rng, first_step, self.device_columns)

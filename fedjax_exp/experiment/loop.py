@@ -32,6 +32,11 @@ class LoopSettings:
     eval_every: int
     checkpoint_every: int
     progress_bar: bool = True
+    # Steps per dispatch (one lax.scan over that many batches when > 1) and chunks of inputs
+    # prepared ahead on a background thread (0: in the loop's thread). Used when the algorithm
+    # offers the fast path (``prepare`` + ``run_steps``).
+    steps_per_dispatch: int = 1
+    prefetch: int = 2
 
 
 def due(step: int, every: int) -> bool:
@@ -70,7 +75,12 @@ class _PendingScalars:
 
     def pop_means(self) -> dict[str, float]:
         """Means over the pending steps (the host sync), then forgets them."""
-        means = {k: float(jnp.mean(jnp.stack(v))) for k, v in self._values.items() if v}
+        # Values are per-step scalars or, from a multi-step dispatch, vectors of them.
+        means = {
+            k: float(jnp.mean(jnp.concatenate([jnp.ravel(x) for x in v])))
+            for k, v in self._values.items()
+            if v
+        }
         self._values = {}
         return means
 
@@ -106,11 +116,31 @@ def train(
     """
     from tqdm.auto import tqdm
 
+    from fedjax_exp.experiment.pipeline import Prefetcher, chunk_sizes, prepared_chunks
+
     pending = _PendingScalars()
     step = start_step
     last_logged = start_step
     stream = algorithm.data_stream(seed, start_step) if settings.steps > start_step else iter(())
-    step_keys = jax.jit(lambda k: jax.random.fold_in(rng, k))
+    fast = callable(getattr(algorithm, "run_steps", None)) and callable(
+        getattr(algorithm, "prepare", None)
+    )
+    intervals = [settings.log_every]
+    if evaluator is not None:
+        intervals.append(settings.eval_every)
+    if checkpointer is not None:
+        intervals.append(settings.checkpoint_every)
+    sizes = chunk_sizes(
+        start_step, settings.steps, settings.steps_per_dispatch if fast else 1, intervals
+    )
+    if fast:
+        chunks: Any = Prefetcher(
+            prepared_chunks(stream, sizes, algorithm.prepare), depth=settings.prefetch
+        )
+    else:
+        # Generic algorithms: one step per dispatch, keys derived by one small jitted call.
+        step_keys = jax.jit(lambda k: jax.random.fold_in(rng, k))
+        chunks = Prefetcher(prepared_chunks(stream, sizes, lambda items: items[0]), depth=0)
 
     def log_pending() -> None:
         nonlocal last_logged
@@ -138,10 +168,15 @@ def train(
         dynamic_ncols=True,
     )
     try:
-        for step in range(start_step + 1, settings.steps + 1):  # noqa: B007 - used in closures.
-            state, scalars = algorithm.step(state, next(stream), step_keys(step))
+        for size in sizes:
+            first = step + 1
+            if fast:
+                state, scalars = algorithm.run_steps(state, next(chunks), rng, first)
+            else:
+                state, scalars = algorithm.step(state, next(chunks), step_keys(first))
+            step += size
             pending.add(scalars)
-            progress.update(1)
+            progress.update(size)
             if on_step is not None:
                 on_step(step)
             at_end = step == settings.steps
@@ -169,5 +204,6 @@ def train(
                 )
         log_pending()
     finally:
+        chunks.close()
         progress.close()
     return state, step

@@ -15,7 +15,7 @@ memory traffic and uses tensor cores on GPUs; on CPU it runs but is usually slow
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -50,9 +50,10 @@ class DataParallelTraining:
     """Wraps an algorithm with a pure ``update(state, batch, rng)`` to train data-parallel.
 
     Implements the :class:`~fedjax_exp.experiment.algorithms.Algorithm` protocol: the state is
-    replicated over ``mesh``, each batch from the wrapped data stream is placed on the devices
-    split along its leading axis (``jax.device_put`` returns at once; the copy overlaps the
-    running step), and the step is jitted with those shardings and a donated state.
+    replicated over ``mesh``, each batch is placed on the devices split along its leading axis
+    (``jax.device_put`` returns at once; the copy overlaps the running step), and the step is
+    jitted with those shardings and a donated state. The loop's fast path (:meth:`prepare`,
+    :meth:`run_steps`) does the same for blocks of several steps.
     """
 
     def __init__(self, algorithm: Any, mesh: Mesh | None = None):
@@ -71,6 +72,9 @@ class DataParallelTraining:
         self.replicated = NamedSharding(self.mesh, PartitionSpec())
         self.batch_sharding = NamedSharding(self.mesh, PartitionSpec(DATA_AXIS))
         self.update = update
+        # Stacked step inputs (several steps per dispatch): split along the example axis.
+        self.block_sharding = NamedSharding(self.mesh, PartitionSpec(None, DATA_AXIS))
+        self._runs: dict[int, Callable[..., Any]] = {}
         self._step = jax.jit(
             update,
             in_shardings=(self.replicated, self.batch_sharding, self.replicated),
@@ -92,18 +96,53 @@ class DataParallelTraining:
     def init(self, rng: PRNGKey) -> Any:
         return self.place_state(self.algorithm.init(rng))
 
-    def data_stream(self, seed: int, start: int) -> Iterator[dict[str, jax.Array]]:
-        return map(self.place_batch, self.algorithm.data_stream(seed, start))
+    def data_stream(self, seed: int, start: int) -> Iterator[Any]:
+        """The wrapped stream's host inputs; :meth:`step` / :meth:`prepare` place them."""
+        return self.algorithm.data_stream(seed, start)
 
-    def step(
-        self, state: Any, inputs: BatchExample, rng: PRNGKey
-    ) -> tuple[Any, Mapping[str, jax.Array]]:
+    def step(self, state: Any, inputs: Any, rng: PRNGKey) -> tuple[Any, Mapping[str, jax.Array]]:
+        if getattr(self.algorithm, "device_columns", None) is not None:
+            inputs = self.algorithm.train_data.gather(np.asarray(inputs))  # Row indices.
         if not all(isinstance(v, jax.Array) for v in inputs.values()):
             inputs = self.place_batch(inputs)
         return self._step(state, inputs, rng)
 
     def eval_params(self, state: Any) -> Params:
         return self.algorithm.eval_params(state)
+
+    # ---- several steps per dispatch (the loop's fast path) ----
+
+    def enable_device_data(self) -> None:
+        """The wrapped algorithm's train columns, replicated on every device of the mesh."""
+        self.algorithm.enable_device_data(self.replicated)
+        self._runs = {}
+
+    def device_data_supported(self) -> bool:
+        supported = getattr(self.algorithm, "device_data_supported", None)
+        return bool(supported()) if callable(supported) else False
+
+    def prepare(self, items: Sequence[Any]) -> Any:
+        """Stacks raw stream items and starts their sharded transfer (on the prefetch thread)."""
+        from fedjax_exp.experiment.algorithms import stack_inputs
+
+        block = stack_inputs(items)
+        for leaf in jax.tree_util.tree_leaves(block):
+            check_batch_divisible(int(np.shape(leaf)[1]), self.num_devices)
+        return jax.device_put(block, self.block_sharding)
+
+    def run_steps(
+        self, state: Any, block: Any, base_rng: PRNGKey, first_step: int
+    ) -> tuple[Any, Mapping[str, jax.Array]]:
+        from fedjax_exp.experiment.algorithms import multi_step
+
+        num_steps = int(jax.tree_util.tree_leaves(block)[0].shape[0])
+        run = self._runs.get(num_steps)
+        if run is None:
+            gather = getattr(self.algorithm, "gather", None)
+            shardings = (self.replicated, self.block_sharding)
+            run = self._runs[num_steps] = multi_step(self.update, num_steps, gather, shardings)
+        columns = getattr(self.algorithm, "device_columns", None)
+        return run(state, block, base_rng, first_step, columns)
 
 
 def resolve_data_parallel(setting: Any, num_devices: int | None = None) -> bool:

@@ -1,17 +1,25 @@
-"""Checks a composed config before anything is built, so bad input fails in one line.
+"""Checks a run before it writes anything, so bad input fails in one line.
 
-Every check raises :class:`ConfigError` with a message that names the offending key, the bad
-value and the fix. Nothing here imports JAX, and nothing here writes files except a probe file
-in the output dir (removed at once).
+Two stages: :func:`validate_config` checks the composed config before anything is built, and
+:func:`check_data_features` checks the loaded data against the built model (the features its
+loss and metrics read) before training starts. Every check raises :class:`ConfigError` with a
+message that names the offending key, the bad value and the fix.
+
+This module itself imports no JAX (Hydra callbacks import it in a multirun's parent process);
+:func:`check_targets` does import the modules that ``_target_`` s name, and those usually do.
+Nothing here writes files except a probe file in the output dir (removed at once).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
+import inspect
+import itertools
 import os
 import pathlib
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from numbers import Real
 from typing import Any
 
@@ -51,17 +59,25 @@ def locate(dotted_path: str) -> Any:
         try:
             obj: Any = importlib.import_module(module_name)
         except ModuleNotFoundError as e:
-            # A missing parent is fine (try a shorter prefix); a failing import inside an
-            # existing module is a real error worth reporting.
-            if e.name is not None and not module_name.startswith(e.name):
+            # The path itself not being a module (e.name is this prefix or one of its parents)
+            # means: try a shorter prefix. A module that exists but imports a missing
+            # dependency is a real error worth reporting.
+            if e.name is not None and not _is_dotted_prefix(e.name, module_name):
                 raise ImportError(f"importing {module_name!r} failed: {e}") from e
             continue
+        except Exception as e:  # noqa: BLE001 - a module that raises on import (SyntaxError...)
+            raise ImportError(f"importing {module_name!r} failed: {type(e).__name__}: {e}") from e
         for attr in parts[split:]:
             if not hasattr(obj, attr):
                 raise ImportError(f"module {module_name!r} has no attribute path {attr!r}")
             obj = getattr(obj, attr)
         return obj
     raise ImportError(f"no module named {parts[0]!r}")
+
+
+def _is_dotted_prefix(prefix: str, name: str) -> bool:
+    """Whether module ``prefix`` is ``name`` or one of its parent packages."""
+    return name == prefix or name.startswith(prefix + ".")
 
 
 def _walk(node: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
@@ -133,8 +149,8 @@ def check_trainer(cfg: dict[str, Any]) -> None:
     for split in ("train", "test"):
         _require_int(cfg, f"trainer.eval_batches.{split}", 0, optional=True)
     _require_int(cfg, "trainer.per_client_max_clients", 1, optional=True)
-    if not isinstance(_select(cfg, "seed"), int):
-        raise ConfigError(f"seed must be an integer, got {_select(cfg, 'seed')!r}")
+    # Non-negative: NumPy's generators (data shuffling, synthetic data) reject negative seeds.
+    _require_int(cfg, "seed", 0)
 
 
 def check_learning_rate(cfg: dict[str, Any]) -> None:
@@ -150,6 +166,26 @@ def check_learning_rate(cfg: dict[str, Any]) -> None:
             f"optimizer.learning_rate must be a positive number, got {lr!r}: "
             "set e.g. optimizer.learning_rate=1e-3"
         )
+
+
+def check_schedule(cfg: dict[str, Any]) -> None:
+    """A learning-rate schedule's step counts are in range (optax's own errors for these name
+    its internals, e.g. a negative ``decay_steps`` when the warm-up is longer than the run)."""
+    schedule = _select(cfg, "optimizer.schedule")
+    if not isinstance(schedule, dict) or not schedule.get("_target_"):
+        return
+    for key in ("decay_steps", "transition_steps"):
+        if key in schedule:
+            _require_int(cfg, f"optimizer.schedule.{key}", 1)
+    if "warmup_steps" in schedule:
+        _require_int(cfg, "optimizer.schedule.warmup_steps", 0)
+        decay = schedule.get("decay_steps")
+        if _is_int(decay) and schedule["warmup_steps"] > decay:
+            raise ConfigError(
+                f"optimizer.schedule.warmup_steps={schedule['warmup_steps']} exceeds "
+                f"optimizer.schedule.decay_steps={decay} (the whole schedule, by default "
+                "trainer.steps): lower the warm-up or raise trainer.steps"
+            )
 
 
 def check_paths(cfg: dict[str, Any]) -> None:
@@ -196,6 +232,7 @@ def validate_config(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
     container = resolved_container(cfg) if isinstance(cfg, (DictConfig, ListConfig)) else cfg
     check_trainer(container)
     check_learning_rate(container)
+    check_schedule(container)
     check_paths(container)
     check_resume(container)
     check_targets(container)
