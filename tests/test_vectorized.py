@@ -208,7 +208,7 @@ def _run_sweep(cfg, out):
 def test_run_sweep_logs_each_trial_like_a_lone_run(tmp_path):
     from fedjax_exp.experiment import run
 
-    cfg = _config("+trainer.vectorize.learning_rates=[0.001,0.01]")
+    cfg = _config("trainer.vectorize.learning_rates=[0.001,0.01]")
     best = _run_sweep(cfg, tmp_path / "sweep")
     status = json.loads((tmp_path / "sweep" / "status.json").read_text())
     assert status["status"] == "completed"
@@ -238,6 +238,6 @@ def test_run_sweep_logs_each_trial_like_a_lone_run(tmp_path):
 
 
 def test_seed_sweep_rejects_seed_dependent_data(tmp_path):
-    cfg = _config("dataset=synthetic", "+trainer.vectorize.seeds=[0,1]")
+    cfg = _config("dataset=synthetic", "trainer.vectorize.seeds=[0,1]")
     with pytest.raises(ConfigError, match="dataset config depends on seed"):
         _run_sweep(cfg, tmp_path)

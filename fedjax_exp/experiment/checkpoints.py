@@ -1,8 +1,9 @@
 """Checkpoints of a training run: algorithm state, step, RNG, data position and clock.
 
-Written with orbax-checkpoint's CheckpointManager: each step goes to a temporary dir that is
-renamed into place when complete, so a run killed mid-save leaves the previous checkpoints
-intact; only the last ``keep`` are kept. Saves are synchronous: the states here are at most a
+Written with orbax-checkpoint's CheckpointManager: each step is written to
+``<step>.orbax-checkpoint-tmp`` and renamed to ``<step>`` only when complete, so a run killed
+mid-save leaves the previous checkpoints intact, and the half-written dir is neither listed nor
+restored (orbax removes it when that step is saved again). Only the last ``keep`` are kept. Saves are synchronous: the states here are at most a
 few hundred MB, and a blocking save keeps the order of saves and metrics lines simple.
 
 The algorithm state is stored as its flat list of leaves and restored into the tree structure
@@ -20,6 +21,8 @@ from typing import Any
 
 import jax
 import numpy as np
+
+from fedjax_exp.experiment.errors import ConfigError
 
 CHECKPOINT_DIR = "checkpoints"
 
@@ -54,7 +57,8 @@ def _to_item(snapshot: Snapshot) -> dict[str, Any]:
 def find_checkpoint_dir(path: str | os.PathLike[str]) -> tuple[pathlib.Path, int | None]:
     """Resolves ``trainer.resume=PATH`` to (checkpoints dir, step or None for the latest).
 
-    PATH may be a run dir (holding ``checkpoints/``), a checkpoints dir, or one step's dir.
+    PATH may be a run dir (holding ``checkpoints/``), a checkpoints dir, or one step's dir
+    (a dir named by its step number). Anything else is taken as a checkpoints dir.
     """
     path = pathlib.Path(path)
     if (path / CHECKPOINT_DIR).is_dir():
@@ -85,10 +89,16 @@ class Checkpointer:
         return self._manager.latest_step()
 
     def all_steps(self) -> list[int]:
-        return list(self._manager.all_steps())
+        """Steps of the complete checkpoints, oldest first."""
+        return sorted(self._manager.all_steps())
 
     def save(self, snapshot: Snapshot) -> None:
-        """Saves ``snapshot`` (replacing a checkpoint of the same step, e.g. on a rerun)."""
+        """Saves ``snapshot`` and waits until it is on disk.
+
+        A checkpoint of the same step (e.g. from a run resumed from an earlier step) is
+        replaced; that delete-then-write is the one non-atomic moment, and older steps are
+        still there if it is interrupted.
+        """
         if snapshot.step in self._manager.all_steps():
             self._manager.delete(snapshot.step)
         self._manager.save(snapshot.step, args=self._ocp.args.StandardSave(_to_item(snapshot)))
@@ -97,18 +107,40 @@ class Checkpointer:
     def restore(
         self, template_state: Any, template_rng: np.ndarray, step: int | None = None
     ) -> Snapshot:
-        """Loads ``step`` (default: the latest) into the structures of the templates."""
-        step = self.latest_step() if step is None else step
+        """Loads ``step`` (default: the latest) into the structures of the templates.
+
+        Leaves are cast to the template's dtypes. Raises :class:`ConfigError` when there is
+        no such checkpoint or when its arrays do not match the template's count and shapes
+        (a checkpoint of another model or optimizer).
+        """
+        steps = self.all_steps()
+        step = (steps[-1] if steps else None) if step is None else step
         if step is None:
-            raise FileNotFoundError(f"no checkpoint in {self.directory}")
+            raise ConfigError(f"no complete checkpoint in {self.directory}: start a new run")
+        if step not in steps:
+            raise ConfigError(
+                f"no complete checkpoint of step {step} in {self.directory} (it holds steps "
+                f"{steps}): resume from one of those"
+            )
         leaves, treedef = jax.tree_util.tree_flatten(template_state)
         template = _to_item(Snapshot(leaves, 0, np.asarray(template_rng), 0, 0.0))
         item = self._manager.restore(step, args=self._ocp.args.StandardRestore(template))
+        where = self.directory / str(step)
         if len(item["state"]) != len(leaves):
-            raise ValueError(
-                f"checkpoint {self.directory / str(step)} holds {len(item['state'])} arrays but "
-                f"this config's state has {len(leaves)}: was it written by another model?"
+            raise ConfigError(
+                f"checkpoint {where} holds {len(item['state'])} arrays but this config's state "
+                f"has {len(leaves)}: it was written by another model or optimizer; resume from "
+                "a run with the same config or start a new run dir"
             )
+        # orbax restores the saved shapes whatever the template says; a mismatch would only
+        # fail later, inside the jitted step, with an error that names no config key.
+        for i, (saved, expected) in enumerate(zip(item["state"], leaves, strict=True)):
+            if np.shape(saved) != np.shape(expected):
+                raise ConfigError(
+                    f"checkpoint {where}: array {i} has shape {np.shape(saved)} but this "
+                    f"config's state expects {np.shape(expected)}: it was written by another "
+                    "model; resume from a run with the same config or start a new run dir"
+                )
         return Snapshot(
             state=jax.tree_util.tree_unflatten(treedef, item["state"]),
             step=int(item["step"]),
@@ -118,4 +150,5 @@ class Checkpointer:
         )
 
     def close(self) -> None:
+        """Releases orbax's resources (no pending saves: saves are synchronous)."""
         self._manager.close()

@@ -37,7 +37,14 @@ def first_padded_batches(fd: Any, batch_size: int, num_batches: int | None) -> l
 
 
 def summarize_distribution(values: np.ndarray) -> dict[str, float]:
-    """Mean, min, max and percentiles of per-client values."""
+    """Mean, min, max and the :data:`PERCENTILES` (NumPy's linear interpolation) of
+    per-client values, keyed ``mean``, ``min``, ``max``, ``p10``, ...
+
+    Raises ValueError for no values (there is no distribution to summarise).
+    """
+    values = np.asarray(values, dtype=np.float64)
+    if values.size == 0:
+        raise ValueError("no per-client values to summarise: the split has no non-empty client")
     summary = {"mean": float(np.mean(values)), "min": float(np.min(values))}
     summary["max"] = float(np.max(values))
     for q, v in zip(PERCENTILES, np.percentile(values, PERCENTILES), strict=True):
@@ -60,6 +67,8 @@ class Evaluator:
         batch_size: int,
         num_batches: Mapping[str, int | None],
     ):
+        """``num_batches[split]``: batches of each periodic evaluation (None: all of them;
+        0 or a missing split: that split is not evaluated periodically)."""
         self.model = model
         self.datasets = dict(datasets)
         self.batch_size = batch_size
@@ -89,21 +98,41 @@ class Evaluator:
         return flatten_results(f"final/{split}", evaluate_model(self.model, params, batches))
 
     def per_client(
-        self, params: Params, split: str = "test", max_clients: int | None = None
+        self,
+        params: Params,
+        split: str = "test",
+        max_clients: int | None = None,
+        metric: str | None = None,
     ) -> tuple[dict[str, float], np.ndarray]:
-        """Per-client accuracy summary (``final/per_client/<split>/accuracy/<stat>``) and the
-        per-client values, over the first ``max_clients`` non-empty clients."""
+        """The distribution of a metric over clients: its summary
+        (``final/per_client/<split>/<metric>/<stat>``, see :func:`summarize_distribution`,
+        plus ``final/per_client/<split>/num_clients``) and the per-client values, over the
+        first ``max_clients`` non-empty clients (None: all).
+
+        ``metric`` defaults to ``accuracy`` when the model has it, else its first metric; it
+        must give one number per client.
+        """
         from fedjax_exp.core.models import evaluate_model
 
-        metric = "accuracy" if "accuracy" in self.model.eval_metrics else None
         if metric is None:
-            metric = next(iter(self.model.eval_metrics))
+            metric = "accuracy" if "accuracy" in self.model.eval_metrics else None
+            metric = metric or next(iter(self.model.eval_metrics))
+        elif metric not in self.model.eval_metrics:
+            raise ValueError(
+                f"per-client metric {metric!r} is not one of {list(self.model.eval_metrics)}"
+            )
         values = []
         for _, dataset in self.datasets[split].clients():
             if len(dataset) == 0:
                 continue
             batches = dataset.padded_batch(batch_size=self.batch_size)
-            values.append(float(np.asarray(evaluate_model(self.model, params, batches)[metric])))
+            result = np.asarray(evaluate_model(self.model, params, batches)[metric])
+            if result.ndim != 0:
+                raise ValueError(
+                    f"per-client metric {metric!r} gives an array of shape {result.shape}, "
+                    "not one number per client: pick a scalar metric such as accuracy"
+                )
+            values.append(float(result))
             if max_clients is not None and len(values) >= max_clients:
                 break
         values_array = np.asarray(values, dtype=np.float64)

@@ -81,6 +81,98 @@ def _resume_source(resume: Any, own_dir: pathlib.Path) -> tuple[pathlib.Path, in
     return directory, step
 
 
+def _vectorize_spec(trainer: dict[str, Any]) -> dict[str, Any] | None:
+    """``trainer.vectorize`` when it asks for a sweep (learning_rates or seeds set), else None."""
+    spec = trainer.get("vectorize") or {}
+    if not isinstance(spec, dict):
+        raise ConfigError(
+            f"trainer.vectorize must be a mapping with learning_rates and/or seeds, got {spec!r}"
+        )
+    unknown = sorted(set(spec) - {"learning_rates", "seeds"})
+    if unknown:
+        raise ConfigError(
+            f"trainer.vectorize has unknown keys {unknown}; it takes learning_rates and seeds"
+        )
+    if spec.get("learning_rates") is None and spec.get("seeds") is None:
+        return None
+    return spec
+
+
+def _check_speed_settings(trainer: dict[str, Any]) -> None:
+    """The performance options of ``trainer`` (they never change what is computed)."""
+
+    def bad(key: str, allowed: str) -> ConfigError:
+        return ConfigError(f"trainer.{key} must be {allowed}, got {trainer.get(key)!r}")
+
+    spd = trainer.get("steps_per_dispatch", "auto")
+    if spd != "auto" and (isinstance(spd, bool) or not isinstance(spd, int) or spd < 1):
+        raise bad("steps_per_dispatch", "a positive integer or auto")
+    prefetch = trainer.get("prefetch", 2)
+    if isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < 0:
+        raise bad("prefetch", "a non-negative integer (0: no background thread)")
+    for key in ("device_data", "data_parallel"):
+        value = trainer.get(key, "auto")
+        if value is not None and value != "auto" and not isinstance(value, bool):
+            raise bad(key, "true, false or auto")
+    dtype = trainer.get("compute_dtype", "float32")
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise bad("compute_dtype", "float32, bfloat16 or float16")
+    if trainer.get("data_parallel") is True and _vectorize_spec(trainer) is not None:
+        raise ConfigError(
+            "trainer.data_parallel=true and trainer.vectorize cannot be combined: a vectorized "
+            "sweep runs on one device; set trainer.data_parallel=auto"
+        )
+
+
+def _speed_up(algorithm: Any, trainer: dict[str, Any]) -> tuple[Any, int]:
+    """Applies data parallelism and device-resident data; returns (algorithm, steps per
+    dispatch). ``auto`` settings follow measurements (see conf/trainer/default.yaml)."""
+    import jax
+
+    from fedjax_exp.experiment import parallel
+
+    backend = jax.default_backend()
+    try:
+        shard = parallel.resolve_data_parallel(trainer.get("data_parallel", "auto"))
+        if shard:
+            algorithm = parallel.DataParallelTraining(algorithm)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+    device_data = trainer.get("device_data", "auto")
+    supported = getattr(algorithm, "device_data_supported", None)
+    if device_data in ("auto", None):
+        device_data = (
+            backend != "cpu" and callable(supported) and supported() and _fits_on_device(algorithm)
+        )
+    if device_data:
+        if not callable(supported) or not supported():
+            raise ConfigError(
+                "trainer.device_data=true needs centralized training on in-memory column data "
+                "without preprocessors; set trainer.device_data=false"
+            )
+        algorithm.enable_device_data()
+    spd = trainer.get("steps_per_dispatch", "auto")
+    if spd in ("auto", None):
+        # Measured (scripts/bench_dispatch.py): on XLA:CPU a lax.scan over steps is at best
+        # ~1.2x faster (logistic) and up to 17x slower (Haiku CNN); accelerators are
+        # launch-bound on small steps, where several steps per dispatch pay off.
+        spd = 1 if backend == "cpu" else 8
+    return algorithm, int(spd)
+
+
+def _fits_on_device(algorithm: Any, fraction: float = 0.25) -> bool:
+    """Whether the train columns take at most ``fraction`` of the device's memory."""
+    import jax
+
+    inner = getattr(algorithm, "algorithm", algorithm)
+    nbytes = getattr(getattr(inner, "train_data", None), "nbytes", None)
+    if nbytes is None:
+        return False
+    stats = jax.local_devices()[0].memory_stats() or {}
+    limit = stats.get("bytes_limit", 2 << 30)
+    return nbytes <= fraction * limit
+
+
 def run(cfg: DictConfig, output_dir: str | os.PathLike[str] | None = None) -> float:
     """Trains and evaluates the experiment ``cfg``; returns ``cfg.optimized_metric``.
 
@@ -96,6 +188,8 @@ def run(cfg: DictConfig, output_dir: str | os.PathLike[str] | None = None) -> fl
     container = validate_config(cfg)
     _check_optimized_metric(container)
     trainer = container["trainer"]
+    _check_speed_settings(trainer)
+    vectorize = _vectorize_spec(trainer)
     own_checkpoints = out / "checkpoints"
     source = _resume_source(trainer["resume"], own_checkpoints)
 
@@ -110,10 +204,21 @@ def run(cfg: DictConfig, output_dir: str | os.PathLike[str] | None = None) -> fl
     from fedjax_exp.experiment.checkpoints import Checkpointer
     from fedjax_exp.experiment.evaluation import Evaluator
 
+    if vectorize is not None:
+        from fedjax_exp.experiment import vectorized
+
+        name, _, _ = _hydra_job_info(str(container.get("task_name", "train")))
+        return vectorized.run_sweep(cfg, container, out, source, run_name=name)
+
+    from fedjax_exp.experiment.parallel import with_compute_dtype
+
     model = builders.build_model(cfg)
     optimizer = builders.build_optimizer(cfg)
     train_data, test_data = builders.build_datasets(cfg)
-    algorithm = builders.build_algorithm(cfg, model, optimizer, train_data)
+    # The training forward pass may compute in bf16; evaluation keeps the float32 model.
+    train_model = with_compute_dtype(model, trainer.get("compute_dtype", "float32"))
+    algorithm = builders.build_algorithm(cfg, train_model, optimizer, train_data)
+    algorithm, steps_per_dispatch = _speed_up(algorithm, trainer)
 
     seed = int(container["seed"])
     rng = jax.random.PRNGKey(seed)
@@ -170,6 +275,8 @@ def run(cfg: DictConfig, output_dir: str | os.PathLike[str] | None = None) -> fl
         eval_every=int(trainer["eval_every"]),
         checkpoint_every=int(trainer["checkpoint_every"]),
         progress_bar=bool(trainer["progress_bar"]),
+        steps_per_dispatch=steps_per_dispatch,
+        prefetch=int(trainer.get("prefetch", 2)),
     )
     step, final, exit_code, error = start_step, {}, 1, None
 

@@ -237,3 +237,154 @@ def validate_config(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
     check_resume(container)
     check_targets(container)
     return container
+
+
+# ---- the loaded data against the built model ------------------------------------------------
+
+# Metric attributes that name prediction keys, not example features.
+_PREDICTION_KEY_ATTRIBUTES = ("pred_key",)
+
+
+def _signature_target_key(fn: Any) -> str | None:
+    """The ``target_key`` a loss function reads (its default, or the value a partial binds)."""
+    try:
+        parameter = inspect.signature(fn).parameters.get("target_key")
+    except (TypeError, ValueError):  # Builtins and some C callables have no signature.
+        return None
+    if parameter is None or not isinstance(parameter.default, str):
+        return None
+    return parameter.default
+
+
+def metric_feature_keys(metric: Any, path: str) -> list[tuple[str, str]]:
+    """``(config path of the attribute, feature key)`` for every example feature ``metric``
+    reads: its ``*_key`` attributes (``target_key``, ``domain_id_key``, ...), those of nested
+    metrics (e.g. ``PerDomainMetric.base``) and the ``target_key`` of wrapped loss functions.
+    ``path`` names the metric in the config, e.g. ``metrics.accuracy``."""
+    if not dataclasses.is_dataclass(metric):
+        return []
+    keys: list[tuple[str, str]] = []
+    for f in dataclasses.fields(metric):
+        value = getattr(metric, f.name, None)
+        attribute = f"{path}.{f.name}"
+        if f.name.endswith("_key") and f.name not in _PREDICTION_KEY_ATTRIBUTES:
+            if isinstance(value, str):
+                keys.append((attribute, value))
+        elif hasattr(value, "evaluate_example"):
+            keys.extend(metric_feature_keys(value, attribute))
+        elif callable(value) and (key := _signature_target_key(value)) is not None:
+            keys.append((f"{attribute}.target_key", key))
+    return keys
+
+
+def _first_batch(fd: Any, batch_size: int) -> dict[str, Any] | None:
+    from fedjax_exp.core.federated_data import padded_batch_federated_data
+
+    return next(iter(padded_batch_federated_data(fd, batch_size=batch_size)), None)
+
+
+def _domain_ids(fd: Any, key: str, batch_size: int, scan_batches: int | None) -> Any:
+    """The domain ids of ``fd``: the whole column when the store holds it as a column (cheap),
+    else those of the real examples in the first ``scan_batches`` padded batches."""
+    import numpy as np
+
+    from fedjax_exp.core.federated_data import padded_batch_federated_data
+    from fedjax_exp.core.typing import EXAMPLE_MASK_KEY
+
+    columns = getattr(fd, "columns", None)
+    if isinstance(columns, Mapping) and key in columns:
+        return np.asarray(columns[key])
+    batches = padded_batch_federated_data(fd, batch_size=batch_size)
+    ids = [
+        np.asarray(b[key])[np.asarray(b.get(EXAMPLE_MASK_KEY, np.ones(len(b[key]), bool)))]
+        for b in itertools.islice(batches, scan_batches)
+    ]
+    return np.concatenate(ids) if ids else np.zeros(0, np.int32)
+
+
+def _check_domains(
+    path: str, metric: Any, fd: Any, split: str, batch_size: int, scan_batches: int | None
+) -> None:
+    import numpy as np
+
+    key = metric.domain_id_key
+    ids = _domain_ids(fd, key, batch_size, scan_batches)
+    if ids.size == 0:
+        return
+    if not np.issubdtype(ids.dtype, np.integer):
+        raise ConfigError(
+            f"{path} needs integer domain ids, but the {split} data's {key!r} is {ids.dtype}: "
+            f"point {path}.domain_id_key at an integer feature"
+        )
+    low, high = int(ids.min()), int(ids.max())
+    num_domains = metric.num_domains
+    if low < 0 or high >= num_domains:
+        # PerDomainMetric silently drops examples outside [0, num_domains).
+        raise ConfigError(
+            f"{path}.num_domains={num_domains} does not cover the {split} data's domain ids "
+            f"{low}..{high} (feature {key!r}): set {path}.num_domains={max(high + 1, 1)}"
+            + (" and use non-negative domain ids" if low < 0 else "")
+        )
+
+
+def check_data_features(
+    model: Any,
+    datasets: Mapping[str, Any],
+    *,
+    batch_size: int = 16,
+    scan_batches: int | None = 16,
+) -> None:
+    """Checks, before training, that the data has every feature the model's loss and metrics
+    read, and that per-domain metrics cover the data's domain ids.
+
+    Without this, a missing feature (e.g. ``domain_id`` for ``metrics=full``) surfaces only
+    when the first evaluation runs, after training time was spent.
+
+    Args:
+      model: The built Model (``train_loss`` and ``eval_metrics`` are inspected; metric names
+        are reported as ``metrics.<name>``, as in the config).
+      datasets: Split name -> federated data, e.g. ``{"train": ..., "test": ...}``. Every split
+        is checked for the metrics' features (periodic evaluation covers train and test); the
+        ``"train"`` split also for the training loss's ``target_key``.
+      batch_size: Batch size of the padded batch whose features are inspected.
+      scan_batches: Domain ids come from the whole ``domain_id`` column of in-memory column
+        stores; for other stores, from the first ``scan_batches`` padded batches (None: all).
+
+    Raises:
+      ConfigError: one line naming the missing feature (or the uncovered domain ids) and the
+        fix.
+    """
+    from fedjax_exp.core.typing import EXAMPLE_MASK_KEY
+
+    for split, fd in datasets.items():
+        if fd is None:
+            continue
+        batch = _first_batch(fd, batch_size)
+        if batch is None:
+            raise ConfigError(f"the {split} data has no examples: check the dataset settings")
+        features = sorted(k for k in batch if k != EXAMPLE_MASK_KEY)
+        needed = [
+            (attribute, key)
+            for name, metric in model.eval_metrics.items()
+            for attribute, key in metric_feature_keys(metric, f"metrics.{name}")
+        ]
+        loss_key = _signature_target_key(model.train_loss) if split == "train" else None
+        if loss_key is not None:
+            needed.append(("loss.fn.target_key", loss_key))
+        for attribute, key in needed:
+            if key in batch:
+                continue
+            if attribute.endswith("domain_id_key"):
+                fix = (
+                    "use a dataset with domain ids (dataset=sample, emnist or synthetic) or "
+                    "metrics without per-domain accuracy (metrics=default)"
+                )
+            else:
+                fix = f"set {attribute} to one of them"
+            raise ConfigError(
+                f"{attribute.rsplit('.', 1)[0]} reads the feature {key!r} ({attribute}), but the "
+                f"{split} data has only {features}: {fix}"
+            )
+        for name, metric in model.eval_metrics.items():
+            if hasattr(metric, "num_domains") and hasattr(metric, "domain_id_key"):
+                _check_domains(f"metrics.{name}", metric, fd, split, batch_size, scan_batches)

@@ -406,8 +406,11 @@ def run_sweep(
 
     model = builders.build_model(cfg)
     train_data, test_data = builders.build_datasets(cfg)
+    from fedjax_exp.experiment.parallel import with_compute_dtype
+
+    train_model = with_compute_dtype(model, trainer.get("compute_dtype", "float32"))
     training = VectorizedTraining(
-        lambda optimizer: builders.build_algorithm(cfg, model, optimizer, train_data),
+        lambda optimizer: builders.build_algorithm(cfg, train_model, optimizer, train_data),
         make_optimizer,
         trials,
     )
