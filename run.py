@@ -14,7 +14,7 @@ import pathlib
 import sys
 
 import hydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from fedjax_exp.experiment import ConfigError, RunFailed
 from fedjax_exp.experiment.cli import precheck_overrides
@@ -22,6 +22,10 @@ from fedjax_exp.experiment.cli import precheck_overrides
 CONFIG_DIR = pathlib.Path(__file__).resolve().parent / "conf"
 
 log = logging.getLogger("run")
+
+# `${mod:${hydra.job.num},8}`: spreads the jobs of a sweep over a host's GPUs (job k gets GPU
+# k mod 8): `'+hydra.job.env_set.CUDA_VISIBLE_DEVICES="${mod:${hydra.job.num},8}"'`.
+OmegaConf.register_new_resolver("mod", lambda a, b: int(a) % int(b), replace=True)
 
 
 def _in_multirun() -> bool:

@@ -179,29 +179,33 @@ class CentralizedTraining:
     # ---- device-resident data ----
 
     def device_data_supported(self) -> bool:
-        """Whether the train data can be gathered on the device (a column store without
-        client or batch preprocessors)."""
+        """Whether the train data can be gathered on the device (an in-memory column store
+        without a client preprocessor)."""
         fd = self.train_data
-        preprocessor = getattr(fd, "batch_preprocessor", None)
-        return (
-            getattr(fd, "supports_column_batching", False)
-            and hasattr(fd, "columns")
-            and not getattr(preprocessor, "fns", ())
-        )
+        return bool(getattr(fd, "supports_column_batching", False)) and hasattr(fd, "columns")
 
     def enable_device_data(self, device: Any = None) -> None:
-        """Copies the train columns to ``device`` (a device or sharding) once; from then on the
+        """Puts the train columns on ``device`` (a device or sharding) once; from then on the
         data stream yields row indices and the steps gather their batches on the device.
 
+        The batch preprocessor is applied once to all rows before the copy, which equals
+        preprocessing each batch for per-example preprocessors (FedJAX's, e.g. EMNIST's
+        ``x = 1 - pixels``); one that mixes examples within a batch must not be used here.
+
         Raises:
-          ValueError: the train data is not a column store without preprocessors.
+          ValueError: the train data is not an in-memory column store.
         """
         if not self.device_data_supported():
             raise ValueError(
-                "trainer.device_data=true needs in-memory column data without client or batch "
-                "preprocessors; set trainer.device_data=false"
+                "trainer.device_data=true needs in-memory column data without a client "
+                "preprocessor; set trainer.device_data=false"
             )
-        self.device_columns = jax.device_put(dict(self.train_data.columns), device)
+        fd = self.train_data
+        columns = dict(fd.columns)
+        preprocessor = getattr(fd, "batch_preprocessor", None)
+        if preprocessor is not None:
+            columns = dict(preprocessor(columns))
+        self.device_columns = jax.device_put(columns, device)
         self._runs = {}
 
     @property

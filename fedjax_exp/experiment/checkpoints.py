@@ -3,8 +3,9 @@
 Written with orbax-checkpoint's CheckpointManager: each step is written to
 ``<step>.orbax-checkpoint-tmp`` and renamed to ``<step>`` only when complete, so a run killed
 mid-save leaves the previous checkpoints intact, and the half-written dir is neither listed nor
-restored (orbax removes it when that step is saved again). Only the last ``keep`` are kept. Saves are synchronous: the states here are at most a
-few hundred MB, and a blocking save keeps the order of saves and metrics lines simple.
+restored (orbax removes it when that step is saved again). Only the last ``keep`` are kept.
+Saves are synchronous: the states here are at most a few hundred MB, and a blocking save keeps
+the order of saves and metrics lines simple.
 
 The algorithm state is stored as its flat list of leaves and restored into the tree structure
 of a freshly initialised state. That works for any pytree (optax states with empty tuples,
@@ -82,7 +83,11 @@ class Checkpointer:
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, create=True, enable_async_checkpointing=False
         )
-        self._manager = ocp.CheckpointManager(self.directory, options=options)
+        # The handler is named up front so that item_metadata() can read a checkpoint's shapes
+        # before restoring it (see restore()).
+        self._manager = ocp.CheckpointManager(
+            self.directory, options=options, item_handlers=ocp.StandardCheckpointHandler()
+        )
 
     def latest_step(self) -> int | None:
         """The newest complete checkpoint's step, or None."""
@@ -123,24 +128,26 @@ class Checkpointer:
                 f"{steps}): resume from one of those"
             )
         leaves, treedef = jax.tree_util.tree_flatten(template_state)
-        template = _to_item(Snapshot(leaves, 0, np.asarray(template_rng), 0, 0.0))
-        item = self._manager.restore(step, args=self._ocp.args.StandardRestore(template))
+        # Compare with the saved arrays' metadata first: orbax's own errors for a mismatched
+        # template are multi-line tree diffs, and it silently restores the saved shapes when
+        # only shapes differ (which would fail later inside the jitted step).
         where = self.directory / str(step)
-        if len(item["state"]) != len(leaves):
+        saved = list(self._manager.item_metadata(step)["state"])
+        if len(saved) != len(leaves):
             raise ConfigError(
-                f"checkpoint {where} holds {len(item['state'])} arrays but this config's state "
-                f"has {len(leaves)}: it was written by another model or optimizer; resume from "
-                "a run with the same config or start a new run dir"
+                f"checkpoint {where} holds {len(saved)} arrays but this config's state has "
+                f"{len(leaves)}: it was written by another model or optimizer; resume from a "
+                "run with the same config or start a new run dir"
             )
-        # orbax restores the saved shapes whatever the template says; a mismatch would only
-        # fail later, inside the jitted step, with an error that names no config key.
-        for i, (saved, expected) in enumerate(zip(item["state"], leaves, strict=True)):
-            if np.shape(saved) != np.shape(expected):
+        for i, (meta, expected) in enumerate(zip(saved, leaves, strict=True)):
+            if tuple(meta.shape) != np.shape(expected):
                 raise ConfigError(
-                    f"checkpoint {where}: array {i} has shape {np.shape(saved)} but this "
+                    f"checkpoint {where}: array {i} has shape {tuple(meta.shape)} but this "
                     f"config's state expects {np.shape(expected)}: it was written by another "
                     "model; resume from a run with the same config or start a new run dir"
                 )
+        template = _to_item(Snapshot(leaves, 0, np.asarray(template_rng), 0, 0.0))
+        item = self._manager.restore(step, args=self._ocp.args.StandardRestore(template))
         return Snapshot(
             state=jax.tree_util.tree_unflatten(treedef, item["state"]),
             step=int(item["step"]),

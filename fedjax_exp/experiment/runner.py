@@ -148,7 +148,7 @@ def _speed_up(algorithm: Any, trainer: dict[str, Any]) -> tuple[Any, int]:
         if not callable(supported) or not supported():
             raise ConfigError(
                 "trainer.device_data=true needs centralized training on in-memory column data "
-                "without preprocessors; set trainer.device_data=false"
+                "without a client preprocessor; set trainer.device_data=false"
             )
         algorithm.enable_device_data()
     spd = trainer.get("steps_per_dispatch", "auto")

@@ -14,7 +14,7 @@ import math
 import os
 import pathlib
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
 import numpy as np
@@ -42,8 +42,10 @@ class MetricWriter(Protocol):
 
 
 def _json_value(value: Any) -> Any:
-    """A JSON-safe scalar: NaN/inf become null so every line stays strict JSON."""
-    value = value.item() if isinstance(value, np.generic | np.ndarray) else value
+    """A JSON-safe scalar: NumPy/JAX 0-d arrays become Python numbers, and NaN/inf become
+    null so every line stays strict JSON (``json.dumps`` would write the non-standard NaN)."""
+    if isinstance(value, np.generic) or (hasattr(value, "__array__") and np.ndim(value) == 0):
+        value = np.asarray(value).item()
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value
@@ -61,7 +63,8 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
 
 
 def read_metrics(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """The records of a metrics.jsonl file (a trailing partial line, from a kill, is skipped)."""
+    """The records of a metrics.jsonl file, in order; lines that are not JSON (a partial last
+    line from a kill) are skipped. Non-finite values read back as None."""
     records = []
     with open(path) as f:
         for line in f:
@@ -76,9 +79,17 @@ class JsonlWriter:
     """Appends one JSON line per ``write_scalars`` call to ``<dir>/metrics.jsonl``.
 
     Each line is flushed at once so a killed run keeps everything logged before the kill.
+    ``clock()`` gives the ``"time"`` of each line. With ``resume_step=None`` (a fresh run) an
+    existing file is replaced; otherwise its lines after ``resume_step`` (which the resumed
+    run logs again), its final results and its status events are dropped.
     """
 
-    def __init__(self, directory: str | os.PathLike[str], clock: Any, resume_step: int | None):
+    def __init__(
+        self,
+        directory: str | os.PathLike[str],
+        clock: Callable[[], float],
+        resume_step: int | None,
+    ):
         self.path = pathlib.Path(directory) / METRICS_FILE
         self._clock = clock
         if resume_step is not None and self.path.exists():
@@ -90,11 +101,14 @@ class JsonlWriter:
 
     def _truncate(self, step: int) -> None:
         # Lines after the checkpoint we resume from (and old final results) would be logged
-        # again by the resumed run; dropping them keeps one consistent history.
+        # again by the resumed run, and an old "failed" event no longer describes it; dropping
+        # them keeps one consistent history.
         kept = [
             r
             for r in read_metrics(self.path)
-            if r.get("step", 0) <= step and not any(k.startswith("final/") for k in r)
+            if r.get("step", 0) <= step
+            and "status" not in r
+            and not any(k.startswith("final/") for k in r)
         ]
         atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
 
@@ -106,7 +120,8 @@ class JsonlWriter:
 
     def write_event(self, step: int, **fields: str) -> None:
         """A non-metric line, e.g. ``status="failed", error=...`` when the run fails."""
-        self._file.write(json.dumps({"step": int(step), **fields, "time": self._clock()}) + "\n")
+        record = {"step": int(step), **fields, "time": round(self._clock(), 6)}
+        self._file.write(json.dumps(record) + "\n")
         self._file.flush()
 
     def write_histogram(self, step: int, name: str, values: Sequence[float]) -> None:
@@ -116,7 +131,7 @@ class JsonlWriter:
         pass  # Final values are written as scalars (final/...) and in status.json.
 
     def close(self, exit_code: int) -> None:
-        self._file.close()
+        self._file.close()  # The status goes to status.json (write_status), not here.
 
 
 class WandbWriter:

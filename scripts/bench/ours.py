@@ -10,6 +10,7 @@ keys are derived as the runner derives them: ``init, train = split(PRNGKey(seed)
 
 from __future__ import annotations
 
+import dataclasses
 import pathlib
 import time
 from collections.abc import Mapping, Sequence
@@ -121,9 +122,23 @@ def train(
     state = algorithm.init(init_rng)
     log_every = int(cfg.trainer.log_every)
 
+    # Engine options the trainer config sets (e.g. steps per dispatch, prefetch depth) are
+    # passed on as run.py would; timing-neutral ones are fixed here.
+    fixed = {"steps", "log_every", "eval_every", "checkpoint_every", "progress_bar"}
+    engine = {
+        f.name: cfg.trainer[f.name]
+        for f in dataclasses.fields(loop.LoopSettings)
+        if f.name not in fixed and f.name in cfg.trainer
+    }
+
     def run(state: Any, start: int, stop: int, writer: Any) -> Any:
         settings = loop.LoopSettings(
-            steps=stop, log_every=log_every, eval_every=0, checkpoint_every=0, progress_bar=False
+            steps=stop,
+            log_every=log_every,
+            eval_every=0,
+            checkpoint_every=0,
+            progress_bar=False,
+            **engine,
         )
         state, _ = loop.train(
             algorithm,

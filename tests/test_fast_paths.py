@@ -1,0 +1,300 @@
+"""The runner's fast paths give the simple path's results: several steps per dispatch,
+prefetching, device-resident data, resuming, and the speed settings through the runner."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import threading
+
+import jax
+import numpy as np
+import pytest
+from hydra import compose, initialize_config_dir
+
+from fedjax_exp.core import optimizers
+from fedjax_exp.core.in_memory_federated_data import InMemoryFederatedData
+from fedjax_exp.experiment import ConfigError, algorithms, loop, run
+from fedjax_exp.experiment.pipeline import Prefetcher, chunk_sizes, prepared_chunks
+from fedjax_exp.experiment.writers import read_metrics
+from fedjax_exp.models import emnist
+
+CONF = pathlib.Path(__file__).resolve().parents[1] / "conf"
+
+
+# --- pipeline pieces --------------------------------------------------------------------------
+
+
+def test_chunk_sizes_stop_at_every_interval():
+    assert chunk_sizes(0, 10, 4, [5]) == [4, 1, 4, 1]
+    assert chunk_sizes(0, 10, 1, [5]) == [1] * 10
+    assert chunk_sizes(3, 12, 8, [4, 0, 6]) == [1, 2, 2, 4]  # Stops at 4, 6, 8, 12.
+    assert chunk_sizes(5, 5, 4, [2]) == []
+    with pytest.raises(ValueError, match="steps_per_dispatch must be a positive integer"):
+        chunk_sizes(0, 4, 0, [])
+
+
+def test_prepared_chunks_group_the_stream():
+    chunks = prepared_chunks(iter(range(10)), [3, 1, 2], lambda items: tuple(items))
+    assert list(chunks) == [(0, 1, 2), (3,), (4, 5)]
+    with pytest.raises(RuntimeError, match="ended early"):
+        list(prepared_chunks(iter(range(2)), [3], list))
+
+
+@pytest.mark.parametrize("depth", [0, 1, 3])
+def test_prefetcher_keeps_order_and_ends(depth):
+    with Prefetcher(iter(range(20)), depth=depth) as p:
+        assert list(p) == list(range(20))
+
+
+def test_prefetcher_runs_the_source_on_another_thread_and_reraises():
+    threads = []
+
+    def source():
+        threads.append(threading.current_thread())
+        yield 1
+        raise KeyError("boom")
+
+    p = Prefetcher(source(), depth=2)
+    assert next(p) == 1
+    with pytest.raises(KeyError, match="boom"):
+        next(p)
+    p.close()
+    assert threads[0] is not threading.main_thread()
+
+
+def test_prefetcher_close_stops_an_endless_source():
+    p = Prefetcher(iter(int, 1), depth=2)  # Endless zeros.
+    assert next(p) == 0
+    p.close()
+    assert not p._thread.is_alive()
+
+
+# --- training equality ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def data():
+    rng = np.random.default_rng(0)
+    clients = {
+        f"c{i}".encode(): {
+            "x": rng.random((9, 28, 28, 1), dtype=np.float32),
+            "y": rng.integers(0, 10, 9).astype(np.int32),
+        }
+        for i in range(5)
+    }
+    return InMemoryFederatedData(clients)
+
+
+class _Recorder:
+    def __init__(self):
+        self.records = []
+
+    def write_scalars(self, step, scalars):
+        self.records.append((step, dict(scalars)))
+
+    def write_histogram(self, step, name, values):
+        pass
+
+    def write_summary(self, summary):
+        pass
+
+    def close(self, exit_code):
+        pass
+
+
+class _StepOnly:
+    """Hides the fast path: the loop's generic one-step-per-dispatch path."""
+
+    def __init__(self, algorithm):
+        self._a = algorithm
+
+    def init(self, rng):
+        return self._a.init(rng)
+
+    def data_stream(self, seed, start):
+        return self._a.data_stream(seed, start)
+
+    def step(self, state, inputs, rng):
+        return self._a.step(state, inputs, rng)
+
+    def eval_params(self, state):
+        return self._a.eval_params(state)
+
+
+def _train(data, steps=8, log_every=4, wrap=None, device_data=False, **settings):
+    model = emnist.create_logistic_model(only_digits=True)
+    alg = algorithms.CentralizedTraining(model, optimizers.adam(1e-2), data, 4, 2, 8)
+    if device_data:
+        alg.enable_device_data()
+    if wrap is not None:
+        alg = wrap(alg)
+    init_rng, train_rng = jax.random.split(jax.random.PRNGKey(0))
+    writer = _Recorder()
+    state, last = loop.train(
+        alg,
+        alg.init(init_rng),
+        start_step=0,
+        seed=0,
+        rng=train_rng,
+        settings=loop.LoopSettings(
+            steps=steps,
+            log_every=log_every,
+            eval_every=0,
+            checkpoint_every=0,
+            progress_bar=False,
+            **settings,
+        ),
+        writer=writer,
+        evaluator=None,
+        checkpointer=None,
+        clock=loop.Clock(),
+    )
+    assert last == steps
+    leaves = [np.asarray(x) for x in jax.tree_util.tree_leaves(alg.eval_params(state))]
+    return leaves, writer.records
+
+
+def _assert_same(a, b, exact=True):
+    (params_a, logs_a), (params_b, logs_b) = a, b
+    assert [s for s, _ in logs_a] == [s for s, _ in logs_b]
+    for x, y in zip(params_a, params_b, strict=True):
+        if exact:
+            np.testing.assert_array_equal(x, y)
+        else:
+            np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7)
+    for (_, x), (_, y) in zip(logs_a, logs_b, strict=True):
+        assert x.keys() == y.keys()
+        for k in x:
+            assert x[k] == (y[k] if exact else pytest.approx(y[k], rel=1e-5))
+
+
+def test_fast_path_one_step_per_dispatch_is_bitwise_the_generic_loop(data):
+    _assert_same(_train(data, wrap=_StepOnly), _train(data, steps_per_dispatch=1))
+
+
+@pytest.mark.parametrize("per_dispatch", [2, 3, 8])
+def test_several_steps_per_dispatch_equal_single_steps(data, per_dispatch):
+    single = _train(data, steps_per_dispatch=1)
+    multi = _train(data, steps_per_dispatch=per_dispatch)
+    # lax.scan compiles the same arithmetic; on XLA:CPU the results are bit for bit equal.
+    _assert_same(single, multi)
+
+
+def test_prefetch_does_not_change_results(data):
+    _assert_same(_train(data, prefetch=0), _train(data, prefetch=4))
+    _assert_same(
+        _train(data, prefetch=0, steps_per_dispatch=4),
+        _train(data, prefetch=3, steps_per_dispatch=4),
+    )
+
+
+@pytest.mark.parametrize("per_dispatch", [1, 4])
+def test_device_resident_data_equals_host_batches(data, per_dispatch):
+    host = _train(data, steps_per_dispatch=per_dispatch)
+    device = _train(data, steps_per_dispatch=per_dispatch, device_data=True)
+    _assert_same(host, device)
+
+
+def test_device_data_stream_yields_int32_indices_and_step_gathers(data):
+    model = emnist.create_logistic_model(only_digits=True)
+    alg = algorithms.CentralizedTraining(model, optimizers.sgd(0.1), data, 4, 2, 8)
+    alg.enable_device_data()
+    idx = next(alg.data_stream(0, 1))
+    assert idx.dtype == np.int32 and idx.shape == (4,)
+    host = algorithms.CentralizedTraining(model, optimizers.sgd(0.1), data, 4, 2, 8)
+    batch = next(host.data_stream(0, 1))
+    np.testing.assert_array_equal(data.gather(idx)["x"], batch["x"])
+    state_a = alg.step(alg.init(jax.random.PRNGKey(0)), idx, jax.random.PRNGKey(1))[0]
+    state_b = host.step(host.init(jax.random.PRNGKey(0)), batch, jax.random.PRNGKey(1))[0]
+    for a, b in zip(
+        jax.tree_util.tree_leaves(state_a), jax.tree_util.tree_leaves(state_b), strict=True
+    ):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_device_data_applies_the_batch_preprocessor_once(data):
+    model = emnist.create_logistic_model(only_digits=True)
+    pre = data.preprocess_batch(lambda b: {**b, "x": 1 - b["x"]})
+    alg = algorithms.CentralizedTraining(model, optimizers.sgd(0.1), pre, 4, 2, 8)
+    alg.enable_device_data()
+    np.testing.assert_array_equal(np.asarray(alg.device_columns["x"]), 1 - data.columns["x"])
+
+
+def test_device_data_refuses_client_preprocessed_data(data):
+    model = emnist.create_logistic_model(only_digits=True)
+    pre = data.preprocess_client(lambda client_id, examples: examples)
+    alg = algorithms.CentralizedTraining(model, optimizers.sgd(0.1), pre, 4, 2, 8)
+    assert not alg.device_data_supported()
+    with pytest.raises(ValueError, match="set trainer.device_data=false"):
+        alg.enable_device_data()
+
+
+# --- through the runner -----------------------------------------------------------------------
+
+TINY = [
+    "logger=local",
+    "trainer.batch_size=4",
+    "trainer.log_every=2",
+    "trainer.eval_every=0",
+    "trainer.eval_batch_size=64",
+    "trainer.eval_batches.train=1",
+    "trainer.eval_batches.test=1",
+    "trainer.progress_bar=false",
+]
+
+
+def _config(*overrides):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name="config", overrides=[*TINY, *overrides])
+
+
+def _final_and_losses(out):
+    records = read_metrics(out / "metrics.jsonl")
+    losses = [(r["step"], r["train/loss"]) for r in records if "train/loss" in r]
+    return json.loads((out / "status.json").read_text())["final"], losses
+
+
+def test_resume_with_several_steps_per_dispatch_is_identical(tmp_path):
+    common = ["trainer.steps_per_dispatch=3", "trainer.checkpoint_every=4"]
+    run(_config(*common, "trainer.steps=8"), output_dir=tmp_path / "whole")
+    run(_config(*common, "trainer.steps=4"), output_dir=tmp_path / "split")
+    run(_config(*common, "trainer.steps=8"), output_dir=tmp_path / "split")
+    assert _final_and_losses(tmp_path / "whole") == _final_and_losses(tmp_path / "split")
+    single = ["trainer.steps_per_dispatch=1", "trainer.checkpoint_every=4", "trainer.steps=8"]
+    run(_config(*single, "trainer.prefetch=0"), output_dir=tmp_path / "single")
+    assert _final_and_losses(tmp_path / "single") == _final_and_losses(tmp_path / "whole")
+
+
+def test_runner_speed_options_run(tmp_path):
+    base = ["trainer.steps=4", "trainer.checkpoint_every=0"]
+    run(_config(*base), output_dir=tmp_path / "plain")
+    run(
+        _config(*base, "trainer.data_parallel=true", "trainer.device_data=true"),
+        output_dir=tmp_path / "dp",
+    )
+    assert _final_and_losses(tmp_path / "dp") == _final_and_losses(tmp_path / "plain")
+    run(_config(*base, "trainer.compute_dtype=bfloat16"), output_dir=tmp_path / "bf16")
+    final_bf16, losses_bf16 = _final_and_losses(tmp_path / "bf16")
+    _, losses = _final_and_losses(tmp_path / "plain")
+    assert [s for s, _ in losses_bf16] == [s for s, _ in losses]
+    for (_, a), (_, b) in zip(losses_bf16, losses, strict=True):
+        assert a == pytest.approx(b, rel=2e-2)
+    assert 0.0 <= final_bf16["final/test/accuracy"] <= 1.0
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("trainer.steps_per_dispatch=0", "steps_per_dispatch must be a positive integer or auto"),
+        ("trainer.prefetch=-1", "prefetch must be a non-negative integer"),
+        ("trainer.device_data=sometimes", "device_data must be true, false or auto"),
+        ("trainer.compute_dtype=int8", "compute_dtype must be float32, bfloat16 or float16"),
+        ("trainer.batch_size=0", "batch_size"),
+    ],
+)
+def test_bad_speed_settings_fail_before_writing(tmp_path, override, message):
+    out = tmp_path / "run"
+    with pytest.raises(ConfigError, match=message):
+        run(_config("trainer.steps=2", override), output_dir=out)
+    assert not (out / "metrics.jsonl").exists()
