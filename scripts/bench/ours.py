@@ -96,6 +96,27 @@ def build(model_name: str, batch_size: int, train_fd: Any) -> tuple[Any, Any, An
     return cfg, model, algorithm
 
 
+def _engine_options(cfg: Any, algorithm: Any) -> tuple[Any, dict[str, Any]]:
+    """The speed settings run.py would use: the runner's own resolution of ``auto`` options
+    (device-resident data, steps per dispatch) when it offers one, else the trainer config's
+    explicit values for the loop's settings."""
+    from omegaconf import OmegaConf
+
+    from fedjax_exp.experiment import loop, runner
+
+    trainer = OmegaConf.to_container(cfg.trainer, resolve=True)
+    fixed = {"steps", "log_every", "eval_every", "checkpoint_every", "progress_bar"}
+    engine = {
+        f.name: trainer[f.name]
+        for f in dataclasses.fields(loop.LoopSettings)
+        if f.name not in fixed and f.name in trainer and trainer[f.name] != "auto"
+    }
+    speed_up = getattr(runner, "_speed_up", None)
+    if speed_up is not None:
+        algorithm, engine["steps_per_dispatch"] = speed_up(algorithm, trainer)
+    return algorithm, engine
+
+
 def train(
     model_name: str,
     fd: Any,
@@ -117,19 +138,11 @@ def train(
     if steps < 2:
         raise ValueError(f"steps must be at least 2 for fedjax_exp's timed loop, got {steps}")
     cfg, model, algorithm = build(model_name, batch_size, fd)
+    algorithm, engine = _engine_options(cfg, algorithm)
     warmup = max(1, min(warmup, steps - 1))
     init_rng, train_rng = jax.random.split(jax.random.PRNGKey(SEED))
     state = algorithm.init(init_rng)
     log_every = int(cfg.trainer.log_every)
-
-    # Engine options the trainer config sets (e.g. steps per dispatch, prefetch depth) are
-    # passed on as run.py would; timing-neutral ones are fixed here.
-    fixed = {"steps", "log_every", "eval_every", "checkpoint_every", "progress_bar"}
-    engine = {
-        f.name: cfg.trainer[f.name]
-        for f in dataclasses.fields(loop.LoopSettings)
-        if f.name not in fixed and f.name in cfg.trainer
-    }
 
     def run(state: Any, start: int, stop: int, writer: Any) -> Any:
         settings = loop.LoopSettings(
