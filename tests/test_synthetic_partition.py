@@ -67,6 +67,32 @@ def test_synthetic_classes_are_separable():
     assert np.mean(nearest == y) > 0.95
 
 
+def test_synthetic_domain_ids_follow_the_client_index():
+    fd = synthetic.make_federated_data(num_clients=7, x_shape=(2,), num_domains=3, seed=2)
+    for i, (_, ds) in enumerate(fd.clients()):
+        ids = ds.all_examples()["domain_id"]
+        assert ids.dtype == np.int32 and ids.tolist() == [i % 3] * len(ds)
+    default = synthetic.make_federated_data(num_clients=5, x_shape=(2,), seed=2)
+    assert np.unique(_all_rows(default, "domain_id")).tolist() == [0, 1]  # As EMNIST.
+
+
+def test_synthetic_domain_shift_offsets_each_domain():
+    kwargs = dict(num_clients=6, x_shape=(4,), seed=5)
+    plain = synthetic.make_federated_data(**kwargs, num_domains=3)
+    # Without a shift the domains are labels only: x does not depend on num_domains.
+    np.testing.assert_array_equal(
+        _all_rows(plain, "x"), _all_rows(synthetic.make_federated_data(**kwargs), "x")
+    )
+    shifted = synthetic.make_federated_data(**kwargs, num_domains=3, domain_shift=2.0)
+    np.testing.assert_array_equal(_all_rows(shifted, "y"), _all_rows(plain, "y"))
+    offset = _all_rows(shifted, "x") - _all_rows(plain, "x")
+    domains = _all_rows(shifted, "domain_id")
+    styles = [offset[domains == d] for d in range(3)]
+    for style in styles:  # One fixed offset per domain, shared by all its examples.
+        np.testing.assert_allclose(style, np.broadcast_to(style[0], style.shape), atol=1e-5)
+    assert not np.allclose(styles[0][0], styles[1][0])
+
+
 def test_synthetic_bad_arguments():
     with pytest.raises(ValueError, match="num_clients must be a positive integer"):
         synthetic.make_federated_data(num_clients=0)
@@ -74,6 +100,10 @@ def test_synthetic_bad_arguments():
         synthetic.make_federated_data(label_alpha=0.0)
     with pytest.raises(ValueError, match="mean_client_size"):
         synthetic.make_federated_data(mean_client_size=0)
+    with pytest.raises(ValueError, match="num_domains must be a positive integer, got 0"):
+        synthetic.make_federated_data(num_domains=0)
+    with pytest.raises(ValueError, match="domain_shift must be >= 0, got -1"):
+        synthetic.make_federated_data(domain_shift=-1)
 
 
 # ---- partition ------------------------------------------------------------------------------
@@ -165,7 +195,7 @@ def test_synthetic_load_data_splits_each_client():
     ):
         assert n_test == min(max(1, round(n * 0.25)), n - 1) and n_train == n - n_test
         whole = full.get_client(cid).all_examples()
-        for k in ("x", "y"):
+        for k in ("x", "y", "domain_id"):
             joined = np.concatenate(
                 [train.get_client(cid).all_examples()[k], test.get_client(cid).all_examples()[k]]
             )

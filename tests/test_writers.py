@@ -120,6 +120,7 @@ def test_write_status_is_atomic_and_strict_json(tmp_path, monkeypatch):
         "error": None,
         "final": {"final/test/loss": 2.0},
     }
+
     # A write interrupted before the rename leaves the previous status.json untouched.
     def interrupted_replace(src, dst):
         raise KeyboardInterrupt

@@ -103,11 +103,15 @@ class FederatedData(abc.ABC):
     def clients(self) -> Iterator[tuple[ClientId, ClientDataset]]:
         """Every client once, in a deterministic order."""
 
-    @abc.abstractmethod
     def shuffled_clients(
         self, buffer_size: int, seed: int | None = None
     ) -> Iterator[tuple[ClientId, ClientDataset]]:
-        """Clients in buffered-shuffle order (buffer of at least ``buffer_size``), forever."""
+        """Clients in buffered-shuffle order (a buffer of ``buffer_size`` clients), forever.
+
+        The default re-walks :meth:`clients` each pass with FedJAX's buffered shuffle, so the
+        order equals FedJAX's for the same seed; storage formats may override it.
+        """
+        return buffered_shuffle_clients_forever(self.clients, buffer_size, seed)
 
     @abc.abstractmethod
     def get_clients(
@@ -335,11 +339,6 @@ class SubsetFederatedData(FederatedData):
 
     def clients(self) -> Iterator[tuple[ClientId, ClientDataset]]:
         yield from self.get_clients(sorted(self._client_ids))
-
-    def shuffled_clients(
-        self, buffer_size: int, seed: int | None = None
-    ) -> Iterator[tuple[ClientId, ClientDataset]]:
-        return buffered_shuffle_clients_forever(self.clients, buffer_size, seed)
 
     def get_clients(
         self, client_ids: Iterable[ClientId]

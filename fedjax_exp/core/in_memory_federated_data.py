@@ -36,7 +36,6 @@ from fedjax_exp.core.federated_data import (
     ClientPreprocessor,
     FederatedData,
     NoOpClientPreprocessor,
-    buffered_shuffle_clients_forever,
 )
 from fedjax_exp.core.typing import ClientId
 
@@ -598,12 +597,6 @@ class InMemoryFederatedData(FederatedData):
     def clients(self) -> Iterator[tuple[ClientId, ClientDataset]]:
         for i, client_id in enumerate(self._ids):
             yield client_id, self._client_dataset(i)
-
-    def shuffled_clients(
-        self, buffer_size: int, seed: int | None = None
-    ) -> Iterator[tuple[ClientId, ClientDataset]]:
-        """FedJAX's buffered client shuffle (same order for the same seed), forever."""
-        return buffered_shuffle_clients_forever(self.clients, buffer_size, seed)
 
     def get_clients(
         self, client_ids: Iterable[ClientId]

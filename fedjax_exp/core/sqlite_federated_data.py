@@ -29,7 +29,6 @@ from __future__ import annotations
 import os
 import pathlib
 import sqlite3
-import tempfile
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
@@ -38,6 +37,7 @@ import msgpack
 import numpy as np
 
 from fedjax_exp.core import client_datasets
+from fedjax_exp.core.atomic_file import AtomicFile
 from fedjax_exp.core import federated_data as fd_lib
 from fedjax_exp.core.client_datasets import BatchPreprocessor, ClientDataset, Examples
 from fedjax_exp.core.federated_data import ClientPreprocessor, FederatedData, FederatedDataBuilder
@@ -289,14 +289,20 @@ class SQLiteFederatedData(FederatedData):
         for client_id, size in self._query("client_id, num_examples"):
             yield bytes(client_id), int(size)
 
-    def client_size(self, client_id: ClientId) -> int:
+    def _lookup(self, client_id: ClientId, column: str) -> Any:
+        """One column of one client's row; KeyError if the id is unknown or outside the slice."""
         if self._in_range(client_id):
             row = self._connection.execute(
-                "SELECT num_examples FROM federated_data WHERE client_id = ?;", (client_id,)
+                f"SELECT {column} FROM federated_data WHERE client_id = ?;", (client_id,)
             ).fetchone()
             if row is not None:
-                return int(row[0])
-        raise KeyError(client_id)
+                return row[0]
+        raise KeyError(
+            f"unknown client id {client_id!r} (or outside this slice); see client_ids()"
+        )
+
+    def client_size(self, client_id: ClientId) -> int:
+        return int(self._lookup(client_id, "num_examples"))
 
     def clients(self) -> Iterator[tuple[ClientId, ClientDataset]]:
         for client_id, data in self._query("client_id, data"):
@@ -320,13 +326,7 @@ class SQLiteFederatedData(FederatedData):
             yield client_id, self.get_client(client_id)
 
     def get_client(self, client_id: ClientId) -> ClientDataset:
-        if self._in_range(client_id):
-            row = self._connection.execute(
-                "SELECT data FROM federated_data WHERE client_id = ?;", (client_id,)
-            ).fetchone()
-            if row is not None:
-                return self._client_dataset(client_id, row[0])
-        raise KeyError(client_id)
+        return self._client_dataset(client_id, self._lookup(client_id, "data"))
 
     def _client_dataset(self, client_id: ClientId, data: bytes) -> ClientDataset:
         examples = _decode_row(client_id, data, self._parse_examples)
@@ -481,20 +481,14 @@ class SQLiteFederatedDataBuilder(FederatedDataBuilder):
     """
 
     def __init__(self, path: str | os.PathLike[str], overwrite: bool = False):
-        self._path = pathlib.Path(path)
-        if self._path.exists() and not overwrite:
-            raise FileExistsError(
-                f"{str(self._path)!r} already exists; delete it or pass overwrite=True"
-            )
-        self._path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(
-            prefix=f".{self._path.name}.", suffix=".partial", dir=self._path.parent
-        )
-        os.close(fd)
-        self._tmp = pathlib.Path(tmp)
-        self._connection: sqlite3.Connection | None = sqlite3.connect(self._tmp)
-        self._connection.execute(_CREATE_TABLE)
-        self._connection.commit()
+        self._file = AtomicFile(path, overwrite=overwrite)
+        try:
+            self._connection: sqlite3.Connection | None = sqlite3.connect(self._file.tmp)
+            self._connection.execute(_CREATE_TABLE)
+            self._connection.commit()
+        except BaseException:
+            self._file.discard()
+            raise
 
     def __enter__(self) -> SQLiteFederatedDataBuilder:
         return self
@@ -537,15 +531,14 @@ class SQLiteFederatedDataBuilder(FederatedDataBuilder):
         self._connection.commit()
         self._connection.close()
         self._connection = None
-        _chmod_like_new_file(self._tmp)
-        os.replace(self._tmp, self._path)
+        self._file.commit()
 
     def abort(self) -> None:
         """Discards everything written; ``path`` is left untouched."""
         if self._connection is not None:
             self._connection.close()
             self._connection = None
-        self._tmp.unlink(missing_ok=True)
+        self._file.discard()
 
 
 def write_sqlite(
@@ -574,9 +567,3 @@ def write_sqlite(
             for i, cid in enumerate(client_ids)
         )
 
-
-def _chmod_like_new_file(path: str | os.PathLike[str]) -> None:
-    """mkstemp creates files 0600; give the final file the mode a plain open() would."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)

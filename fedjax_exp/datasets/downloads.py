@@ -24,11 +24,13 @@ import http.client
 import os
 import pathlib
 import sys
-import tempfile
 import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
+from typing import BinaryIO
+
+from fedjax_exp.core.atomic_file import AtomicFile
 
 __all__ = [
     "KNOWN_SHA256",
@@ -142,76 +144,56 @@ def maybe_download(
         digest = _download_atomically(url, target, expected, timeout, progress)
         if expected is None:
             record = target.with_name(name + ".sha256")
-            _write_text_atomically(record, f"{digest}  {name}\n")
+            with AtomicFile(record) as atomic:
+                atomic.tmp.write_text(f"{digest}  {name}\n")
     return target
 
 
 def _download_atomically(
     url: str, target: pathlib.Path, expected: str | None, timeout: float, progress: bool
 ) -> str:
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent)
-    tmp = pathlib.Path(tmp_name)
-    try:
-        digest = hashlib.sha256()
-        with os.fdopen(fd, "wb") as out:
-            try:
-                response = urllib.request.urlopen(url, timeout=timeout)
-            except (urllib.error.URLError, OSError, ValueError) as exc:
-                raise DownloadError(f"cannot download {url!r}: {exc}") from exc
-            with response:
-                length = response.headers.get("Content-Length")
-                length = int(length) if length is not None else None
-                received = 0
-                if progress:
-                    print(f"Downloading {url} -> {target}", file=sys.stderr, flush=True)
-                try:
-                    for block in iter(lambda: response.read(_BLOCK), b""):
-                        out.write(block)
-                        digest.update(block)
-                        received += len(block)
-                        if progress and length:
-                            pct = 100 * received / length
-                            print(f"\r{pct:5.1f}%", end="", file=sys.stderr, flush=True)
-                except (OSError, http.client.HTTPException) as exc:
-                    raise DownloadError(
-                        f"download of {url!r} interrupted after {received} bytes: {exc}"
-                    ) from exc
-                if progress:
-                    print(file=sys.stderr, flush=True)
-            if length is not None and received != length:
-                raise DownloadError(
-                    f"incomplete download of {url!r}: got {received} of {length} bytes"
-                )
-            out.flush()
-            os.fsync(out.fileno())
-        actual = digest.hexdigest()
-        if expected is not None and actual != expected:
+    """Streams ``url`` into ``target`` via a temporary file; returns the sha256 of the bytes."""
+    with AtomicFile(target) as atomic, open(atomic.tmp, "wb") as out:
+        digest = _stream(url, out, target, timeout, progress)
+        out.flush()
+        os.fsync(out.fileno())  # On disk before the rename makes it visible.
+        if expected is not None and digest != expected:
             raise ChecksumError(
-                f"sha256 mismatch for {url!r}: expected {expected}, got {actual}; the "
+                f"sha256 mismatch for {url!r}: expected {expected}, got {digest}; the "
                 "download was discarded"
             )
-        _chmod_like_new_file(tmp)
-        os.replace(tmp, target)
-        return actual
-    except BaseException:
-        # Also on KeyboardInterrupt: never leave the partial file behind.
-        tmp.unlink(missing_ok=True)
-        raise
+    return digest
 
 
-def _write_text_atomically(path: pathlib.Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+def _stream(
+    url: str, out: BinaryIO, target: pathlib.Path, timeout: float, progress: bool
+) -> str:
+    """Copies the body of ``url`` to ``out``, checking its length; returns its sha256."""
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        pathlib.Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _chmod_like_new_file(path: str | os.PathLike[str]) -> None:
-    """mkstemp creates files 0600; give the final file the mode a plain open() would."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
+        response = urllib.request.urlopen(url, timeout=timeout)
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        raise DownloadError(f"cannot download {url!r}: {exc}") from exc
+    digest = hashlib.sha256()
+    with response:
+        length = response.headers.get("Content-Length")
+        length = int(length) if length is not None else None
+        received = 0
+        if progress:
+            print(f"Downloading {url} -> {target}", file=sys.stderr, flush=True)
+        try:
+            for block in iter(lambda: response.read(_BLOCK), b""):
+                out.write(block)
+                digest.update(block)
+                received += len(block)
+                if progress and length:
+                    pct = 100 * received / length
+                    print(f"\r{pct:5.1f}%", end="", file=sys.stderr, flush=True)
+        except (OSError, http.client.HTTPException) as exc:
+            raise DownloadError(
+                f"download of {url!r} interrupted after {received} bytes: {exc}"
+            ) from exc
+        if progress:
+            print(file=sys.stderr, flush=True)
+    if length is not None and received != length:
+        raise DownloadError(f"incomplete download of {url!r}: got {received} of {length} bytes")
+    return digest.hexdigest()

@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import os
 import pathlib
-import tempfile
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
 import h5py
 import numpy as np
+
+from fedjax_exp.core.atomic_file import AtomicFile
 
 __all__ = ["HDF5_MAGIC", "ClientColumns", "is_hdf5_file", "read_h5_columns", "write_h5_columns"]
 
@@ -214,9 +215,6 @@ def write_h5_columns(
       attrs: attributes for the file's root (e.g. provenance notes).
       overwrite: replace an existing file (default: FileExistsError).
     """
-    path = pathlib.Path(path)
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{str(path)!r} already exists; delete it or pass overwrite=True")
     offsets = np.asarray(offsets, dtype=np.int64)
     if offsets.shape != (len(client_ids) + 1,) or offsets[0] != 0 or np.any(np.diff(offsets) < 0):
         raise ValueError(
@@ -232,28 +230,12 @@ def write_h5_columns(
     if len(set(names)) != len(names):
         raise ValueError("client ids must be unique")
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-    os.close(fd)
-    try:
-        with h5py.File(tmp, "w") as f:
-            for key, value in (attrs or {}).items():
-                f.attrs[key] = value
-            examples = f.create_group("examples")
-            for i, name in enumerate(names):
-                group = examples.create_group(name)
-                lo, hi = int(offsets[i]), int(offsets[i + 1])
-                for feature, col in columns.items():
-                    group.create_dataset(feature, data=col[lo:hi], compression=compression)
-        _chmod_like_new_file(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        pathlib.Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _chmod_like_new_file(path: str | os.PathLike[str]) -> None:
-    """mkstemp creates files 0600; give the final file the mode a plain open() would."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
+    with AtomicFile(path, overwrite=overwrite) as atomic, h5py.File(atomic.tmp, "w") as f:
+        for key, value in (attrs or {}).items():
+            f.attrs[key] = value
+        examples = f.create_group("examples")
+        for i, name in enumerate(names):
+            group = examples.create_group(name)
+            lo, hi = int(offsets[i]), int(offsets[i + 1])
+            for feature, col in columns.items():
+                group.create_dataset(feature, data=col[lo:hi], compression=compression)

@@ -96,7 +96,10 @@ def _walk(node: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
 
 def resolved_container(cfg: DictConfig) -> dict[str, Any]:
     """The config as plain Python values, interpolations resolved, Hydra's own node dropped."""
-    missing = [k for k in OmegaConf.missing_keys(cfg) if not k.startswith(_SKIPPED_ROOTS)]
+    try:
+        missing = [k for k in OmegaConf.missing_keys(cfg) if not k.startswith(_SKIPPED_ROOTS)]
+    except OmegaConfBaseException as e:  # missing_keys resolves interpolations on its way.
+        raise ConfigError(f"the config does not resolve: {str(e).splitlines()[0]}") from e
     if missing:
         keys = sorted(missing)
         verb = "is" if len(keys) == 1 else "are"
@@ -227,6 +230,21 @@ def check_resume(cfg: dict[str, Any]) -> None:
         )
 
 
+def check_optimized_metric(cfg: dict[str, Any]) -> None:
+    """``optimized_metric`` (what run.py returns to Optuna) names a final metric the run will
+    compute: ``final/test/<one of metrics>`` or another ``final/...`` key such as
+    ``final/per_client/test/accuracy/mean``. Checked up front so a sweep does not train every
+    trial only to fail at the end."""
+    key = cfg.get("optimized_metric")
+    if key is None:
+        return
+    parts = str(key).split("/")
+    names = set(cfg.get("metrics") or {})
+    if len(parts) < 3 or parts[0] != "final" or (parts[1] == "test" and parts[2] not in names):
+        options = ", ".join(f"final/test/{n}" for n in sorted(names))
+        raise ConfigError(f"optimized_metric={key!r} is not a final metric; use one of: {options}")
+
+
 def validate_config(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
     """Runs every check; returns the resolved plain config. Raises ConfigError."""
     container = resolved_container(cfg) if isinstance(cfg, (DictConfig, ListConfig)) else cfg
@@ -236,6 +254,7 @@ def validate_config(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
     check_paths(container)
     check_resume(container)
     check_targets(container)
+    check_optimized_metric(container)
     return container
 
 
@@ -354,13 +373,16 @@ def check_data_features(
       ConfigError: one line naming the missing feature (or the uncovered domain ids) and the
         fix.
     """
+    import numpy as np
+
     from fedjax_exp.core.typing import EXAMPLE_MASK_KEY
 
     for split, fd in datasets.items():
         if fd is None:
             continue
         batch = _first_batch(fd, batch_size)
-        if batch is None:
+        # No data gives no batch, or (as in FedJAX) one batch that is all padding.
+        if batch is None or not np.any(batch.get(EXAMPLE_MASK_KEY, True)):
             raise ConfigError(f"the {split} data has no examples: check the dataset settings")
         features = sorted(k for k in batch if k != EXAMPLE_MASK_KEY)
         needed = [

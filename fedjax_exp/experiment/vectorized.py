@@ -162,24 +162,26 @@ def unstack_tree(tree: Any, index: int) -> Any:
 
 def vectorized_step(
     update: Callable[[Any, Any, PRNGKey], tuple[Any, Mapping[str, jax.Array]]],
+    shared_batch: bool = False,
 ) -> Callable[..., tuple[Any, dict[str, jax.Array]]]:
     """Jitted ``(states, batches, seed_index, train_keys, step) -> (states, {name: (T,)})``.
 
     ``batches`` holds one batch per distinct seed along a leading axis; trial ``t`` trains on
-    ``batches[seed_index[t]]`` with key ``fold_in(train_keys[t], step)``. The states are
-    donated.
+    ``batches[seed_index[t]]`` with key ``fold_in(train_keys[t], step)``. With
+    ``shared_batch`` (a single seed) every trial takes ``batches[0]`` unbatched, so XLA sees
+    one batch against T parameter sets (one wide matmul) instead of T gathered copies. The
+    states are donated.
     """
 
-    def one_trial(state: Any, batches: Any, which: jax.Array, key: jax.Array, step: jax.Array):
-        batch = jax.tree_util.tree_map(lambda x: x[which], batches)
+    def one_trial(state: Any, batch: Any, key: jax.Array, step: jax.Array):
         return update(state, batch, jax.random.fold_in(key, step))
 
-    def step_all(
-        states: Any, batches: Any, seed_index: jax.Array, keys: jax.Array, step: jax.Array
-    ):
-        return jax.vmap(one_trial, in_axes=(0, None, 0, 0, None))(
-            states, batches, seed_index, keys, step
-        )
+    def step_all(states: Any, batches: Any, seed_index: jax.Array, keys: jax.Array, step: Any):
+        if shared_batch:
+            batch = jax.tree_util.tree_map(lambda x: x[0], batches)
+            return jax.vmap(one_trial, in_axes=(0, None, 0, None))(states, batch, keys, step)
+        batch = jax.tree_util.tree_map(lambda x: x[seed_index], batches)
+        return jax.vmap(one_trial, in_axes=(0, 0, 0, None))(states, batch, keys, step)
 
     return jax.jit(step_all, donate_argnums=0)
 
@@ -220,7 +222,7 @@ class VectorizedTraining:
         self.seeds = sorted({t.seed for t in trials})
         self.seed_index = jnp.asarray([self.seeds.index(t.seed) for t in trials], jnp.int32)
         self.train_keys = jnp.stack([trial_keys(t.seed)[1] for t in trials])
-        self._step = vectorized_step(self.algorithms[0].update)
+        self._step = vectorized_step(self.algorithms[0].update, shared_batch=len(self.seeds) == 1)
 
     def init(self) -> Any:
         """The stacked initial states, each made exactly as a lone run makes it."""
@@ -237,7 +239,7 @@ class VectorizedTraining:
         return stacked_batches([alg.data_stream(seed, start) for seed in self.seeds])
 
     def step(self, states: Any, batches: Any, step: int) -> tuple[Any, dict[str, jax.Array]]:
-        return self._step(states, batches, self.seed_index, self.train_keys, jnp.int32(step))
+        return self._step(states, batches, self.seed_index, self.train_keys, np.int32(step))
 
     def eval_params(self, states: Any, index: int) -> Params:
         return self.algorithms[index].eval_params(unstack_tree(states, index))

@@ -217,7 +217,12 @@ def markdown(result: dict[str, Any]) -> str:
         "- End to end: wall time and the child's peak RSS (`wait4`) of each process, from "
         "start-up to the final evaluation.",
         f"- Every measurement is repeated {s['repeats']} times (FedJAX and fedjax_exp "
-        "alternating) and the median is reported.",
+        "alternating) and the median is reported. A load average above the core count means "
+        "other processes shared the CPU: then the ratios, measured side by side, are more "
+        "trustworthy than the absolute rates.",
+        "- 'within noise' counts only the evaluation's sampling noise; short runs from different "
+        "initial keys and shuffles (the runner derives its init key with `split(PRNGKey(seed))`, "
+        "the seed chapter uses `PRNGKey(seed)`) can differ by more.",
         "",
     ]
     if result.get("missing"):
