@@ -41,20 +41,24 @@ def splits():
     return {"train": _split([5, 3, 7, 2], seed=1), "test": _split([2, 1, 3, 1], seed=2)}
 
 
+def _write_cache(cache, splits, write, file_name):
+    for split, clients in splits.items():
+        write(cache / file_name.format(split=split), *_columns(clients))
+    return cache
+
+
 @pytest.fixture()
 def sqlite_cache(tmp_path, splits):
-    cache = tmp_path / "sqlite_cache"
-    for split, clients in splits.items():
-        sq.write_sqlite(cache / f"federated_emnist_{split}.sqlite", *_columns(clients))
-    return cache
+    return _write_cache(
+        tmp_path / "sqlite_cache", splits, sq.write_sqlite, "federated_emnist_{split}.sqlite"
+    )
 
 
 @pytest.fixture()
 def h5_cache(tmp_path, splits):
-    cache = tmp_path / "h5_cache"
-    for split, clients in splits.items():
-        tff_h5.write_h5_columns(cache / f"fed_emnist_{split}.h5", *_columns(clients))
-    return cache
+    return _write_cache(
+        tmp_path / "h5_cache", splits, tff_h5.write_h5_columns, "fed_emnist_{split}.h5"
+    )
 
 
 def _assert_same_fd(a, b, batch_size=3):

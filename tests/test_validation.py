@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import pathlib
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -168,7 +169,9 @@ def built(*overrides: str):
 
 
 def test_synthetic_data_satisfies_metrics_full():
-    model, (train, test) = built("metrics=full", "loss=hinge")
+    model, (train, test) = built(
+        "metrics=full", "loss=hinge", "metrics.per_domain_accuracy.num_domains=2"
+    )
     keys = {
         name: metric_feature_keys(metric, f"metrics.{name}")
         for name, metric in model.eval_metrics.items()
@@ -178,7 +181,9 @@ def test_synthetic_data_satisfies_metrics_full():
         ("metrics.per_domain_accuracy.domain_id_key", "domain_id"),
     ]
     assert keys["loss"] == [("metrics.loss.loss_fn.target_key", "y")]  # Hinge: a wrapped loss.
-    check_data_features(model, {"train": train, "test": test})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_data_features(model, {"train": train, "test": test})
 
 
 def without(fd: InMemoryFederatedData, feature: str):
@@ -188,7 +193,7 @@ def without(fd: InMemoryFederatedData, feature: str):
 def test_missing_domain_id_names_the_feature_and_the_fix():
     model, (train, test) = built("metrics=full")
     with pytest.raises(ConfigError) as info:
-        check_data_features(model, {"train": train, "test": without(test, "domain_id")})
+        check_data_features(model, {"test": without(test, "domain_id")})
     assert str(info.value) == (
         "metrics.per_domain_accuracy reads the feature 'domain_id' "
         "(metrics.per_domain_accuracy.domain_id_key), but the test data has only ['x', 'y']: "
@@ -207,7 +212,15 @@ def test_num_domains_must_cover_the_domain_ids():
         "0..4 (feature 'domain_id'): set metrics.per_domain_accuracy.num_domains=5"
     )
     model, _ = built("metrics=full", "metrics.per_domain_accuracy.num_domains=5")
-    check_data_features(model, {"test": test})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_data_features(model, {"test": test})
+
+
+def test_a_domain_without_examples_is_a_warning():
+    model, (_, test) = built("metrics=full")  # num_domains=3; synthetic has domains 0 and 1.
+    with pytest.warns(RuntimeWarning, match=r"no examples of domain\(s\) \[2\]: .*=2 if"):
+        check_data_features(model, {"test": test})
 
 
 def test_domain_ids_from_batches_when_the_store_has_no_such_column():

@@ -94,13 +94,17 @@ def concat_examples(many_examples: Iterable[Examples]) -> dict[str, np.ndarray]:
     return {k: np.concatenate(v, axis=0) for k, v in columns.items()}
 
 
-def attach_mask(examples: Examples, mask: np.ndarray) -> dict[str, np.ndarray]:
-    """Adds ``mask`` under ``EXAMPLE_MASK_KEY``; refuses to overwrite an existing mask."""
+def _check_no_mask(examples: Examples) -> None:
     if EXAMPLE_MASK_KEY in examples:
         raise ValueError(
             f"examples already contain the mask key {EXAMPLE_MASK_KEY!r}; "
             "rename that feature, the key is reserved for padding masks"
         )
+
+
+def attach_mask(examples: Examples, mask: np.ndarray) -> dict[str, np.ndarray]:
+    """Adds ``mask`` under ``EXAMPLE_MASK_KEY``; refuses to overwrite an existing mask."""
+    _check_no_mask(examples)
     return {**examples, EXAMPLE_MASK_KEY: mask}
 
 
@@ -109,11 +113,7 @@ def pad_examples(examples: Examples, size: int) -> dict[str, np.ndarray]:
 
     The mask is the first key of the result, as in FedJAX.
     """
-    if EXAMPLE_MASK_KEY in examples:
-        raise ValueError(
-            f"examples already contain the mask key {EXAMPLE_MASK_KEY!r}; "
-            "rename that feature, the key is reserved for padding masks"
-        )
+    _check_no_mask(examples)
     current = num_examples(examples)
     if current > size:
         raise ValueError(f"cannot pad {current} examples down to {size} rows")
@@ -144,11 +144,17 @@ def pick_final_batch_size(data_size: int, batch_size: int, num_batch_size_bucket
     return size
 
 
+def _check_int(name: str, value: Any, minimum: int = 1) -> None:
+    """ValueError unless ``value`` is an integer (not a bool) of at least ``minimum`` (0 or 1)."""
+    is_int = isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+    if not is_int or value < minimum:
+        kind = "a positive" if minimum > 0 else "a non-negative"
+        shown = int(value) if is_int else repr(value)
+        raise ValueError(f"{name} must be {kind} integer, got {shown}")
+
+
 def _check_batch_size(batch_size: Any) -> None:
-    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)):
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-    if batch_size <= 0:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
+    _check_int("batch_size", batch_size)
 
 
 # --------------------------------------------------------------------------------------------
@@ -169,6 +175,7 @@ class BatchPreprocessor:
 
     @property
     def fns(self) -> tuple[Callable[[Examples], Examples], ...]:
+        """The functions, in the order they run."""
         return self._fns
 
     def __call__(self, examples: Examples) -> Examples:
@@ -473,7 +480,9 @@ def padded_batch_client_datasets(
         )
 
 
-def buffered_shuffle(source: Iterable[Any], buffer_size: int, rng: np.random.RandomState):
+def buffered_shuffle(
+    source: Iterable[Any], buffer_size: int, rng: np.random.RandomState
+) -> Iterator[Any]:
     """Approximately shuffles a stream through a buffer of ``buffer_size`` items (one pass).
 
     The buffer is filled and shuffled; then each incoming item takes the slot of the item

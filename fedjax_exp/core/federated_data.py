@@ -54,6 +54,7 @@ class ClientPreprocessor:
 
     @property
     def fns(self) -> tuple[Callable[[ClientId, Examples], Examples], ...]:
+        """The functions, in the order they run."""
         return self._fns
 
     def __call__(self, client_id: ClientId, examples: Examples) -> Examples:
@@ -169,15 +170,12 @@ def padded_batch_federated_data(
     client boundaries, only the last is padded, every batch has ``EXAMPLE_MASK_KEY``. Useful
     for evaluating on a whole federated dataset.
     """
+    hparams = client_datasets._resolve(client_datasets.PaddedBatchHParams, hparams, kwargs)
     store = _in_memory_store(fd)
     if store is not None:
-        if hparams is None:
-            hparams = client_datasets.PaddedBatchHParams(**kwargs)
-        elif kwargs:
-            hparams = hparams.replace(**kwargs)
         return store.padded_batches(hparams.batch_size, hparams.num_batch_size_buckets)
     datasets = (dataset for _, dataset in fd.clients())
-    return client_datasets.padded_batch_client_datasets(datasets, hparams, **kwargs)
+    return client_datasets.padded_batch_client_datasets(datasets, hparams)
 
 
 def shuffle_repeat_batch_federated_data(
@@ -206,12 +204,8 @@ def shuffle_repeat_batch_federated_data(
       ValueError: non-positive batch or buffer size, or no examples at all.
     """
     client_datasets._check_batch_size(batch_size)
-    for name, value in (
-        ("client_buffer_size", client_buffer_size),
-        ("example_buffer_size", example_buffer_size),
-    ):
-        if value <= 0:
-            raise ValueError(f"{name} must be a positive integer, got {value}")
+    client_datasets._check_int("client_buffer_size", client_buffer_size)
+    client_datasets._check_int("example_buffer_size", example_buffer_size)
     store = _in_memory_store(fd)
     if store is not None:
         return store.shuffle_repeat_batches(
@@ -291,15 +285,15 @@ def buffered_shuffle_clients_forever(
 
 
 class SubsetFederatedData(FederatedData):
-    """A view of ``base`` restricted to an arbitrary set of client ids."""
+    """A view of ``base`` restricted to an arbitrary set of client ids.
+
+    Args:
+      base: the full FederatedData.
+      client_ids: ids to keep.
+      validate: check every id exists in ``base`` (ValueError otherwise).
+    """
 
     def __init__(self, base: FederatedData, client_ids: Iterable[ClientId], validate: bool = True):
-        """
-        Args:
-          base: the full FederatedData.
-          client_ids: ids to keep.
-          validate: check every id exists in ``base`` (ValueError otherwise).
-        """
         self._base = base
         self._client_ids = set(client_ids)
         if validate:

@@ -20,6 +20,7 @@ they are listed by ``client_ids``/``client_sizes`` and contribute nothing to bat
 from __future__ import annotations
 
 import bisect
+import collections
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -54,14 +55,10 @@ __all__ = [
 # --------------------------------------------------------------------------------------------
 
 
-def _check_positive(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-
-
-def _check_seed(seed: Any) -> None:
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+def _check_stream_args(client_buffer_size: Any, example_buffer_size: Any, seed: Any) -> None:
+    client_datasets._check_int("client_buffer_size", client_buffer_size)
+    client_datasets._check_int("example_buffer_size", example_buffer_size)
+    client_datasets._check_int("seed", seed, minimum=0)
 
 
 def shuffled_epoch_order(
@@ -96,9 +93,7 @@ def shuffled_epoch_order(
     Returns:
       int64 array of length ``offsets[-1]``: row indices in stream order.
     """
-    _check_positive("client_buffer_size", client_buffer_size)
-    _check_positive("example_buffer_size", example_buffer_size)
-    _check_seed(seed)
+    _check_stream_args(client_buffer_size, example_buffer_size, seed)
     offsets = np.asarray(offsets, dtype=np.int64)
     sizes = np.diff(offsets)
     rng = np.random.default_rng([int(seed), int(epoch)])
@@ -165,21 +160,10 @@ def shuffle_repeat_batch_indices(
     Raises:
       ValueError: non-positive sizes, a negative seed or start_batch, or no examples.
     """
-    _check_positive("batch_size", batch_size)
-    _check_positive("client_buffer_size", client_buffer_size)
-    _check_positive("example_buffer_size", example_buffer_size)
-    _check_seed(seed)
-    if isinstance(start_batch, bool) or not isinstance(start_batch, (int, np.integer)):
-        raise ValueError(f"start_batch must be a non-negative integer, got {start_batch!r}")
-    if start_batch < 0:
-        raise ValueError(f"start_batch must be a non-negative integer, got {start_batch}")
     offsets = np.asarray(offsets, dtype=np.int64)
-    total = int(offsets[-1]) if len(offsets) else 0
-    if total == 0:
-        raise ValueError(
-            "cannot draw shuffled batches from a dataset with no examples; "
-            "check that the dataset (or its slice) has clients with data"
-        )
+    total = _check_batch_stream_args(
+        offsets, batch_size, client_buffer_size, example_buffer_size, seed, start_batch
+    )
     return _index_chunks(
         offsets,
         batch_size,
@@ -189,6 +173,31 @@ def shuffle_repeat_batch_indices(
         start_batch * batch_size,
         total,
     )
+
+
+def _check_batch_stream_args(
+    offsets: np.ndarray,
+    batch_size: Any,
+    client_buffer_size: Any,
+    example_buffer_size: Any,
+    seed: Any,
+    start_batch: Any,
+) -> int:
+    """Validates the arguments of a shuffled batch stream; returns the number of examples.
+
+    Called where the stream is requested, so bad arguments fail at the call rather than at the
+    first ``next()`` of the lazy stream.
+    """
+    client_datasets._check_batch_size(batch_size)
+    _check_stream_args(client_buffer_size, example_buffer_size, seed)
+    client_datasets._check_int("start_batch", start_batch, minimum=0)
+    total = int(offsets[-1]) if len(offsets) else 0
+    if total == 0:
+        raise ValueError(
+            "cannot draw shuffled batches from a dataset with no examples; "
+            "check that the dataset (or its slice) has clients with data"
+        )
+    return total
 
 
 def _index_chunks(
@@ -256,6 +265,27 @@ def _sorted_ids(ids: Sequence[Any]) -> list[Any]:
         ) from e
 
 
+def _column(
+    client_data: Mapping[ClientId, Mapping[str, np.ndarray]],
+    sorted_ids: Sequence[ClientId],
+    offsets: np.ndarray,
+    name: str,
+) -> np.ndarray:
+    """Feature ``name`` of all clients back to back, written once into a preallocated array."""
+    first = np.asarray(client_data[sorted_ids[0]][name])
+    column = np.empty((int(offsets[-1]), *first.shape[1:]), dtype=first.dtype)
+    for i, client_id in enumerate(sorted_ids):
+        value = np.asarray(client_data[client_id][name])
+        if value.dtype != first.dtype or value.shape[1:] != first.shape[1:]:
+            raise ValueError(
+                f"feature {name!r} of client {client_id!r} is {value.dtype}"
+                f"{list(value.shape[1:])} per example but client {sorted_ids[0]!r} has "
+                f"{first.dtype}{list(first.shape[1:])}; cast them to one dtype and shape"
+            )
+        column[offsets[i] : offsets[i + 1]] = value
+    return column
+
+
 class InMemoryFederatedData(FederatedData):
     """A federated dataset held in memory as a column store (see the module docstring).
 
@@ -294,20 +324,7 @@ class InMemoryFederatedData(FederatedData):
             except ValueError as e:
                 raise ValueError(f"client {client_id!r}: {e}") from e
         offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
-        columns: dict[str, np.ndarray] = {}
-        for name in features:
-            first = np.asarray(client_data[ids[0]][name])
-            column = np.empty((int(offsets[-1]), *first.shape[1:]), dtype=first.dtype)
-            for i, client_id in enumerate(ids):
-                value = np.asarray(client_data[client_id][name])
-                if value.dtype != first.dtype or value.shape[1:] != first.shape[1:]:
-                    raise ValueError(
-                        f"feature {name!r} of client {client_id!r} is {value.dtype}"
-                        f"{list(value.shape[1:])} per example but client {ids[0]!r} has "
-                        f"{first.dtype}{list(first.shape[1:])}; cast them to one dtype and shape"
-                    )
-                column[offsets[i] : offsets[i + 1]] = value
-            columns[name] = column
+        columns = {name: _column(client_data, ids, offsets, name) for name in features}
         self._init(ids, offsets, columns, preprocess_client, preprocess_batch)
 
     @classmethod
@@ -351,8 +368,7 @@ class InMemoryFederatedData(FederatedData):
         if offsets[0] != 0 or np.any(np.diff(offsets) < 0):
             raise ValueError("offsets must start at 0 and be non-decreasing")
         if len(set(ids)) != len(ids):
-            seen: set[Any] = set()
-            dupes = [i for i in ids if i in seen or seen.add(i)]
+            dupes = [i for i, count in collections.Counter(ids).items() if count > 1]
             raise ValueError(f"client ids must be unique, got duplicates {dupes[:10]}")
         num_rows = int(offsets[-1])
         arrays: dict[str, np.ndarray] = {}
@@ -441,10 +457,12 @@ class InMemoryFederatedData(FederatedData):
 
     @property
     def batch_preprocessor(self) -> BatchPreprocessor:
+        """The preprocessor run on every batch (see :meth:`preprocess_batch`)."""
         return self._preprocess_batch
 
     @property
     def client_preprocessor(self) -> ClientPreprocessor:
+        """The preprocessor run on each client's examples (see :meth:`preprocess_client`)."""
         return self._preprocess_client
 
     @property
@@ -499,8 +517,7 @@ class InMemoryFederatedData(FederatedData):
             )
         if seed is None:
             seed = int(np.random.SeedSequence().generate_state(1)[0])
-        # Validate eagerly (errors at the call, not at the first next()).
-        shuffle_repeat_batch_indices(
+        total = _check_batch_stream_args(
             self._offsets, batch_size, client_buffer_size, example_buffer_size, seed, start_batch
         )
         # Gather several batches per fancy-indexing call: at small batch sizes the per-call
@@ -514,7 +531,7 @@ class InMemoryFederatedData(FederatedData):
             example_buffer_size,
             seed,
             start_batch * batch_size,
-            self.num_examples,
+            total,
         )
         return self._gather_batches(chunks, batch_size)
 

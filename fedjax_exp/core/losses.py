@@ -19,6 +19,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from fedjax_exp.core import metrics
 from fedjax_exp.core.typing import BatchExample
 
 __all__ = [
@@ -43,11 +44,11 @@ def softmax_cross_entropy(targets: jax.Array, logits: jax.Array) -> jax.Array:
         logits: Unnormalized scores, shape ``[..., num_classes]``.
 
     Returns:
-        The per-example loss, shape ``[...]``. Same numbers as FedJAX's
-        ``metrics.unreduced_cross_entropy_loss``.
+        The per-example loss, shape ``[...]``: the sparse case of
+        :func:`fedjax_exp.metrics.unreduced_cross_entropy_loss` (one definition, so training
+        and evaluation losses cannot drift apart).
     """
-    one_hot = jax.nn.one_hot(targets, logits.shape[-1])
-    return -jnp.sum(one_hot * jax.nn.log_softmax(logits), axis=-1)
+    return metrics.unreduced_cross_entropy_loss(targets, logits)
 
 
 def multiclass_hinge(targets: jax.Array, scores: jax.Array) -> jax.Array:

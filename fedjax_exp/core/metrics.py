@@ -186,6 +186,20 @@ class Metric(abc.ABC):
         """Returns the statistic of one example given the model's prediction for it."""
 
 
+class _MeanMetric(Metric):
+    """A metric whose statistic is a :class:`MeanStat` (its zero is the empty mean)."""
+
+    def zero(self) -> MeanStat:
+        return MeanStat.new(0.0, 0.0)
+
+
+class _SumMetric(Metric):
+    """A metric whose statistic is a scalar :class:`SumStat` (its zero is 0)."""
+
+    def zero(self) -> SumStat:
+        return SumStat.new(0.0)
+
+
 class MissingKeyError(KeyError):
     """A metric's ``target_key``/``pred_key`` is absent from the example or prediction.
 
@@ -196,17 +210,13 @@ class MissingKeyError(KeyError):
         return str(self.args[0]) if self.args else ""
 
 
-def _config_name(metric: Any) -> str:
-    return type(metric).__name__
-
-
 def _get_feature(metric: Any, example: SingleExample, key: str, attribute: str) -> jax.Array:
     """Looks up ``example[key]``, failing with a message that says how to fix the key."""
     if isinstance(example, Mapping) and key in example:
         return example[key]
     available = sorted(example) if isinstance(example, Mapping) else []
     raise MissingKeyError(
-        f"{_config_name(metric)}: {attribute}={key!r} is not a key of the example; available "
+        f"{type(metric).__name__}: {attribute}={key!r} is not a key of the example; available "
         f"keys: {available}. Pass {attribute}=<one of them> when creating the metric."
     )
 
@@ -216,23 +226,31 @@ def _get_prediction(metric: Any, prediction: SinglePrediction, pred_key: str | N
     if pred_key is None:
         if isinstance(prediction, Mapping):
             raise MissingKeyError(
-                f"{_config_name(metric)}: the prediction is a dict with keys "
+                f"{type(metric).__name__}: the prediction is a dict with keys "
                 f"{sorted(prediction)} but pred_key is None. Pass pred_key=<one of them> when "
                 "creating the metric."
             )
         return prediction
     if not isinstance(prediction, Mapping):
         raise MissingKeyError(
-            f"{_config_name(metric)}: pred_key={pred_key!r} but the prediction is an array, not "
+            f"{type(metric).__name__}: pred_key={pred_key!r} but the prediction is an array, not "
             "a dict. Use pred_key=None to evaluate the prediction array itself."
         )
     if pred_key not in prediction:
         raise MissingKeyError(
-            f"{_config_name(metric)}: pred_key={pred_key!r} is not a key of the prediction; "
+            f"{type(metric).__name__}: pred_key={pred_key!r} is not a key of the prediction; "
             f"available keys: {sorted(prediction)}. Pass pred_key=<one of them> when creating "
             "the metric."
         )
     return prediction[pred_key]
+
+
+def _target_and_logits(
+    metric: Any, example: SingleExample, prediction: SinglePrediction
+) -> tuple[jax.Array, jax.Array]:
+    """``example[metric.target_key]`` and the prediction selected by ``metric.pred_key``."""
+    target = _get_feature(metric, example, metric.target_key, "target_key")
+    return target, _get_prediction(metric, prediction, metric.pred_key)
 
 
 def apply_mask(mask: jax.Array, a: jax.Array, b: jax.Array) -> jax.Array:
@@ -341,7 +359,7 @@ def _static(default: Any = _REQUIRED) -> Any:
 
 
 @dataclass
-class CrossEntropyLoss(Metric):
+class CrossEntropyLoss(_MeanMetric):
     """Mean softmax cross-entropy of the logits against integer class targets.
 
     Attributes:
@@ -352,17 +370,13 @@ class CrossEntropyLoss(Metric):
     target_key: str = _static("y")
     pred_key: str | None = _static(None)
 
-    def zero(self) -> MeanStat:
-        return MeanStat.new(0.0, 0.0)
-
     def evaluate_example(self, example: SingleExample, prediction: SinglePrediction) -> MeanStat:
-        target = _get_feature(self, example, self.target_key, "target_key")
-        logits = _get_prediction(self, prediction, self.pred_key)
+        target, logits = _target_and_logits(self, example, prediction)
         return MeanStat.new(unreduced_cross_entropy_loss(target, logits), 1.0)
 
 
 @dataclass
-class Accuracy(Metric):
+class Accuracy(_MeanMetric):
     """Fraction of examples whose arg-max logit is the target class.
 
     Ties go to the lowest class index (``argmax``).
@@ -375,12 +389,8 @@ class Accuracy(Metric):
     target_key: str = _static("y")
     pred_key: str | None = _static(None)
 
-    def zero(self) -> MeanStat:
-        return MeanStat.new(0.0, 0.0)
-
     def evaluate_example(self, example: SingleExample, prediction: SinglePrediction) -> MeanStat:
-        target = _get_feature(self, example, self.target_key, "target_key")
-        logits = _get_prediction(self, prediction, self.pred_key)
+        target, logits = _target_and_logits(self, example, prediction)
         correct = (target == jnp.argmax(logits, axis=-1)).astype(jnp.float32)
         return MeanStat.new(correct, 1.0)
 
@@ -395,7 +405,7 @@ def _top_k_classes(logits: jax.Array, k: int) -> jax.Array:
 
 
 @dataclass
-class TopKAccuracy(Metric):
+class TopKAccuracy(_MeanMetric):
     """Fraction of examples whose target is among the ``k`` highest logits.
 
     Equal logits rank the lower class id first. ``k < 1`` gives 0 and ``k >= num_classes`` gives
@@ -411,12 +421,8 @@ class TopKAccuracy(Metric):
     target_key: str = _static("y")
     pred_key: str | None = _static(None)
 
-    def zero(self) -> MeanStat:
-        return MeanStat.new(0.0, 0.0)
-
     def evaluate_example(self, example: SingleExample, prediction: SinglePrediction) -> MeanStat:
-        target = _get_feature(self, example, self.target_key, "target_key")
-        logits = _get_prediction(self, prediction, self.pred_key)
+        target, logits = _target_and_logits(self, example, prediction)
         hit = jnp.any(_top_k_classes(logits, self.k) == target).astype(jnp.float32)
         return MeanStat.new(hit, 1.0)
 
@@ -442,8 +448,7 @@ class ConfusionMatrix(Metric):
         return SumStat.new(jnp.zeros((self.num_classes, self.num_classes)))
 
     def evaluate_example(self, example: SingleExample, prediction: SinglePrediction) -> SumStat:
-        target = _get_feature(self, example, self.target_key, "target_key")
-        logits = _get_prediction(self, prediction, self.pred_key)
+        target, logits = _target_and_logits(self, example, prediction)
         if jnp.shape(logits)[-1] != self.num_classes:
             raise ValueError(
                 f"ConfusionMatrix(num_classes={self.num_classes}) got predictions over "
@@ -508,6 +513,12 @@ def _token_stat(per_token: jax.Array, weight: jax.Array, per_position: bool) -> 
     return MeanStat.new(jnp.sum(per_token * weight), jnp.sum(weight))
 
 
+def _sequence_targets(metric: Any, example: SingleExample) -> tuple[jax.Array, jax.Array]:
+    """A sequence's target tokens and their weights (0.0 at ``masked_target_values``)."""
+    target = _get_feature(metric, example, metric.target_key, "target_key")
+    return target, get_target_weight(target, metric.masked_target_values)
+
+
 def _masked_logits(logits: jax.Array, logits_mask: tuple[float, ...] | None) -> jax.Array:
     # The mask is a tuple rather than an array so that the metric stays hashable.
     if logits_mask is None:
@@ -516,7 +527,7 @@ def _masked_logits(logits: jax.Array, logits_mask: tuple[float, ...] | None) -> 
 
 
 @dataclass
-class SequenceTokenCrossEntropyLoss(Metric):
+class SequenceTokenCrossEntropyLoss(_MeanMetric):
     """Mean cross-entropy per non-padding token.
 
     Attributes:
@@ -531,19 +542,15 @@ class SequenceTokenCrossEntropyLoss(Metric):
     masked_target_values: tuple[int, ...] = _static((0,))
     per_position: bool = _static(False)
 
-    def zero(self) -> MeanStat:
-        return MeanStat.new(0.0, 0.0)
-
     def evaluate_example(self, example: SingleExample, prediction: SinglePrediction) -> MeanStat:
-        target = _get_feature(self, example, self.target_key, "target_key")
+        target, weight = _sequence_targets(self, example)
         logits = _get_prediction(self, prediction, self.pred_key)
-        weight = get_target_weight(target, self.masked_target_values)
         loss = unreduced_cross_entropy_loss(target, logits)
         return _token_stat(loss, weight, self.per_position)
 
 
 @dataclass
-class SequenceCrossEntropyLoss(Metric):
+class SequenceCrossEntropyLoss(_MeanMetric):
     """Mean over sequences of the summed token cross-entropy (fully padded sequences excluded).
 
     Attributes:
@@ -556,20 +563,16 @@ class SequenceCrossEntropyLoss(Metric):
     pred_key: str | None = _static(None)
     masked_target_values: tuple[int, ...] = _static((0,))
 
-    def zero(self) -> MeanStat:
-        return MeanStat.new(0.0, 0.0)
-
     def evaluate_example(self, example: SingleExample, prediction: SinglePrediction) -> MeanStat:
-        target = _get_feature(self, example, self.target_key, "target_key")
+        target, weight = _sequence_targets(self, example)
         logits = _get_prediction(self, prediction, self.pred_key)
-        weight = get_target_weight(target, self.masked_target_values)
         loss = unreduced_cross_entropy_loss(target, logits)
         # Each sequence weighs 1, or 0 when every position is padding.
         return MeanStat.new(jnp.sum(loss * weight), jnp.any(weight))
 
 
 @dataclass
-class SequenceTokenAccuracy(Metric):
+class SequenceTokenAccuracy(_MeanMetric):
     """Fraction of non-padding tokens whose arg-max logit is the target.
 
     Attributes:
@@ -587,19 +590,15 @@ class SequenceTokenAccuracy(Metric):
     logits_mask: tuple[float, ...] | None = _static(None)
     per_position: bool = _static(False)
 
-    def zero(self) -> MeanStat:
-        return MeanStat.new(0.0, 0.0)
-
     def evaluate_example(self, example: SingleExample, prediction: SinglePrediction) -> MeanStat:
-        target = _get_feature(self, example, self.target_key, "target_key")
+        target, weight = _sequence_targets(self, example)
         logits = _masked_logits(_get_prediction(self, prediction, self.pred_key), self.logits_mask)
-        weight = get_target_weight(target, self.masked_target_values)
         correct = (target == jnp.argmax(logits, axis=-1)).astype(jnp.float32)
         return _token_stat(correct, weight, self.per_position)
 
 
 @dataclass
-class SequenceTokenTopKAccuracy(Metric):
+class SequenceTokenTopKAccuracy(_MeanMetric):
     """Fraction of non-padding tokens whose target is among the ``k`` highest logits.
 
     Attributes:
@@ -618,20 +617,16 @@ class SequenceTokenTopKAccuracy(Metric):
     logits_mask: tuple[float, ...] | None = _static(None)
     per_position: bool = _static(False)
 
-    def zero(self) -> MeanStat:
-        return MeanStat.new(0.0, 0.0)
-
     def evaluate_example(self, example: SingleExample, prediction: SinglePrediction) -> MeanStat:
-        target = _get_feature(self, example, self.target_key, "target_key")
+        target, weight = _sequence_targets(self, example)
         logits = _masked_logits(_get_prediction(self, prediction, self.pred_key), self.logits_mask)
-        weight = get_target_weight(target, self.masked_target_values)
         top_k = _top_k_classes(logits, self.k)
         hit = jnp.any(top_k == target[..., None], axis=-1).astype(jnp.float32)
         return _token_stat(hit, weight, self.per_position)
 
 
 @dataclass
-class SequenceTokenCount(Metric):
+class SequenceTokenCount(_SumMetric):
     """Total number of non-padding tokens.
 
     Attributes:
@@ -642,17 +637,14 @@ class SequenceTokenCount(Metric):
     target_key: str = _static("y")
     masked_target_values: tuple[int, ...] = _static((0,))
 
-    def zero(self) -> SumStat:
-        return SumStat.new(0.0)
-
     def evaluate_example(self, example: SingleExample, prediction: SinglePrediction) -> SumStat:
         del prediction  # Only the targets matter.
-        target = _get_feature(self, example, self.target_key, "target_key")
-        return SumStat.new(jnp.sum(get_target_weight(target, self.masked_target_values)))
+        _, weight = _sequence_targets(self, example)
+        return SumStat.new(jnp.sum(weight))
 
 
 @dataclass
-class SequenceCount(Metric):
+class SequenceCount(_SumMetric):
     """Number of sequences with at least one non-padding token.
 
     Attributes:
@@ -663,18 +655,14 @@ class SequenceCount(Metric):
     target_key: str = _static("y")
     masked_target_values: tuple[int, ...] = _static((0,))
 
-    def zero(self) -> SumStat:
-        return SumStat.new(0.0)
-
     def evaluate_example(self, example: SingleExample, prediction: SinglePrediction) -> SumStat:
         del prediction  # Only the targets matter.
-        target = _get_feature(self, example, self.target_key, "target_key")
-        weight = get_target_weight(target, self.masked_target_values)
+        _, weight = _sequence_targets(self, example)
         return SumStat.new(jnp.any(weight).astype(jnp.float32))
 
 
 @dataclass
-class SequenceTruncationRate(Metric):
+class SequenceTruncationRate(_MeanMetric):
     """Fraction of non-empty sequences that lack the end-of-sequence token (were truncated).
 
     Attributes:
@@ -687,20 +675,16 @@ class SequenceTruncationRate(Metric):
     target_key: str = _static("y")
     masked_target_values: tuple[int, ...] = _static((0,))
 
-    def zero(self) -> MeanStat:
-        return MeanStat.new(0.0, 0.0)
-
     def evaluate_example(self, example: SingleExample, prediction: SinglePrediction) -> MeanStat:
         del prediction  # Only the targets matter.
-        target = _get_feature(self, example, self.target_key, "target_key")
-        weight = get_target_weight(target, self.masked_target_values)
+        target, weight = _sequence_targets(self, example)
         non_empty = jnp.sum(jnp.any(weight))  # 0 or 1, as an integer like FedJAX's.
         truncated = jnp.all(target != self.eos_target_value)
         return MeanStat.new(truncated * non_empty, non_empty)
 
 
 @dataclass
-class SequenceTokenOOVRate(Metric):
+class SequenceTokenOOVRate(_MeanMetric):
     """Fraction of non-padding tokens that are out of vocabulary.
 
     Attributes:
@@ -716,13 +700,9 @@ class SequenceTokenOOVRate(Metric):
     masked_target_values: tuple[int, ...] = _static((0,))
     per_position: bool = _static(False)
 
-    def zero(self) -> MeanStat:
-        return MeanStat.new(0.0, 0.0)
-
     def evaluate_example(self, example: SingleExample, prediction: SinglePrediction) -> MeanStat:
         del prediction  # Only the targets matter.
-        target = _get_feature(self, example, self.target_key, "target_key")
-        weight = get_target_weight(target, self.masked_target_values)
+        target, weight = _sequence_targets(self, example)
         is_oov = jnp.ones_like(target, dtype=jnp.float32)
         for value in self.oov_target_values:
             is_oov = is_oov * (target == value)
@@ -730,7 +710,7 @@ class SequenceTokenOOVRate(Metric):
 
 
 @dataclass
-class SequenceLength(Metric):
+class SequenceLength(_MeanMetric):
     """Mean number of non-padding tokens per non-empty sequence.
 
     Attributes:
@@ -741,11 +721,7 @@ class SequenceLength(Metric):
     target_key: str = _static("y")
     masked_target_values: tuple[int, ...] = _static((0,))
 
-    def zero(self) -> MeanStat:
-        return MeanStat.new(0.0, 0.0)
-
     def evaluate_example(self, example: SingleExample, prediction: SinglePrediction) -> MeanStat:
         del prediction  # Only the targets matter.
-        target = _get_feature(self, example, self.target_key, "target_key")
-        weight = get_target_weight(target, self.masked_target_values)
+        _, weight = _sequence_targets(self, example)
         return MeanStat.new(jnp.sum(weight), jnp.sum(jnp.any(weight)))

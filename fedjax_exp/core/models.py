@@ -241,17 +241,11 @@ def model_per_example_loss(model: Model) -> PerExampleLoss:
     return per_example_loss
 
 
-def _safe_div(numerator: jax.Array, denominator: jax.Array) -> jax.Array:
-    # 0 / 0 -> 0 without a NaN gradient (both where-branches are finite).
-    nonzero = denominator != 0
-    return jnp.where(nonzero, numerator / jnp.where(nonzero, denominator, 1), 0)
-
-
 def _mean_loss(batch_loss: jax.Array, batch: BatchExample) -> jax.Array:
     """The mean over the real examples: padding (mask False) contributes nothing."""
     if EXAMPLE_MASK_KEY in batch:
         mask = batch[EXAMPLE_MASK_KEY]
-        return _safe_div(jnp.vdot(batch_loss, mask), jnp.sum(mask))
+        return metrics._safe_divide(jnp.vdot(batch_loss, mask), jnp.sum(mask))
     return jnp.mean(batch_loss)
 
 
@@ -392,8 +386,9 @@ class ModelEvaluator:
         self, params: Params, clients: Iterable[tuple[ClientId, Iterable[BatchExample]]]
     ) -> Iterator[tuple[ClientId, dict[str, np.ndarray]]]:
         """Yields ``(client_id, results)`` for each client, all evaluated with ``params``."""
-        for client_id, batches in clients:
-            yield client_id, _evaluate_batches(self._model, params, batches, "ModelEvaluator")
+        return self.evaluate_per_client_params(
+            (client_id, batches, params) for client_id, batches in clients
+        )
 
     def evaluate_per_client_params(
         self, clients: Iterable[tuple[ClientId, Iterable[BatchExample], Params]]
@@ -437,7 +432,7 @@ def _finish_average_loss(
     loss_sum: jax.Array,
     num_examples: jax.Array,
 ) -> jax.Array:
-    average = _safe_div(loss_sum, num_examples)
+    average = metrics._safe_divide(loss_sum, num_examples)
     if regularizer is not None:
         average += regularizer(params)
     return average
@@ -481,22 +476,16 @@ class AverageLossEvaluator:
         clients: Iterable[tuple[ClientId, Iterable[BatchExample], PRNGKey]],
     ) -> Iterator[tuple[ClientId, jax.Array]]:
         """Yields ``(client_id, average_loss)`` for each ``(client_id, batches, rng)``."""
-        for client_id, batches, rng in clients:
-            yield (
-                client_id,
-                evaluate_average_loss(
-                    params, batches, rng, self._per_example_loss, self._regularizer
-                ),
-            )
+        return self.evaluate_per_client_params(
+            (client_id, batches, rng, params) for client_id, batches, rng in clients
+        )
 
     def evaluate_per_client_params(
         self, clients: Iterable[tuple[ClientId, Iterable[BatchExample], PRNGKey, Params]]
     ) -> Iterator[tuple[ClientId, jax.Array]]:
         """Yields ``(client_id, average_loss)`` for each ``(client_id, batches, rng, params)``."""
         for client_id, batches, rng, params in clients:
-            yield (
-                client_id,
-                evaluate_average_loss(
-                    params, batches, rng, self._per_example_loss, self._regularizer
-                ),
+            loss = evaluate_average_loss(
+                params, batches, rng, self._per_example_loss, self._regularizer
             )
+            yield client_id, loss

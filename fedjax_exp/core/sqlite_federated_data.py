@@ -37,8 +37,8 @@ import msgpack
 import numpy as np
 
 from fedjax_exp.core import client_datasets
-from fedjax_exp.core.atomic_file import AtomicFile
 from fedjax_exp.core import federated_data as fd_lib
+from fedjax_exp.core.atomic_file import AtomicFile
 from fedjax_exp.core.client_datasets import BatchPreprocessor, ClientDataset, Examples
 from fedjax_exp.core.federated_data import ClientPreprocessor, FederatedData, FederatedDataBuilder
 from fedjax_exp.core.typing import ClientId

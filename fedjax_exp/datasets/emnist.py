@@ -169,9 +169,12 @@ def _h5_name(split: str, only_digits: bool) -> str:
     return f"fed_emnist_{'digitsonly_' if only_digits else ''}{split}.h5"
 
 
-def _check_args(split: str, mode: str) -> None:
+def _check_split(split: str) -> None:
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+
+
+def _check_mode(mode: str) -> None:
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
 
@@ -183,7 +186,8 @@ def find_files(
     cache_dir: str | os.PathLike[str] | None = None,
 ) -> pathlib.Path | None:
     """The cached file for a split, or None. ``auto`` prefers SQLite over h5."""
-    _check_args(split, mode)
+    _check_split(split)
+    _check_mode(mode)
     cache = pathlib.Path(cache_dir) if cache_dir is not None else downloads.default_cache_dir()
     candidates = []
     if mode in ("auto", "sqlite"):
@@ -218,7 +222,7 @@ def _resolve(
                 )
             missing = []
         except downloads.ChecksumError:
-            raise
+            raise  # Bad bytes are not "unavailable": report the mismatch itself.
         except downloads.DownloadError as exc:
             reason = f"the download failed ({exc})"
     if missing:
@@ -237,11 +241,9 @@ def _resolve(
 def _open(path: pathlib.Path, in_memory: bool) -> FederatedData:
     """Unprocessed federated data from an SQLite or h5 file (detected by magic bytes)."""
     if tff_h5.is_hdf5_file(path):
-        cols = tff_h5.read_h5_columns(path)
-        return InMemoryFederatedData.from_columns(cols.client_ids, cols.offsets, cols.columns)
+        return InMemoryFederatedData.from_columns(*tff_h5.read_h5_columns(path))
     if in_memory:
-        ids, offsets, columns = load_sqlite_columns(path)
-        return InMemoryFederatedData.from_columns(ids, offsets, columns)
+        return InMemoryFederatedData.from_columns(*load_sqlite_columns(path))
     return SQLiteFederatedData.new(path)
 
 
@@ -270,7 +272,8 @@ def load_split(
       base_url: where to download from (FedJAX's bucket by default).
       sha256: expected digests by file name (see :mod:`.downloads`).
     """
-    _check_args(split, mode)
+    _check_split(split)
+    _check_mode(mode)
     paths = _resolve([split], only_digits, mode, cache_dir, download, base_url, sha256)
     return _open(paths[split], in_memory)
 
@@ -288,8 +291,7 @@ def load_data(
 
     Arguments as in :func:`load_split`. FedJAX's ``mode='sqlite'`` still works.
     """
-    for split in SPLITS:
-        _check_args(split, mode)
+    _check_mode(mode)
     paths = _resolve(SPLITS, only_digits, mode, cache_dir, download, base_url, sha256)
     train = preprocess_split(_open(paths["train"], in_memory))
     test = preprocess_split(_open(paths["test"], in_memory))

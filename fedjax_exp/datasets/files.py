@@ -66,28 +66,24 @@ def load_federated_file(
     """
     if preprocess not in PREPROCESS:
         raise ValueError(f"preprocess must be one of {PREPROCESS}, got {preprocess!r}")
-    kind = detect_format(path)
-    if kind == "h5":
-        ids, offsets, columns = tff_h5.read_h5_columns(path, empty_clients=empty_clients)
+    if detect_format(path) == "h5":
+        store = tff_h5.read_h5_columns(path, empty_clients=empty_clients)
+        fd: FederatedData = InMemoryFederatedData.from_columns(*store)
     elif in_memory:
-        ids, offsets, columns = load_sqlite_columns(path, empty_clients=empty_clients)
+        fd = InMemoryFederatedData.from_columns(
+            *load_sqlite_columns(path, empty_clients=empty_clients)
+        )
     else:
         fd = SQLiteFederatedData.new(path)
-        first = next(fd.clients(), None)
-        features = set(first[1].raw_examples) if first is not None else set()
-        if _wants_emnist(preprocess, features):
-            return emnist.preprocess_split(fd)
-        return fd
-    if _wants_emnist(preprocess, set(columns)):
-        columns = emnist.emnist_columns(ids, offsets, columns)
-        fd = InMemoryFederatedData.from_columns(ids, offsets, columns)
-        return fd.preprocess_batch(emnist.preprocess_batch)
-    return InMemoryFederatedData.from_columns(ids, offsets, columns)
+    if _wants_emnist(preprocess, fd):
+        return emnist.preprocess_split(fd)
+    return fd
 
 
-def _wants_emnist(preprocess: str, features: set[str]) -> bool:
+def _wants_emnist(preprocess: str, fd: FederatedData) -> bool:
     if preprocess == "auto":
-        return features == {"pixels", "label"}
+        first = next(fd.clients(), None)  # Features are the same for every client.
+        return first is not None and set(first[1].raw_examples) == {"pixels", "label"}
     return preprocess == "emnist"
 
 

@@ -51,7 +51,7 @@ def load_split(split: str, preprocess: bool = True) -> FederatedData:
     ids, offsets, columns = tff_h5.read_h5_columns(path)
     columns = emnist.emnist_columns(ids, offsets, columns)  # uint8 -> float32 k/255
     if not preprocess:
-        del columns["domain_id"]
+        del columns["domain_id"]  # Raw means the source files' features only.
         return InMemoryFederatedData.from_columns(ids, offsets, columns)
     fd = InMemoryFederatedData.from_columns(ids, offsets, columns)
     return fd.preprocess_batch(emnist.preprocess_batch)

@@ -19,6 +19,7 @@ import itertools
 import os
 import pathlib
 import tempfile
+import warnings
 from collections.abc import Iterator, Mapping
 from numbers import Real
 from typing import Any
@@ -343,6 +344,17 @@ def _check_domains(
             f"{path}.num_domains={num_domains} does not cover the {split} data's domain ids "
             f"{low}..{high} (feature {key!r}): set {path}.num_domains={max(high + 1, 1)}"
             + (" and use non-negative domain ids" if low < 0 else "")
+        )
+    empty = sorted(set(range(num_domains)) - {int(i) for i in np.unique(ids)})
+    if empty:
+        # Not an error (a small split may miss a domain), but an empty domain's accuracy is
+        # reported as 0, which reads like a real result.
+        warnings.warn(
+            f"{path}.num_domains={num_domains} but the {split} data has no examples of domain(s) "
+            f"{empty}: their results will read 0; set {path}.num_domains={high + 1} if the data "
+            "has no more domains",
+            RuntimeWarning,
+            stacklevel=3,
         )
 
 

@@ -20,6 +20,9 @@ create_mlp_model              108,478  plain JAX (tutorial)
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import haiku as hk
 import jax
 import jax.numpy as jnp
@@ -85,6 +88,29 @@ class _ConvNet(hk.Module):
         return hk.Linear(self._classes)(x)
 
 
+def _haiku_classifier(forward_pass: Callable[..., jax.Array], **kwargs: Any) -> Model:
+    """A zoo Model from a Haiku forward pass: cross-entropy training, loss/accuracy metrics."""
+    return create_model_from_haiku(
+        transformed_forward_pass=hk.transform(forward_pass),
+        sample_batch=_HAIKU_SAMPLE_BATCH,
+        train_loss=cross_entropy_loss,
+        eval_metrics=_eval_metrics(),
+        **kwargs,
+    )
+
+
+def _stax_classifier(*layers: Any) -> Model:
+    """A zoo Model from ``stax.serial(*layers)``, trained and evaluated like the Haiku ones."""
+    stax_init, stax_apply = stax.serial(*layers)
+    return create_model_from_stax(
+        stax_init=stax_init,
+        stax_apply=stax_apply,
+        sample_shape=_STAX_SAMPLE_SHAPE,
+        train_loss=cross_entropy_loss,
+        eval_metrics=_eval_metrics(),
+    )
+
+
 def create_conv_model(only_digits: bool = False) -> Model:
     """The CNN of Reddi et al., "Adaptive Federated Optimization" (2020), in Haiku.
 
@@ -97,13 +123,8 @@ def create_conv_model(only_digits: bool = False) -> Model:
     def forward_pass(batch: BatchExample, is_train: bool = True) -> jax.Array:
         return _ConvNet(classes)(batch["x"], is_train)
 
-    return create_model_from_haiku(
-        transformed_forward_pass=hk.transform(forward_pass),
-        sample_batch=_HAIKU_SAMPLE_BATCH,
-        train_loss=cross_entropy_loss,
-        eval_metrics=_eval_metrics(),
-        train_kwargs={"is_train": True},
-        eval_kwargs={"is_train": False},
+    return _haiku_classifier(
+        forward_pass, train_kwargs={"is_train": True}, eval_kwargs={"is_train": False}
     )
 
 
@@ -124,12 +145,7 @@ def create_dense_model(only_digits: bool = False, hidden_units: int = 200) -> Mo
         )
         return network(batch["x"])
 
-    return create_model_from_haiku(
-        transformed_forward_pass=hk.transform(forward_pass),
-        sample_batch=_HAIKU_SAMPLE_BATCH,
-        train_loss=cross_entropy_loss,
-        eval_metrics=_eval_metrics(),
-    )
+    return _haiku_classifier(forward_pass)
 
 
 def create_logistic_model(only_digits: bool = False) -> Model:
@@ -139,30 +155,18 @@ def create_logistic_model(only_digits: bool = False) -> Model:
     def forward_pass(batch: BatchExample) -> jax.Array:
         return hk.Sequential([hk.Flatten(), hk.Linear(classes)])(batch["x"])
 
-    return create_model_from_haiku(
-        transformed_forward_pass=hk.transform(forward_pass),
-        sample_batch=_HAIKU_SAMPLE_BATCH,
-        train_loss=cross_entropy_loss,
-        eval_metrics=_eval_metrics(),
-    )
+    return _haiku_classifier(forward_pass)
 
 
 def create_stax_dense_model(only_digits: bool = False, hidden_units: int = 200) -> Model:
     """The same MLP as :func:`create_dense_model`, written with stax."""
-    stax_init, stax_apply = stax.serial(
+    return _stax_classifier(
         stax.Flatten,
         stax.Dense(hidden_units),
         stax.Relu,
         stax.Dense(hidden_units),
         stax.Relu,
         stax.Dense(num_classes(only_digits)),
-    )
-    return create_model_from_stax(
-        stax_init=stax_init,
-        stax_apply=stax_apply,
-        sample_shape=_STAX_SAMPLE_SHAPE,
-        train_loss=cross_entropy_loss,
-        eval_metrics=_eval_metrics(),
     )
 
 
@@ -171,20 +175,13 @@ def create_stax_cnn_model(only_digits: bool = False) -> Model:
 
     12.9M parameters at 62 classes, almost all in the 50,176 x 256 dense layer.
     """
-    stax_init, stax_apply = stax.serial(
+    return _stax_classifier(
         stax.Conv(64, (3, 3), strides=(1, 1), padding="SAME"),
         stax.Relu,
         stax.Flatten,
         stax.Dense(256),
         stax.Relu,
         stax.Dense(num_classes(only_digits)),
-    )
-    return create_model_from_stax(
-        stax_init=stax_init,
-        stax_apply=stax_apply,
-        sample_shape=_STAX_SAMPLE_SHAPE,
-        train_loss=cross_entropy_loss,
-        eval_metrics=_eval_metrics(),
     )
 
 
@@ -212,7 +209,9 @@ def create_mlp_model(only_digits: bool = False, hidden_units: int = 128) -> Mode
         return jax.nn.relu(x @ w0 + b0) @ w1 + b1
 
     @jax.jit
-    def apply_for_train(params: Params, batch: BatchExample, rng: PRNGKey | None = None):
+    def apply_for_train(
+        params: Params, batch: BatchExample, rng: PRNGKey | None = None
+    ) -> jax.Array:
         del rng  # Deterministic: no dropout.
         return apply_for_eval(params, batch)
 
