@@ -10,6 +10,7 @@ Returns the optimized metric (``optimized_metric``) so Optuna sweeps can maximis
 from __future__ import annotations
 
 import logging
+import os
 import pathlib
 import sys
 
@@ -49,6 +50,16 @@ def main(cfg: DictConfig) -> float:
         # A single run: one line on stderr instead of a traceback, and a non-zero exit.
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2 if isinstance(e, ConfigError) else 1) from None
+    except Exception as e:
+        if _in_multirun() or os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        # Anything else (a data file that cannot be read, a download that failed, an error in
+        # user code given by _target_): still one line, with the way to the full traceback.
+        print(
+            f"error: {type(e).__name__}: {e} (set HYDRA_FULL_ERROR=1 for the traceback)",
+            file=sys.stderr,
+        )
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":
