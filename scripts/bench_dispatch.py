@@ -54,6 +54,30 @@ def measure(model, k: int, steps: int, batch_size: int) -> float:
     return dispatches * k / (time.perf_counter() - t0)
 
 
+def auto_steps_per_dispatch(model) -> int:
+    """What ``trainer.steps_per_dispatch=auto`` picks for ``model`` on this backend."""
+    from fedjax_exp.core import optimizers
+    from fedjax_exp.experiment import algorithms, parallel
+
+    key = jax.random.PRNGKey(0)
+    alg = algorithms.CentralizedTraining(model, optimizers.adam(1e-3), None, 8, 1, 1)
+    sample = {
+        "x": jax.ShapeDtypeStruct((8, 28, 28, 1), np.float32),
+        "y": jax.ShapeDtypeStruct((8,), np.int32),
+    }
+    conv = algorithms.uses_convolution(alg.update, jax.eval_shape(alg.init, key), sample, key)
+    settings = parallel.resolve_speed_settings(
+        {},
+        jax.default_backend(),
+        num_devices=1,
+        device_data_supported=False,
+        data_bytes=None,
+        device_bytes=None,
+        uses_convolution=conv,
+    )
+    return settings.steps_per_dispatch
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="logistic,mlp,stax_cnn")
@@ -69,6 +93,7 @@ def main() -> None:
         results["steps_per_s"][name] = {
             str(k): round(measure(model, k, steps, args.batch_size), 1) for k in ks
         }
+        results.setdefault("auto_steps_per_dispatch", {})[name] = auto_steps_per_dispatch(model)
         print(name, results["steps_per_s"][name], flush=True)
     print(json.dumps(results, indent=2))
 

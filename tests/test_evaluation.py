@@ -153,3 +153,57 @@ def test_flatten_results_and_summaries():
     assert summary["p50"] == pytest.approx(0.4) and summary["p90"] == pytest.approx(0.8)
     with pytest.raises(ValueError, match="no per-client values"):
         summarize_distribution(np.array([]))
+
+
+def _count_evaluations(monkeypatch) -> list[int]:
+    """Counts evaluate_model calls made by the Evaluator (each call: its number of batches)."""
+    import fedjax_exp.core.models as core_models
+
+    calls: list[int] = []
+    real = core_models.evaluate_model
+
+    def counting(model, params, batches):
+        batches = list(batches)
+        calls.append(len(batches))
+        return real(model, params, batches)
+
+    monkeypatch.setattr(core_models, "evaluate_model", counting)
+    return calls
+
+
+def test_final_reuses_the_last_periodic_pass_when_it_covered_the_split(setup, monkeypatch):
+    model, params, train, test = setup
+    num_test_batches = len(list(padded_batch_federated_data(test, batch_size=BATCH)))
+    expected = Evaluator(model, {"test": test}, BATCH, {}).final(params)
+    calls = _count_evaluations(monkeypatch)
+    # Asking for exactly as many batches as the split has still covers it.
+    evaluator = Evaluator(model, {"test": test}, BATCH, {"test": num_test_batches})
+    periodic = evaluator.periodic(params)
+    assert calls == [num_test_batches]
+    final = evaluator.final(params)
+    assert calls == [num_test_batches]  # No second pass over the same batches.
+    assert final == expected
+    assert final["final/test/accuracy"] == periodic["eval/test/accuracy"]
+    # Other parameters (equal values, but not the arrays evaluated) are evaluated afresh.
+    copied = jax.tree_util.tree_map(lambda x: x + 0, params)
+    assert evaluator.final(copied) == expected
+    assert calls == [num_test_batches, num_test_batches]
+
+
+def test_final_evaluates_the_whole_split_when_periodic_saw_part_of_it(setup, monkeypatch):
+    model, params, train, test = setup
+    num_test_batches = len(list(padded_batch_federated_data(test, batch_size=BATCH)))
+    expected = Evaluator(model, {"test": test}, BATCH, {}).final(params)
+    calls = _count_evaluations(monkeypatch)
+    evaluator = Evaluator(
+        model, {"train": train, "test": test}, BATCH, {"train": None, "test": num_test_batches - 1}
+    )
+    evaluator.periodic(params)
+    assert evaluator.final(params) == expected
+    assert calls[-1] == num_test_batches  # A full pass: the periodic one missed a batch.
+    # The train split was evaluated whole periodically: its final pass is reused.
+    before = len(calls)
+    assert evaluator.final(params, "train") == Evaluator(model, {"train": train}, BATCH, {}).final(
+        params, "train"
+    )
+    assert len(calls) == before + 1  # Only the reference evaluator's pass.

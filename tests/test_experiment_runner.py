@@ -65,7 +65,6 @@ def _runnable(group: str) -> list[str]:
 # Every option of every group appears in at least one run; each run combines one option of
 # every group (cycling through the shorter lists, each group shifted by its position so equal-
 # length groups do not always pair the same options), so a handful of runs covers them all.
-# (metrics=full needs domain ids, so it must not meet dataset=synthetic; asserted below.)
 _WIDTH = max(len(_runnable(g)) for g in GROUPS)
 COMBOS = [
     [_runnable(g)[(i + k) % len(_runnable(g))] for k, g in enumerate(GROUPS)] for i in range(_WIDTH)
@@ -78,7 +77,6 @@ def test_combos_cover_every_option():
     covered = {o for combo in COMBOS for o in combo} | set(DOWNLOADS)
     assert covered == {f"{g}={o}" for g in GROUPS for o in options(g)}
     assert len(COMBOS) == len(options("model"))
-    assert not any({"metrics=full", "dataset=synthetic"} <= set(c) for c in COMBOS)
 
 
 @pytest.mark.parametrize("download_option", DOWNLOADS)
@@ -163,3 +161,52 @@ def test_optimized_metric_must_be_a_final_metric(tmp_path):
     with pytest.raises(ConfigError, match="optimized_metric='final/test/nope'"):
         run(make_config("optimized_metric=final/test/nope"), output_dir=tmp_path)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("num_domains", [2, 3])
+def test_full_metrics_on_synthetic_data_report_each_domain(tmp_path, num_domains):
+    cfg = make_config("metrics=full", "dataset=synthetic", f"dataset.num_domains={num_domains}")
+    assert cfg.metrics.per_domain_accuracy.num_domains == num_domains  # Follows the dataset.
+    run(cfg, output_dir=tmp_path)
+    final = json.loads((tmp_path / "status.json").read_text())["final"]
+    domains = sorted(k for k in final if k.startswith("final/test/per_domain_accuracy/"))
+    assert domains == [f"final/test/per_domain_accuracy/{d}" for d in range(num_domains)]
+    assert all(0.0 <= final[k] <= 1.0 for k in domains)
+
+
+def test_a_feature_missing_from_the_data_fails_before_training(tmp_path):
+    cfg = make_config("metrics=full", "metrics.per_domain_accuracy.domain_id_key=writer")
+    with pytest.raises(ConfigError, match="reads the feature 'writer'"):
+        run(cfg, output_dir=tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_more_domains_in_the_data_than_the_metric_covers_fails_before_training(tmp_path):
+    cfg = make_config(
+        "metrics=full",
+        "dataset=synthetic",
+        "dataset.num_domains=3",
+        "metrics.per_domain_accuracy.num_domains=2",
+    )
+    with pytest.raises(ConfigError, match=r"set metrics.per_domain_accuracy.num_domains=3"):
+        run(cfg, output_dir=tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cleanup_errors_never_hide_the_runs_own_error(caplog):
+    from fedjax_exp.experiment.runner import _end_run
+
+    done = []
+
+    def broken():
+        raise OSError("W&B service gone")
+
+    # The run failed: its error propagates (here: none raised), the clean-up error is logged.
+    with caplog.at_level("WARNING"):
+        _end_run([("closing W&B", broken), ("closing the file", lambda: done.append(1))], True)
+    assert done == [1]
+    assert "closing W&B failed (OSError: W&B service gone)" in caplog.text
+    # The run succeeded: the first clean-up error is raised once every action ran.
+    with pytest.raises(OSError, match="W&B service gone"):
+        _end_run([("closing W&B", broken), ("closing the file", lambda: done.append(2))], False)
+    assert done == [1, 2]

@@ -14,7 +14,7 @@ from hydra import compose, initialize_config_dir
 
 from fedjax_exp.core import optimizers
 from fedjax_exp.core.in_memory_federated_data import InMemoryFederatedData
-from fedjax_exp.experiment import ConfigError, algorithms, loop, run
+from fedjax_exp.experiment import ConfigError, algorithms, loop, parallel, run
 from fedjax_exp.experiment.pipeline import Prefetcher, chunk_sizes, prepared_chunks
 from fedjax_exp.experiment.writers import read_metrics
 from fedjax_exp.models import emnist
@@ -228,6 +228,90 @@ def test_device_data_refuses_client_preprocessed_data(data):
     assert not alg.device_data_supported()
     with pytest.raises(ValueError, match="set trainer.device_data=false"):
         alg.enable_device_data()
+
+
+# --- speed settings resolved per backend and model -------------------------------------------
+
+
+def test_convolution_is_detected_in_the_train_step(data):
+    found = {}
+    for name in ("logistic", "stax_cnn", "conv", "dense"):
+        model = getattr(emnist, f"create_{name}_model")(only_digits=True)
+        alg = algorithms.CentralizedTraining(model, optimizers.adam(1e-3), data, 4, 2, 8)
+        found[name] = alg.uses_convolution()
+    assert found == {"logistic": False, "stax_cnn": True, "conv": True, "dense": False}
+
+
+def test_convolution_detection_sees_nested_jits():
+    conv = jax.jit(
+        lambda x, w: jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=None)
+    )
+    x = jax.ShapeDtypeStruct((1, 1, 4, 4), np.float32)
+    w = jax.ShapeDtypeStruct((2, 1, 3, 3), np.float32)
+    assert algorithms.uses_convolution(lambda x, w: jax.jit(conv)(x, w).sum(), x, w)
+    assert not algorithms.uses_convolution(lambda x, w: (x.sum(), w.sum()), x, w)
+
+
+def _resolve(trainer, backend="cpu", **kw):
+    args = dict(
+        num_devices=1,
+        device_data_supported=True,
+        data_bytes=100 << 20,
+        device_bytes=None,
+        uses_convolution=False,
+    )
+    args.update(kw)
+    return parallel.resolve_speed_settings(trainer, backend, **args)
+
+
+def test_auto_speed_settings_on_cpu_follow_the_model():
+    dense = _resolve({})
+    assert dense == parallel.SpeedSettings(
+        steps_per_dispatch=parallel.CPU_STEPS_PER_DISPATCH,
+        prefetch=0,
+        device_data=True,
+        data_parallel=False,
+    )
+    assert _resolve({}, uses_convolution=True).steps_per_dispatch == 1
+    assert _resolve({}, uses_convolution=None).steps_per_dispatch == 1
+    # Host memory is the CPU device: a big train set stays on the host path.
+    assert not _resolve({}, data_bytes=parallel.CPU_DEVICE_DATA_BYTES + 1).device_data
+    assert not _resolve({}, device_data_supported=False).device_data
+    assert _resolve({}, num_devices=2).data_parallel
+
+
+def test_auto_speed_settings_on_accelerators_and_explicit_values_win():
+    gpu = _resolve({}, "gpu", device_bytes=1000 << 20, uses_convolution=True)
+    assert gpu.steps_per_dispatch == parallel.ACCELERATOR_STEPS_PER_DISPATCH
+    assert gpu.prefetch == 2 and gpu.device_data
+    assert not _resolve({}, "gpu", device_bytes=300 << 20).device_data  # > a quarter
+    explicit = {
+        "steps_per_dispatch": 3,
+        "prefetch": 5,
+        "device_data": False,
+        "data_parallel": False,
+    }
+    assert _resolve(explicit, num_devices=4) == parallel.SpeedSettings(3, 5, False, False)
+    assert _resolve({"steps_per_dispatch": None, "prefetch": "auto"}).prefetch == 0
+
+
+def test_speed_up_applies_device_data_and_the_loop_gives_host_results(data):
+    model = emnist.create_logistic_model(only_digits=True)
+    alg = algorithms.CentralizedTraining(model, optimizers.adam(1e-2), data, 4, 2, 8)
+    fast, speed = parallel.speed_up(alg, {})
+    assert fast is alg and alg.device_columns is not None
+    assert speed.steps_per_dispatch == parallel.CPU_STEPS_PER_DISPATCH and speed.prefetch == 0
+    _assert_same(
+        _train(data, steps=10, log_every=5),
+        _train(
+            data,
+            steps=10,
+            log_every=5,
+            device_data=True,
+            steps_per_dispatch=speed.steps_per_dispatch,
+            prefetch=speed.prefetch,
+        ),
+    )
 
 
 # --- through the runner -----------------------------------------------------------------------

@@ -45,7 +45,7 @@ def test_recipe_composes_to_the_seed_settings(repo_root, name):
     assert cfg.optimizer == reference.optimizer
     assert cfg.loss == reference.loss
     assert cfg.optimizer.learning_rate == 1e-3
-    assert cfg.optimizer.schedule.name == "constant"
+    assert cfg.optimizer.schedule == {}  # optimizer/schedule=constant: no schedule.
     assert cfg.seed == 0
     assert cfg.task_name == name
     trainer = cfg.trainer

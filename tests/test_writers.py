@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 
 import numpy as np
 import pytest
@@ -165,7 +166,8 @@ def test_multiwriter_fans_out_and_closes_all_even_if_one_fails():
     multi.write_scalars(1, {"x": 1.0})
     multi.write_histogram(2, "h", [0.5, 1.0])
     multi.write_summary({"final/x": 3.0})
-    with pytest.raises(OSError, match="disk gone"):
+    # A writer failing to close is a warning: it must not replace the run's own outcome.
+    with pytest.warns(RuntimeWarning, match=r"closing the Recorder failed \(OSError: disk gone\)"):
         multi.close(1)
     expected = [
         ("scalars", 1, {"x": 1.0}),
@@ -246,3 +248,92 @@ def test_wandb_disabled_never_calls_init(tmp_path, monkeypatch):
     wandb = pytest.importorskip("wandb")
     monkeypatch.setattr(wandb, "init", lambda **kwargs: pytest.fail("init called"))
     assert _create(tmp_path, {"mode": "disabled"}) is None
+
+
+def test_write_status_extra_fields_and_no_final(tmp_path):
+    trials = [{"name": "lr=0.1", "dir": "trials/lr=0.1"}]
+    writers.write_status(tmp_path, status="completed", step=3, error=None, trials=trials)
+    assert json.loads((tmp_path / "status.json").read_text()) == {
+        "status": "completed",
+        "step": 3,
+        "error": None,
+        "trials": trials,
+    }
+
+
+def test_wandb_run_id_is_reused_from_the_job_dir(tmp_path):
+    first, second = writers.wandb_run_id(tmp_path), writers.wandb_run_id(tmp_path)
+    assert first != second and len(first) == 12  # Nothing stored yet: a new id each time.
+    (tmp_path / writers.WANDB_ID_FILE).write_text("abc123\n")
+    assert writers.wandb_run_id(tmp_path) == "abc123"
+
+
+def test_started_wandb_run_stores_its_id_for_a_resume(tmp_path, monkeypatch):
+    wandb = pytest.importorskip("wandb")
+    seen = []
+
+    def fake_init(**kwargs):
+        seen.append(kwargs["id"])
+        return FakeRun()
+
+    monkeypatch.setattr(wandb, "init", fake_init)
+    assert _create(tmp_path, {"mode": "offline"}, run_id=None) is not None
+    assert (tmp_path / writers.WANDB_ID_FILE).read_text() == seen[0] + "\n"
+    _create(tmp_path, {"mode": "offline"}, run_id=None)
+    assert seen[1] == seen[0]
+
+
+def _background(tmp_path, settings=None):
+    return writers.BackgroundWandbWriter(
+        settings or {"mode": "offline"},
+        directory=tmp_path,
+        config={"seed": 0},
+        default_name="model=cnn",
+        default_group="train",
+    )
+
+
+def test_background_wandb_writer_replays_calls_made_before_the_run_started(tmp_path, monkeypatch):
+    import threading
+
+    wandb = pytest.importorskip("wandb")
+    run = FakeRun()
+    release = threading.Event()
+
+    def slow_init(**kwargs):
+        assert release.wait(30)  # The run starts only once the first calls were made.
+        return run
+
+    monkeypatch.setattr(wandb, "init", slow_init)
+    w = _background(tmp_path)
+    w.write_scalars(1, {"train/loss": np.float32(2.5)})
+    w.write_scalars(2, {"train/loss": 1.5})
+    assert not w.started and run.logged == []
+    release.set()
+    w.write_summary({"final/test/accuracy": 0.75})
+    w.write_scalars(3, {"train/loss": 0.5})
+    w.close(0)
+    assert run.logged == [
+        ({"train/loss": 2.5}, 1),
+        ({"train/loss": 1.5}, 2),
+        ({"train/loss": 0.5}, 3),
+    ]
+    assert run.summary == {"final/test/accuracy": 0.75} and run.exit_code == 0
+    assert (tmp_path / writers.WANDB_ID_FILE).exists()
+
+
+def test_background_wandb_writer_falls_back_with_one_warning(tmp_path, monkeypatch):
+    wandb = pytest.importorskip("wandb")
+
+    def broken_init(**kwargs):
+        raise RuntimeError("no API key")
+
+    monkeypatch.setattr(wandb, "init", broken_init)
+    w = _background(tmp_path)
+    with pytest.warns(RuntimeWarning, match=r"W&B failed to start \(RuntimeError: no API key\)"):
+        w.write_scalars(1, {"x": 1.0})
+        w.close(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # Reported once, not at every later call.
+        w.write_scalars(2, {"x": 2.0})
+    assert not (tmp_path / writers.WANDB_ID_FILE).exists()

@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Protocol
 
 import jax
+import jax.extend.core as jax_core
 import jax.numpy as jnp
 import numpy as np
 
@@ -138,6 +139,43 @@ def gather_rows(columns: Mapping[str, jax.Array], indices: jax.Array) -> dict[st
     return {k: jnp.take(v, indices, axis=0) for k, v in columns.items()}
 
 
+# Primitives after which XLA:CPU runs a step much slower inside a lax.scan (measured: a Haiku
+# CNN 17x slower scanned than stepped; see scripts/bench_dispatch.py).
+CONVOLUTION_PRIMITIVES = frozenset({"conv_general_dilated"})
+
+
+def _sub_jaxprs(value: Any) -> Iterator[Any]:
+    """The jaxprs nested in one equation parameter (pjit, scan, cond, custom_jvp ...)."""
+    if isinstance(value, jax_core.ClosedJaxpr):
+        yield value.jaxpr
+    elif isinstance(value, jax_core.Jaxpr):
+        yield value
+    elif isinstance(value, tuple | list):
+        for item in value:
+            yield from _sub_jaxprs(item)
+
+
+def jaxpr_primitives(jaxpr: Any) -> set[str]:
+    """Names of every primitive in ``jaxpr`` (a Jaxpr or ClosedJaxpr), nested ones included."""
+    names: set[str] = set()
+    stack = [getattr(jaxpr, "jaxpr", jaxpr)]
+    while stack:
+        current = stack.pop()
+        for eqn in current.eqns:
+            names.add(eqn.primitive.name)
+            for value in eqn.params.values():
+                stack.extend(_sub_jaxprs(value))
+    return names
+
+
+def uses_convolution(fn: Callable[..., Any], *args: Any) -> bool:
+    """Whether ``fn(*args)`` computes a convolution (traced abstractly: nothing runs).
+
+    ``args`` may be arrays or ``jax.ShapeDtypeStruct`` s.
+    """
+    return bool(jaxpr_primitives(jax.make_jaxpr(fn)(*args)) & CONVOLUTION_PRIMITIVES)
+
+
 def stack_inputs(items: Sequence[Any]) -> Any:
     """Step inputs stacked along a new leading axis, on the host (NumPy)."""
     return jax.tree_util.tree_map(lambda *xs: np.stack(xs), *items)
@@ -212,6 +250,28 @@ class CentralizedTraining:
     def gather(self) -> Callable[[Any, Any], Any] | None:
         """``(columns, inputs) -> batch`` inside the step, or None for host batches."""
         return gather_rows if self.device_columns is not None else None
+
+    def sample_batch(self, rows: int = 2) -> BatchExample | None:
+        """A small preprocessed batch of the train data (the first ``rows`` examples), or
+        None when the data offers no cheap row access (e.g. SQLite)."""
+        fd = self.train_data
+        if not (self.device_data_supported() and callable(getattr(fd, "gather", None))):
+            return None
+        count = min(rows, int(getattr(fd, "num_examples", rows)))
+        return dict(fd.gather(np.arange(count)))
+
+    def uses_convolution(self) -> bool | None:
+        """Whether the train step computes a convolution (decides steps per dispatch on
+        CPU); None when no sample batch is at hand to trace the step with."""
+        batch = self.sample_batch()
+        if batch is None:
+            return None
+        key = jax.random.PRNGKey(0)
+        state = jax.eval_shape(self.init, key)
+        abstract = {
+            k: jax.ShapeDtypeStruct(np.shape(v), np.asarray(v).dtype) for k, v in batch.items()
+        }
+        return uses_convolution(self.update, state, abstract, key)
 
     # ---- Algorithm protocol ----
 

@@ -7,16 +7,13 @@ code plugs in by path without editing the package. Construction errors become on
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
-import jax
-import jax.numpy as jnp
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from fedjax_exp.core.dataclasses import dataclass, field
 from fedjax_exp.experiment.errors import ConfigError
 
 
@@ -35,27 +32,6 @@ def _instantiate(key: str, node: Any, **kwargs: Any) -> Any:
         ) from e
     except (TypeError, ValueError) as e:
         raise ConfigError(f"cannot build {key}: {type(e).__name__}: {e}") from e
-
-
-@dataclass
-class PerExampleLossMetric:
-    """An evaluation metric from any per-example training loss ``(batch, output) -> vector``:
-    the mean loss over examples. Lets any loss (e.g. hinge) be reported as "loss"."""
-
-    loss_fn: Callable[..., Any] = field(pytree_node=False)
-
-    def zero(self) -> Any:
-        from fedjax_exp.core.metrics import MeanStat
-
-        return MeanStat.new(jnp.array(0.0), jnp.array(0.0))
-
-    def evaluate_example(self, example: Mapping[str, Any], prediction: Any) -> Any:
-        from fedjax_exp.core.metrics import MeanStat
-
-        # The loss works on batches: evaluate a batch of one.
-        batch = jax.tree_util.tree_map(lambda x: jnp.asarray(x)[None], dict(example))
-        loss = self.loss_fn(batch, jax.tree_util.tree_map(lambda x: x[None], prediction))[0]
-        return MeanStat.new(loss, jnp.array(1.0))
 
 
 def build_model(cfg: DictConfig) -> Any:
@@ -78,8 +54,8 @@ def build_optimizer(cfg: DictConfig) -> Any:
     constant ``learning_rate``."""
     settings = OmegaConf.to_container(cfg.optimizer, resolve=True)
     assert isinstance(settings, dict)
+    # optimizer/schedule=constant is an empty node: no schedule.
     schedule = settings.pop("schedule", None) or {}
-    schedule = {k: v for k, v in schedule.items() if k != "name"}
     kwargs = {}
     if schedule.get("_target_"):
         kwargs["learning_rate"] = _instantiate("optimizer.schedule", schedule)

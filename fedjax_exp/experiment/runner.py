@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import pathlib
-import uuid
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from omegaconf import DictConfig
@@ -19,22 +19,24 @@ from fedjax_exp.experiment.validation import check_writable_dir, validate_config
 
 log = logging.getLogger(__name__)
 
-WANDB_ID_FILE = "wandb_run_id.txt"
 
+def _hydra_job_info(cfg_task_name: str) -> tuple[str, str]:
+    """(run name, W&B group) from Hydra's runtime config, or ``cfg_task_name`` for both.
 
-def _hydra_job_info(cfg_task_name: str) -> tuple[str, str, bool]:
-    """(run name, group, is_multirun) from Hydra's runtime config, or defaults."""
+    The name is the job's overrides; in a multirun the group names the sweep dir, so that the
+    jobs of one sweep are grouped together.
+    """
     try:
         from hydra.core.hydra_config import HydraConfig
         from hydra.types import RunMode
 
         hc = HydraConfig.get()
     except (ImportError, ValueError):
-        return cfg_task_name, cfg_task_name, False
-    multirun = hc.mode == RunMode.MULTIRUN
+        return cfg_task_name, cfg_task_name
     name = hc.job.override_dirname or cfg_task_name
-    group = f"{cfg_task_name}:{hc.sweep.dir}" if multirun else cfg_task_name
-    return name, group, multirun
+    if hc.mode == RunMode.MULTIRUN:
+        return name, f"{cfg_task_name}:{hc.sweep.dir}"
+    return name, cfg_task_name
 
 
 def _default_output_dir() -> str:
@@ -46,17 +48,6 @@ def _default_output_dir() -> str:
         raise ConfigError(
             "no output dir: call run(cfg, output_dir=DIR) when not running under Hydra"
         ) from e
-
-
-def _check_optimized_metric(container: dict[str, Any]) -> None:
-    key = container.get("optimized_metric")
-    if key is None:
-        return
-    parts = str(key).split("/")
-    names = set(container.get("metrics") or {})
-    if len(parts) < 3 or parts[0] != "final" or (parts[1] == "test" and parts[2] not in names):
-        options = ", ".join(f"final/test/{n}" for n in sorted(names))
-        raise ConfigError(f"optimized_metric={key!r} is not a final metric; use one of: {options}")
 
 
 def _resume_source(resume: Any, own_dir: pathlib.Path) -> tuple[pathlib.Path, int | None] | None:
@@ -77,7 +68,11 @@ def _resume_source(resume: Any, own_dir: pathlib.Path) -> tuple[pathlib.Path, in
         return None
     directory, step = find_checkpoint_dir(resume)
     if not has_checkpoints(directory):
-        raise ConfigError(f"trainer.resume={resume!r} holds no checkpoints")
+        raise ConfigError(
+            f"trainer.resume={resume!r} holds no checkpoints: give a run dir with a checkpoints/ "
+            "dir (or that dir, or one of its step dirs), or set trainer.resume=true to start "
+            "fresh (and resume this run dir later)"
+        )
     return directory, step
 
 
@@ -173,6 +168,26 @@ def _fits_on_device(algorithm: Any, fraction: float = 0.25) -> bool:
     return nbytes <= fraction * limit
 
 
+def _end_run(actions: Sequence[tuple[str, Callable[[], None]]], failed: bool) -> None:
+    """Runs every clean-up action of a run, even when one fails.
+
+    When the run already failed, a clean-up error is logged as one line and the run's own
+    error propagates (a clean-up error must not hide why the run failed); otherwise the first
+    clean-up error is raised after the others ran.
+    """
+    first: BaseException | None = None
+    for what, action in actions:
+        try:
+            action()
+        except Exception as e:  # noqa: BLE001 - the remaining actions must still run.
+            if failed or first is not None:
+                log.warning("%s failed (%s: %s)", what, type(e).__name__, e)
+            else:
+                first = e
+    if first is not None:
+        raise first
+
+
 def run(cfg: DictConfig, output_dir: str | os.PathLike[str] | None = None) -> float:
     """Trains and evaluates the experiment ``cfg``; returns ``cfg.optimized_metric``.
 
@@ -186,12 +201,19 @@ def run(cfg: DictConfig, output_dir: str | os.PathLike[str] | None = None) -> fl
     if problem is not None:
         raise ConfigError(f"cannot write the output dir {str(out)!r} ({problem}): choose another")
     container = validate_config(cfg)
-    _check_optimized_metric(container)
     trainer = container["trainer"]
     _check_speed_settings(trainer)
     vectorize = _vectorize_spec(trainer)
     own_checkpoints = out / "checkpoints"
     source = _resume_source(trainer["resume"], own_checkpoints)
+    wandb_settings = (container.get("logger") or {}).get("wandb")
+    use_wandb = bool(wandb_settings) and wandb_settings.get("mode", "offline") != "disabled"
+    if use_wandb:
+        from fedjax_exp.experiment.writers import import_in_background
+
+        # Importing W&B takes ~1 s of the start-up; it overlaps JAX's import and data loading
+        # here (importing writes nothing, so a config error found later leaves no W&B files).
+        import_in_background("wandb")
 
     # Only now import JAX and the library (Hydra's parent process never gets here).
     import jax
@@ -203,11 +225,12 @@ def run(cfg: DictConfig, output_dir: str | os.PathLike[str] | None = None) -> fl
     from fedjax_exp.experiment import builders, loop, writers
     from fedjax_exp.experiment.checkpoints import Checkpointer
     from fedjax_exp.experiment.evaluation import Evaluator
+    from fedjax_exp.experiment.validation import check_data_features
 
+    name, group = _hydra_job_info(str(container.get("task_name", "train")))
     if vectorize is not None:
         from fedjax_exp.experiment import vectorized
 
-        name, _, _ = _hydra_job_info(str(container.get("task_name", "train")))
         return vectorized.run_sweep(cfg, container, out, source, run_name=name)
 
     from fedjax_exp.experiment.parallel import with_compute_dtype
@@ -215,6 +238,13 @@ def run(cfg: DictConfig, output_dir: str | os.PathLike[str] | None = None) -> fl
     model = builders.build_model(cfg)
     optimizer = builders.build_optimizer(cfg)
     train_data, test_data = builders.build_datasets(cfg)
+    # Features the loss and metrics read (e.g. domain_id for metrics=full) must be in the data:
+    # checked now rather than at the first evaluation, after training time was spent.
+    check_data_features(
+        model,
+        {"train": train_data, "test": test_data},
+        batch_size=int(trainer["eval_batch_size"]),
+    )
     # The training forward pass may compute in bf16; evaluation keeps the float32 model.
     train_model = with_compute_dtype(model, trainer.get("compute_dtype", "float32"))
     algorithm = builders.build_algorithm(cfg, train_model, optimizer, train_data)
@@ -239,35 +269,35 @@ def run(cfg: DictConfig, output_dir: str | os.PathLike[str] | None = None) -> fl
             "raise trainer.steps or start a new run dir"
         )
 
+    # From here on the run writes files; every exit path records how it ended.
+    clock = loop.Clock(elapsed)
+    jsonl = writers.JsonlWriter(out, clock, resume_step=start_step if source else None)
+    all_writers: list[Any] = [jsonl]
+    if use_wandb:
+        # W&B starts (its service, its files) on a background thread while the step compiles
+        # and trains; its writer buffers until then and falls back to local logging with a
+        # warning if the start fails.
+        all_writers.append(
+            writers.BackgroundWandbWriter(
+                wandb_settings,
+                directory=out,
+                config=container,
+                default_name=name,
+                default_group=group,
+            )
+        )
+    writer = writers.MultiWriter(all_writers)
     evaluator = Evaluator(
         model,
         {"train": train_data, "test": test_data},
         batch_size=int(trainer["eval_batch_size"]),
         num_batches=dict(trainer["eval_batches"]),
     )
-
-    # From here on the run writes files; every exit path records how it ended.
-    clock = loop.Clock(elapsed)
-    jsonl = writers.JsonlWriter(out, clock, resume_step=start_step if source else None)
-    all_writers: list[Any] = [jsonl]
-    wandb_settings = (container.get("logger") or {}).get("wandb")
-    if wandb_settings:
-        name, group, _ = _hydra_job_info(str(container.get("task_name", "train")))
-        id_file = out / WANDB_ID_FILE
-        run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:12]
-        wandb_writer = writers.create_wandb_writer(
-            wandb_settings,
-            directory=out,
-            config=container,
-            default_name=name,
-            default_group=group,
-            run_id=run_id,
-        )
-        if wandb_writer is not None:
-            writers.atomic_write_text(id_file, run_id + "\n")
-            all_writers.append(wandb_writer)
-    writer = writers.MultiWriter(all_writers)
-    checkpointer = Checkpointer(own_checkpoints, keep=int(trainer["keep_checkpoints"]))
+    try:
+        checkpointer = Checkpointer(own_checkpoints, keep=int(trainer["keep_checkpoints"]))
+    except BaseException:
+        writer.close(1)
+        raise
 
     settings = loop.LoopSettings(
         steps=int(trainer["steps"]),
@@ -319,15 +349,23 @@ def run(cfg: DictConfig, output_dir: str | os.PathLike[str] | None = None) -> fl
         jsonl.write_event(step, status="failed", error=error)
         raise
     finally:
-        writers.write_status(
-            out,
-            status="completed" if exit_code == 0 else "failed",
-            step=step,
-            error=error,
-            final=final,
+        _end_run(
+            [
+                (
+                    "writing status.json",
+                    lambda: writers.write_status(
+                        out,
+                        status="completed" if exit_code == 0 else "failed",
+                        step=step,
+                        error=error,
+                        final=final,
+                    ),
+                ),
+                ("closing the checkpointer", checkpointer.close),
+                ("closing the metric writers", lambda: writer.close(exit_code)),
+            ],
+            failed=exit_code != 0,
         )
-        checkpointer.close()
-        writer.close(exit_code)
     key = container.get("optimized_metric")
     if key is None:
         return float("nan")

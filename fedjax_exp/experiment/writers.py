@@ -8,11 +8,15 @@ and ``"final/test/accuracy"``. ``status.json`` says how the run ended.
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import json
 import logging
 import math
 import os
 import pathlib
+import threading
+import uuid
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Protocol
@@ -23,6 +27,8 @@ log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
 STATUS_FILE = "status.json"
+# The W&B run id of a job dir, so that a resumed run continues the same W&B run.
+WANDB_ID_FILE = "wandb_run_id.txt"
 
 
 class MetricWriter(Protocol):
@@ -156,7 +162,19 @@ class WandbWriter:
         self.run.finish(exit_code=exit_code)
 
 
-def create_wandb_writer(
+def wandb_run_id(directory: str | os.PathLike[str]) -> str:
+    """The W&B run id of the job in ``directory``: the one stored there by an earlier start
+    (so a resumed run continues its W&B run), else a new random id (not stored here:
+    :func:`create_wandb_writer` stores it once the run has started)."""
+    id_file = pathlib.Path(directory) / WANDB_ID_FILE
+    if id_file.exists():
+        stored = id_file.read_text().strip()
+        if stored:
+            return stored
+    return uuid.uuid4().hex[:12]
+
+
+def _start_wandb_run(
     settings: Mapping[str, Any],
     *,
     directory: str | os.PathLike[str],
@@ -165,43 +183,183 @@ def create_wandb_writer(
     default_group: str,
     run_id: str | None,
 ) -> WandbWriter | None:
+    """``wandb.init`` from ``logger.wandb`` settings (None for ``mode: disabled``); stores the
+    run id in ``directory``. Raises whatever W&B raises."""
+    mode = settings.get("mode", "offline")
+    if mode == "disabled":
+        return None
+    import wandb
+
+    run_id = run_id or wandb_run_id(directory)
+    run = wandb.init(
+        mode=mode,
+        project=settings.get("project"),
+        entity=settings.get("entity"),
+        group=settings.get("group") or default_group,
+        job_type=settings.get("job_type"),
+        name=settings.get("name") or default_name,
+        tags=list(settings.get("tags") or []),
+        notes=settings.get("notes"),
+        config=dict(config),
+        dir=str(directory),
+        id=run_id,
+        resume="allow",
+        # In a multirun every job gets its own run even if a previous one leaked.
+        reinit="finish_previous",
+    )
+    atomic_write_text(pathlib.Path(directory) / WANDB_ID_FILE, run_id + "\n")
+    return WandbWriter(run)
+
+
+def _fallback_message(error: BaseException) -> str:
+    return f"W&B failed to start ({type(error).__name__}: {error}); logging locally only"
+
+
+def _warn(message: str) -> None:
+    warnings.warn(message, RuntimeWarning, stacklevel=3)
+    log.warning(message)
+
+
+def create_wandb_writer(
+    settings: Mapping[str, Any],
+    *,
+    directory: str | os.PathLike[str],
+    config: Mapping[str, Any],
+    default_name: str,
+    default_group: str,
+    run_id: str | None = None,
+) -> WandbWriter | None:
     """Starts a W&B run from ``logger.wandb`` settings; None (with a warning) if it fails.
 
     W&B is a convenience, never a reason to lose a run: when ``wandb.init`` raises (no
     login for online mode, a broken install, ...) training continues with local logging only.
+    ``run_id`` None: the id stored in ``directory`` (see :func:`wandb_run_id`), which is
+    written there once the run has started.
     """
-    mode = settings.get("mode", "offline")
-    if mode == "disabled":
-        return None
     try:
-        import wandb
-
-        run = wandb.init(
-            mode=mode,
-            project=settings.get("project"),
-            entity=settings.get("entity"),
-            group=settings.get("group") or default_group,
-            job_type=settings.get("job_type"),
-            name=settings.get("name") or default_name,
-            tags=list(settings.get("tags") or []),
-            notes=settings.get("notes"),
-            config=dict(config),
-            dir=str(directory),
-            id=run_id,
-            resume="allow" if run_id else None,
-            # In a multirun every job gets its own run even if a previous one leaked.
-            reinit="finish_previous",
+        return _start_wandb_run(
+            settings,
+            directory=directory,
+            config=config,
+            default_name=default_name,
+            default_group=default_group,
+            run_id=run_id,
         )
     except Exception as e:  # noqa: BLE001 - any W&B failure must fall back, not crash.
-        message = f"W&B failed to start ({type(e).__name__}: {e}); logging locally only"
-        warnings.warn(message, RuntimeWarning, stacklevel=2)
-        log.warning(message)
+        _warn(_fallback_message(e))
         return None
-    return WandbWriter(run)
+
+
+def import_in_background(module: str) -> threading.Thread:
+    """Imports ``module`` on a daemon thread (nothing is written), so that a later import in
+    the main thread finds it loaded. Import errors are left for that later import to report."""
+
+    def load() -> None:
+        with contextlib.suppress(Exception):  # Reported by the real import later.
+            importlib.import_module(module)
+
+    thread = threading.Thread(target=load, name=f"import-{module}", daemon=True)
+    thread.start()
+    return thread
+
+
+class BackgroundWandbWriter:
+    """A W&B writer whose run starts on a background thread (``wandb.init`` takes seconds:
+    importing W&B and starting its service), overlapping compilation and training.
+
+    Calls made before the run is up are buffered and replayed to it in order. When W&B fails
+    to start, the buffer is dropped and a warning (raised in the caller's thread, at the next
+    call or at ``close``) says that only local logging is left. ``close`` waits for the start
+    and then finishes the run with the exit code.
+    """
+
+    def __init__(
+        self,
+        settings: Mapping[str, Any],
+        *,
+        directory: str | os.PathLike[str],
+        config: Mapping[str, Any],
+        default_name: str,
+        default_group: str,
+    ):
+        self._lock = threading.Lock()
+        self._pending: list[tuple[str, tuple[Any, ...]]] = []
+        self._writer: WandbWriter | None = None
+        self._ready = False
+        self._failure: str | None = None
+        kwargs = dict(
+            directory=directory,
+            config=dict(config),
+            default_name=default_name,
+            default_group=default_group,
+            run_id=None,
+        )
+        self._thread = threading.Thread(
+            target=self._start, args=(dict(settings), kwargs), name="wandb-init", daemon=True
+        )
+        self._thread.start()
+
+    def _start(self, settings: dict[str, Any], kwargs: dict[str, Any]) -> None:
+        writer, failure = None, None
+        try:
+            writer = _start_wandb_run(settings, **kwargs)
+        except Exception as e:  # noqa: BLE001 - any W&B failure must fall back, not crash.
+            failure = _fallback_message(e)
+        replay_error = None
+        with self._lock:
+            # Calls that arrive meanwhile wait on the lock, so the order is kept.
+            if writer is not None:
+                try:
+                    for method, args in self._pending:
+                        getattr(writer, method)(*args)
+                except Exception as e:  # noqa: BLE001 - keep the run; W&B is best effort.
+                    replay_error = e
+            self._pending = []
+            self._writer, self._failure, self._ready = writer, failure, True
+        if replay_error is not None:
+            log.warning(
+                "W&B dropped buffered metrics (%s: %s)", type(replay_error).__name__, replay_error
+            )
+
+    @property
+    def started(self) -> bool:
+        """Whether the start finished (successfully or not)."""
+        return self._ready
+
+    def _report_failure(self) -> None:
+        if self._failure is not None:
+            message, self._failure = self._failure, None
+            _warn(message)
+
+    def _call(self, method: str, *args: Any) -> None:
+        with self._lock:
+            if not self._ready:
+                self._pending.append((method, args))
+                return
+        self._report_failure()
+        if self._writer is not None:
+            getattr(self._writer, method)(*args)
+
+    def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
+        self._call("write_scalars", step, dict(scalars))
+
+    def write_histogram(self, step: int, name: str, values: Sequence[float]) -> None:
+        self._call("write_histogram", step, name, list(values))
+
+    def write_summary(self, summary: Mapping[str, Any]) -> None:
+        self._call("write_summary", dict(summary))
+
+    def close(self, exit_code: int) -> None:
+        self._thread.join()
+        self._report_failure()
+        if self._writer is not None:
+            self._writer.close(exit_code)
 
 
 class MultiWriter:
-    """Fans every call out to several writers; closes all of them even if one fails."""
+    """Fans every call out to several writers; ``close`` closes all of them and never raises
+    (a writer that fails to close, e.g. W&B, is reported as a warning: by then the run's
+    outcome is decided, and a close error must not replace the run's own error)."""
 
     def __init__(self, writers: Iterable[MetricWriter]):
         self.writers = list(writers)
@@ -219,14 +377,11 @@ class MultiWriter:
             w.write_summary(summary)
 
     def close(self, exit_code: int) -> None:
-        errors = []
         for w in self.writers:
             try:
                 w.close(exit_code)
             except Exception as e:  # noqa: BLE001 - keep closing the others.
-                errors.append(e)
-        if errors:
-            raise errors[0]
+                _warn(f"closing the {type(w).__name__} failed ({type(e).__name__}: {e})")
 
 
 def write_status(
@@ -235,13 +390,16 @@ def write_status(
     status: str,
     step: int,
     error: str | None,
-    final: Mapping[str, float],
+    final: Mapping[str, float] | None = None,
+    **extra: Any,
 ) -> None:
-    """Writes ``status.json`` atomically: how the run ended and its final metrics."""
-    payload = {
-        "status": status,
-        "step": int(step),
-        "error": error,
-        "final": {k: _json_value(v) for k, v in final.items()},
-    }
+    """Writes ``status.json`` atomically: how the run ended and its final metrics.
+
+    ``final`` None leaves out the ``"final"`` key (e.g. a vectorized sweep's own status, whose
+    trials have their own); ``extra`` adds JSON-serialisable fields (e.g. ``trials=[...]``).
+    """
+    payload: dict[str, Any] = {"status": status, "step": int(step), "error": error}
+    if final is not None:
+        payload["final"] = {k: _json_value(v) for k, v in final.items()}
+    payload.update(extra)
     atomic_write_text(pathlib.Path(directory) / STATUS_FILE, json.dumps(payload, indent=2) + "\n")

@@ -10,7 +10,6 @@ keys are derived as the runner derives them: ``init, train = split(PRNGKey(seed)
 
 from __future__ import annotations
 
-import dataclasses
 import pathlib
 import time
 from collections.abc import Mapping, Sequence
@@ -85,11 +84,17 @@ def _window_rates(marks: list[tuple[int, float]], windows: int) -> Rate:
     return rate
 
 
-def build(model_name: str, batch_size: int, train_fd: Any) -> tuple[Any, Any, Any]:
-    """``(cfg, model, algorithm)`` as the runner builds them, over ``train_fd``."""
+def build(
+    model_name: str, batch_size: int, train_fd: Any, overrides: Sequence[str] = ()
+) -> tuple[Any, Any, Any]:
+    """``(cfg, model, algorithm)`` as the runner builds them, over ``train_fd``.
+
+    ``overrides`` are extra Hydra overrides (e.g. ``trainer.steps_per_dispatch=8``) for
+    comparing engine settings; the benchmark itself uses the defaults.
+    """
     from fedjax_exp.experiment import builders
 
-    cfg = compose(model_name, batch_size)
+    cfg = compose(model_name, batch_size, overrides)
     model = builders.build_model(cfg)
     optimizer = builders.build_optimizer(cfg)
     algorithm = builders.build_algorithm(cfg, model, optimizer, train_fd)
@@ -97,23 +102,16 @@ def build(model_name: str, batch_size: int, train_fd: Any) -> tuple[Any, Any, An
 
 
 def _engine_options(cfg: Any, algorithm: Any) -> tuple[Any, dict[str, Any]]:
-    """The speed settings run.py would use: the runner's own resolution of ``auto`` options
-    (device-resident data, steps per dispatch) when it offers one, else the trainer config's
-    explicit values for the loop's settings."""
+    """The speed settings run.py uses: the trainer config's ``auto`` options resolved for
+    this machine and model (device-resident data, steps per dispatch, prefetch) by
+    ``fedjax_exp.experiment.parallel.speed_up``, applied to ``algorithm``."""
     from omegaconf import OmegaConf
 
-    from fedjax_exp.experiment import loop, runner
+    from fedjax_exp.experiment import parallel
 
     trainer = OmegaConf.to_container(cfg.trainer, resolve=True)
-    fixed = {"steps", "log_every", "eval_every", "checkpoint_every", "progress_bar"}
-    engine = {
-        f.name: trainer[f.name]
-        for f in dataclasses.fields(loop.LoopSettings)
-        if f.name not in fixed and f.name in trainer and trainer[f.name] != "auto"
-    }
-    speed_up = getattr(runner, "_speed_up", None)
-    if speed_up is not None:
-        algorithm, engine["steps_per_dispatch"] = speed_up(algorithm, trainer)
+    algorithm, speed = parallel.speed_up(algorithm, trainer)
+    engine = {"steps_per_dispatch": speed.steps_per_dispatch, "prefetch": speed.prefetch}
     return algorithm, engine
 
 
@@ -124,6 +122,7 @@ def train(
     steps: int,
     warmup: int,
     windows: int,
+    overrides: Sequence[str] = (),
 ) -> tuple[Any, TrainRun]:
     """Trains with fedjax_exp's loop; returns ``(model, run)``.
 
@@ -137,7 +136,7 @@ def train(
 
     if steps < 2:
         raise ValueError(f"steps must be at least 2 for fedjax_exp's timed loop, got {steps}")
-    cfg, model, algorithm = build(model_name, batch_size, fd)
+    cfg, model, algorithm = build(model_name, batch_size, fd, overrides)
     algorithm, engine = _engine_options(cfg, algorithm)
     warmup = max(1, min(warmup, steps - 1))
     init_rng, train_rng = jax.random.split(jax.random.PRNGKey(SEED))
