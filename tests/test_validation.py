@@ -203,12 +203,12 @@ def test_missing_domain_id_names_the_feature_and_the_fix():
 
 
 def test_num_domains_must_cover_the_domain_ids():
-    model, (train, test) = built("metrics=full", "+dataset.loader.num_domains=5")
+    model, (train, test) = built("metrics=full", "dataset.loader.num_domains=5")
     assert int(test.columns["domain_id"].max()) == 4
     with pytest.raises(ConfigError) as info:
         check_data_features(model, {"test": test})
     assert str(info.value) == (
-        "metrics.per_domain_accuracy.num_domains=3 does not cover the test data's domain ids "
+        "metrics.per_domain_accuracy.num_domains=2 does not cover the test data's domain ids "
         "0..4 (feature 'domain_id'): set metrics.per_domain_accuracy.num_domains=5"
     )
     model, _ = built("metrics=full", "metrics.per_domain_accuracy.num_domains=5")
@@ -218,7 +218,11 @@ def test_num_domains_must_cover_the_domain_ids():
 
 
 def test_a_domain_without_examples_is_a_warning():
-    model, (_, test) = built("metrics=full")  # num_domains=3; synthetic has domains 0 and 1.
+    # The metric counts 3 domains; the data (its loader told so directly) has domains 0 and 1.
+    model, (_, test) = built(
+        "metrics=full", "dataset.num_domains=3", "dataset.loader.num_domains=2"
+    )
+    assert model.eval_metrics["per_domain_accuracy"].num_domains == 3
     with pytest.warns(RuntimeWarning, match=r"no examples of domain\(s\) \[2\]: .*=2 if"):
         check_data_features(model, {"test": test})
 

@@ -247,7 +247,7 @@ class BatchHParams:
     drop_remainder: bool = False
 
 
-def _resolve(hparams_type: type, hparams: Any, kwargs: dict[str, Any]) -> Any:
+def _resolve_hparams(hparams_type: type, hparams: Any, kwargs: dict[str, Any]) -> Any:
     """FedJAX's calling convention: an hparams object, keyword overrides, or keywords alone."""
     if hparams is None:
         hparams = hparams_type(**kwargs)
@@ -300,7 +300,7 @@ class ClientDataset:
         chosen by :func:`pick_final_batch_size`, its mask True on real rows only. Accepts a
         :class:`PaddedBatchHParams` and/or its fields as keywords. Re-iterable.
         """
-        return _PaddedBatchView(self, _resolve(PaddedBatchHParams, hparams, kwargs))
+        return _PaddedBatchView(self, _resolve_hparams(PaddedBatchHParams, hparams, kwargs))
 
     def shuffle_repeat_batch(
         self, hparams: ShuffleRepeatBatchHParams | None = None, **kwargs: Any
@@ -317,7 +317,7 @@ class ClientDataset:
         Raises:
           ValueError: the dataset is empty and batches were requested (FedJAX loops forever).
         """
-        hparams = _resolve(ShuffleRepeatBatchHParams, hparams, kwargs)
+        hparams = _resolve_hparams(ShuffleRepeatBatchHParams, hparams, kwargs)
         return _ShuffleRepeatBatchView(self, hparams)
 
     def batch(self, hparams: BatchHParams | None = None, **kwargs: Any) -> Iterable[Examples]:
@@ -325,7 +325,7 @@ class ClientDataset:
 
         Prefer :meth:`padded_batch` under jit: a short final batch is one more compilation.
         """
-        return _BatchView(self, _resolve(BatchHParams, hparams, kwargs))
+        return _BatchView(self, _resolve_hparams(BatchHParams, hparams, kwargs))
 
 
 class _PaddedBatchView:
@@ -448,7 +448,7 @@ def padded_batch_client_datasets(
     Raises:
       ValueError: datasets with different preprocessor objects or different features.
     """
-    hparams = _resolve(PaddedBatchHParams, hparams, kwargs)
+    hparams = _resolve_hparams(PaddedBatchHParams, hparams, kwargs)
     bs = hparams.batch_size
     full_mask = np.ones([bs], dtype=np.bool_)
     schema = _SameSchema()

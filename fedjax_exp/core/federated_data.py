@@ -170,7 +170,7 @@ def padded_batch_federated_data(
     client boundaries, only the last is padded, every batch has ``EXAMPLE_MASK_KEY``. Useful
     for evaluating on a whole federated dataset.
     """
-    hparams = client_datasets._resolve(client_datasets.PaddedBatchHParams, hparams, kwargs)
+    hparams = client_datasets._resolve_hparams(client_datasets.PaddedBatchHParams, hparams, kwargs)
     store = _in_memory_store(fd)
     if store is not None:
         return store.padded_batches(hparams.batch_size, hparams.num_batch_size_buckets)

@@ -297,9 +297,7 @@ class SQLiteFederatedData(FederatedData):
             ).fetchone()
             if row is not None:
                 return row[0]
-        raise KeyError(
-            f"unknown client id {client_id!r} (or outside this slice); see client_ids()"
-        )
+        raise KeyError(f"unknown client id {client_id!r} (or outside this slice); see client_ids()")
 
     def client_size(self, client_id: ClientId) -> int:
         return int(self._lookup(client_id, "num_examples"))
@@ -566,4 +564,3 @@ def write_sqlite(
             )
             for i, cid in enumerate(client_ids)
         )
-

@@ -165,9 +165,7 @@ def _download_atomically(
     return digest
 
 
-def _stream(
-    url: str, out: BinaryIO, target: pathlib.Path, timeout: float, progress: bool
-) -> str:
+def _stream(url: str, out: BinaryIO, target: pathlib.Path, timeout: float, progress: bool) -> str:
     """Copies the body of ``url`` to ``out``, checking its length; returns its sha256."""
     try:
         response = urllib.request.urlopen(url, timeout=timeout)

@@ -233,7 +233,8 @@ def _resolve(
             f"Federated EMNIST files not found in cache_dir {str(cache)!r}: "
             f"{', '.join(names)} (FedJAX SQLite) or {', '.join(h5_names)} (TFF h5); {reason}. "
             f"Download {' and '.join(urls)} into that directory, or pass cache_dir= (in the "
-            "experiment config: dataset.loader.cache_dir=...) pointing to a directory that holds them."
+            "experiment config: dataset.loader.cache_dir=...) pointing to a directory that holds "
+            "them."
         )
     return {s: p for s, p in found.items() if p is not None}
 
