@@ -291,26 +291,111 @@ def model_grad(
 Stats = dict[str, metrics.Stat]
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _evaluate_batch_into(
-    model: Model, params: Params, batch: BatchExample, stats: Stats | None
-) -> Stats:
-    """Adds one batch's statistics to ``stats`` (None: start from each metric's zero).
+# Evaluation has no sequential dependence, so consecutive batches of one shape are evaluated
+# in blocks: one dispatch runs the model once over the block's concatenated examples (one
+# large matmul/conv instead of many small ones) and then reduces each batch's slice of the
+# predictions separately, merging the per-batch statistics in stream order. The sums are
+# therefore formed exactly as batch-by-batch evaluation (and FedJAX) forms them.
+_MAX_BLOCK_BATCHES = 8
+# Caps on one block's examples and input bytes, which bound the activations the concatenated
+# forward pass holds (a conv layer's output is ~200 KB per 28x28x64 example).
+_MAX_BLOCK_EXAMPLES = 1024
+_MAX_BLOCK_BYTES = 8 << 20
 
-    Jitted with the model static, so the compiled step is cached per (model, batch shapes).
-    The ``None`` start is a separate trace, which keeps the carried stats' dtypes identical
-    from the second batch on (Python-float zeros would otherwise force a recompile).
-    """
+
+def _batch_stats(model: Model, batch: BatchExample, prediction: BatchEvalPrediction) -> Stats:
     mask = batch.get(EXAMPLE_MASK_KEY)
     if mask is not None:
         mask = jnp.asarray(mask).astype(jnp.bool_)
-    prediction = model.apply_for_eval(params, batch)
-    merged = {}
-    for name, metric in model.eval_metrics.items():
-        batch_stat = metrics.evaluate_batch(metric, batch, prediction, mask)
-        previous = metric.zero() if stats is None else stats[name]
-        merged[name] = previous.merge(batch_stat)
-    return merged
+    return {
+        name: metrics.evaluate_batch(metric, batch, prediction, mask)
+        for name, metric in model.eval_metrics.items()
+    }
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _evaluate_block_into(
+    model: Model, params: Params, block: tuple[BatchExample, ...], stats: Stats | None
+) -> Stats:
+    """Adds the statistics of the batches in ``block`` (same shapes) to ``stats``, in order.
+
+    ``stats`` None starts from each metric's zero; it is a separate trace, which keeps the
+    carried stats' dtypes identical from the second block on (Python-float zeros would
+    otherwise force a recompile). Jitted with the model static, so the compiled step is
+    cached per (model, batch shapes, block length).
+    """
+    if len(block) == 1:
+        predictions = [model.apply_for_eval(params, block[0])]
+    else:
+        size = _batch_size(block[0])
+        joined = jax.tree_util.tree_map(lambda *parts: jnp.concatenate(parts), *block)
+        joined_prediction = model.apply_for_eval(params, joined)
+        predictions = [
+            jax.tree_util.tree_map(lambda p, i=i: p[i * size : (i + 1) * size], joined_prediction)
+            for i in range(len(block))
+        ]
+    for batch, prediction in zip(block, predictions, strict=True):
+        batch_stats = _batch_stats(model, batch, prediction)
+        merged = {}
+        for name, metric in model.eval_metrics.items():
+            previous = metric.zero() if stats is None else stats[name]
+            merged[name] = previous.merge(batch_stats[name])
+        stats = merged
+    return stats
+
+
+def _signature(batch: BatchExample) -> tuple[Any, ...] | None:
+    """What must match for batches to share a block (None: evaluate this batch alone)."""
+    if not isinstance(batch, Mapping):
+        return None
+    try:
+        leaves, treedef = jax.tree_util.tree_flatten(batch)
+        shapes = tuple((np.shape(leaf), np.result_type(leaf)) for leaf in leaves)
+    except TypeError:
+        return None
+    if not leaves or any(len(shape) == 0 for shape, _ in shapes):
+        return None
+    return treedef, shapes
+
+
+def _blocks(batches: Iterable[BatchExample]) -> Iterator[tuple[BatchExample, ...]]:
+    """Groups consecutive same-shape batches into blocks of 1, 2, 4 or 8 batches.
+
+    Powers of two bound the number of compiled block lengths per batch shape; the block
+    caps bound the memory of the concatenated forward pass.
+    """
+    pending: list[BatchExample] = []
+    pending_signature = None
+    limit = _MAX_BLOCK_BATCHES
+
+    def flush() -> Iterator[tuple[BatchExample, ...]]:
+        start = 0
+        while start < len(pending):
+            length = 1 << ((len(pending) - start).bit_length() - 1)
+            yield tuple(pending[start : start + length])
+            start += length
+        pending.clear()
+
+    for batch in batches:
+        signature = _signature(batch)
+        if signature is None or signature != pending_signature:
+            yield from flush()
+            pending_signature = signature
+            if signature is None:
+                yield (batch,)
+                continue
+            examples = max(1, signature[1][0][0][0])
+            nbytes = max(1, sum(int(np.prod(s)) * t.itemsize for s, t in signature[1]))
+            limit = min(
+                _MAX_BLOCK_BATCHES,
+                max(1, _MAX_BLOCK_EXAMPLES // examples),
+                max(1, _MAX_BLOCK_BYTES // nbytes),
+            )
+            limit = 1 << (limit.bit_length() - 1)
+        pending.append(batch)
+        if len(pending) == limit:
+            yield from flush()
+    yield from flush()
 
 
 @jax.jit
@@ -326,9 +411,9 @@ def _evaluate_batches(
     model: Model, params: Params, batches: Iterable[BatchExample], caller: str
 ) -> dict[str, np.ndarray]:
     stats = None
-    for batch in batches:
-        # No host sync here: the stats stay on device and steps are dispatched asynchronously.
-        stats = _evaluate_batch_into(model, params, batch, stats)
+    for block in _blocks(batches):
+        # No host sync here: the stats stay on device and blocks are dispatched asynchronously.
+        stats = _evaluate_block_into(model, params, block, stats)
     if stats is None:
         warnings.warn(
             f"{caller} got no batches; returning each metric's zero result (0 for means and "
