@@ -291,16 +291,23 @@ def model_grad(
 Stats = dict[str, metrics.Stat]
 
 
-# Evaluation has no sequential dependence, so consecutive batches of one shape are evaluated
+# Evaluation has no sequential dependence, so consecutive batches of one shape may be evaluated
 # in blocks: one dispatch runs the model once over the block's concatenated examples (one
-# large matmul/conv instead of many small ones) and then reduces each batch's slice of the
-# predictions separately, merging the per-batch statistics in stream order. The sums are
-# therefore formed exactly as batch-by-batch evaluation (and FedJAX) forms them.
+# large matmul instead of many small ones, one dispatch and one transfer instead of many) and
+# then reduces each batch's slice of the predictions separately, merging the per-batch
+# statistics in stream order, so the sums are formed as batch-by-batch evaluation (and FedJAX)
+# forms them. Blocks pay only where a batch's forward pass is cheap next to the fixed cost of a
+# dispatch: for a compute-bound model (the stax CNN on CPU) a larger batch is no faster and
+# holds more activations, so its batches stay one per dispatch.
 _MAX_BLOCK_BATCHES = 8
-# Caps on one block's examples and input bytes, which bound the activations the concatenated
-# forward pass holds (a conv layer's output is ~200 KB per 28x28x64 example).
+# Caps on one block's examples and input bytes: they bound the concatenated pass's memory.
 _MAX_BLOCK_EXAMPLES = 1024
 _MAX_BLOCK_BYTES = 8 << 20
+# Forward-pass FLOPs (XLA's estimate) that one dispatch should carry at least, per backend:
+# about a millisecond of work on one CPU core; far more on an accelerator, where launches
+# dominate small steps.
+_BLOCK_FLOPS = {"cpu": 256e6}
+_BLOCK_FLOPS_ACCELERATOR = 16e9
 
 
 def _batch_stats(model: Model, batch: BatchExample, prediction: BatchEvalPrediction) -> Stats:
@@ -313,29 +320,39 @@ def _batch_stats(model: Model, batch: BatchExample, prediction: BatchEvalPredict
     }
 
 
-@functools.partial(jax.jit, static_argnums=0)
+@functools.partial(jax.jit, static_argnums=(0, 1))
 def _evaluate_block_into(
-    model: Model, params: Params, block: tuple[BatchExample, ...], stats: Stats | None
+    model: Model,
+    num_batches: int,
+    params: Params,
+    parts: tuple[BatchExample, ...],
+    stats: Stats | None,
 ) -> Stats:
-    """Adds the statistics of the batches in ``block`` (same shapes) to ``stats``, in order.
+    """Adds the statistics of a block of ``num_batches`` same-shape batches to ``stats``.
 
-    ``stats`` None starts from each metric's zero; it is a separate trace, which keeps the
-    carried stats' dtypes identical from the second block on (Python-float zeros would
-    otherwise force a recompile). Jitted with the model static, so the compiled step is
-    cached per (model, batch shapes, block length).
+    ``parts`` concatenated along the batch axis are the block's examples: either the batches
+    themselves or (NumPy input, joined on the host so that one transfer replaces many) one
+    batch holding them all. ``stats`` None starts from each metric's zero; it is a separate
+    trace, which keeps the carried stats' dtypes identical from the second block on
+    (Python-float zeros would otherwise force a recompile). Jitted with the model static, so
+    the compiled step is cached per (model, batch shapes, block length).
     """
-    if len(block) == 1:
-        predictions = [model.apply_for_eval(params, block[0])]
+    if len(parts) == 1:
+        joined = parts[0]
     else:
-        size = _batch_size(block[0])
-        joined = jax.tree_util.tree_map(lambda *parts: jnp.concatenate(parts), *block)
-        joined_prediction = model.apply_for_eval(params, joined)
-        predictions = [
-            jax.tree_util.tree_map(lambda p, i=i: p[i * size : (i + 1) * size], joined_prediction)
-            for i in range(len(block))
-        ]
-    for batch, prediction in zip(block, predictions, strict=True):
-        batch_stats = _batch_stats(model, batch, prediction)
+        joined = jax.tree_util.tree_map(lambda *leaves: jnp.concatenate(leaves), *parts)
+    joined_prediction = model.apply_for_eval(params, joined)
+    size = _batch_size(joined) // num_batches
+
+    def batch_slice(tree: Any, i: int) -> Any:
+        if num_batches == 1:
+            return tree
+        return jax.tree_util.tree_map(lambda leaf: leaf[i * size : (i + 1) * size], tree)
+
+    for i in range(num_batches):
+        batch_stats = _batch_stats(
+            model, batch_slice(joined, i), batch_slice(joined_prediction, i)
+        )
         merged = {}
         for name, metric in model.eval_metrics.items():
             previous = metric.zero() if stats is None else stats[name]
@@ -344,29 +361,103 @@ def _evaluate_block_into(
     return stats
 
 
+# XLA:CPU uses a NumPy array in place, without a copy, when its data is aligned to this many
+# bytes; NumPy's own allocations usually are not, and then every transfer is a full copy.
+_ZERO_COPY_ALIGNMENT = 64
+
+
+def _aligned_concatenate(leaves: tuple[np.ndarray, ...]) -> np.ndarray:
+    """``np.concatenate(leaves)`` into a fresh buffer that the CPU device can use in place."""
+    first = leaves[0]
+    shape = (sum(leaf.shape[0] for leaf in leaves), *first.shape[1:])
+    dtype = np.result_type(*leaves)
+    nbytes = int(np.prod(shape)) * dtype.itemsize
+    raw = np.empty(nbytes + _ZERO_COPY_ALIGNMENT, np.uint8)
+    offset = -raw.ctypes.data % _ZERO_COPY_ALIGNMENT
+    out = raw[offset : offset + nbytes].view(dtype).reshape(shape)
+    np.concatenate(leaves, out=out)
+    return out
+
+
+def _block_parts(block: tuple[BatchExample, ...]) -> tuple[BatchExample, ...]:
+    """The block as :func:`_evaluate_block_into` takes it.
+
+    NumPy batches are joined on the host into one aligned buffer per feature: the join is one
+    memory copy, and the device then reads the buffer in place instead of copying each batch
+    in its own transfer. Device arrays are passed as they are (joined inside the jit).
+    """
+    if len(block) > 1 and all(
+        isinstance(leaf, np.ndarray) for batch in block for leaf in jax.tree_util.tree_leaves(batch)
+    ):
+        return (jax.tree_util.tree_map(lambda *leaves: _aligned_concatenate(leaves), *block),)
+    return block
+
+
 def _signature(batch: BatchExample) -> tuple[Any, ...] | None:
     """What must match for batches to share a block (None: evaluate this batch alone)."""
     if not isinstance(batch, Mapping):
         return None
     try:
         leaves, treedef = jax.tree_util.tree_flatten(batch)
-        shapes = tuple((np.shape(leaf), np.result_type(leaf)) for leaf in leaves)
+        shapes = tuple((tuple(np.shape(leaf)), np.result_type(leaf)) for leaf in leaves)
     except TypeError:
         return None
     if not leaves or any(len(shape) == 0 for shape, _ in shapes):
         return None
+    sizes = {shape[0] for shape, _ in shapes}
+    if len(sizes) != 1:
+        return None  # Inconsistent leading axes: let the model report it, batch by batch.
     return treedef, shapes
 
 
-def _blocks(batches: Iterable[BatchExample]) -> Iterator[tuple[BatchExample, ...]]:
-    """Groups consecutive same-shape batches into blocks of 1, 2, 4 or 8 batches.
+@functools.lru_cache(maxsize=256)
+def _block_limit(model: Model, params_signature: Any, signature: tuple[Any, ...]) -> int:
+    """How many batches of ``signature`` one dispatch should evaluate (a power of two).
 
-    Powers of two bound the number of compiled block lengths per batch shape; the block
-    caps bound the memory of the concatenated forward pass.
+    Estimated once per (model, params shapes, batch shapes) from XLA's cost analysis of the
+    forward pass; 1 when the estimate is unavailable.
+    """
+    treedef, shapes = signature
+    params_treedef, params_shapes = params_signature
+    examples = shapes[0][0][0]
+    nbytes = sum(int(np.prod(shape)) * dtype.itemsize for shape, dtype in shapes)
+    try:
+        batch = jax.tree_util.tree_unflatten(
+            treedef, [jax.ShapeDtypeStruct(shape, dtype) for shape, dtype in shapes]
+        )
+        params = jax.tree_util.tree_unflatten(
+            params_treedef, [jax.ShapeDtypeStruct(shape, dtype) for shape, dtype in params_shapes]
+        )
+        cost = jax.jit(model.apply_for_eval).lower(params, batch).cost_analysis()
+        flops = float(cost["flops"])
+    except Exception:  # No estimate (backend, unusual model): the safe per-batch path.
+        return 1
+    target = _BLOCK_FLOPS.get(jax.default_backend(), _BLOCK_FLOPS_ACCELERATOR)
+    limit = min(
+        _MAX_BLOCK_BATCHES,
+        int(target // max(flops, 1.0)),
+        _MAX_BLOCK_EXAMPLES // max(examples, 1),
+        _MAX_BLOCK_BYTES // max(nbytes, 1),
+    )
+    return 1 << (max(limit, 1).bit_length() - 1)
+
+
+def _params_signature(params: Params) -> Any:
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    return treedef, tuple((tuple(np.shape(x)), np.result_type(x)) for x in leaves)
+
+
+def _blocks(
+    model: Model, params: Params, batches: Iterable[BatchExample]
+) -> Iterator[tuple[BatchExample, ...]]:
+    """Groups consecutive same-shape batches into blocks of a power-of-two length.
+
+    Powers of two bound the number of compiled block lengths per batch shape.
     """
     pending: list[BatchExample] = []
     pending_signature = None
-    limit = _MAX_BLOCK_BATCHES
+    params_signature = None
+    limit = 1
 
     def flush() -> Iterator[tuple[BatchExample, ...]]:
         start = 0
@@ -384,36 +475,25 @@ def _blocks(batches: Iterable[BatchExample]) -> Iterator[tuple[BatchExample, ...
             if signature is None:
                 yield (batch,)
                 continue
-            examples = max(1, signature[1][0][0][0])
-            nbytes = max(1, sum(int(np.prod(s)) * t.itemsize for s, t in signature[1]))
-            limit = min(
-                _MAX_BLOCK_BATCHES,
-                max(1, _MAX_BLOCK_EXAMPLES // examples),
-                max(1, _MAX_BLOCK_BYTES // nbytes),
-            )
-            limit = 1 << (limit.bit_length() - 1)
+            try:
+                if params_signature is None:
+                    params_signature = _params_signature(params)
+                limit = _block_limit(model, params_signature, signature)
+            except TypeError:  # Unhashable model or params: no cache, no blocks.
+                limit = 1
         pending.append(batch)
         if len(pending) == limit:
             yield from flush()
     yield from flush()
 
 
-@jax.jit
-def _results(stats: Stats) -> dict[str, jax.Array]:
-    return {name: stat.result() for name, stat in stats.items()}
-
-
-def _zero_results(model: Model) -> dict[str, jax.Array]:
-    return _results({name: metric.zero() for name, metric in model.eval_metrics.items()})
-
-
 def _evaluate_batches(
     model: Model, params: Params, batches: Iterable[BatchExample], caller: str
 ) -> dict[str, np.ndarray]:
     stats = None
-    for block in _blocks(batches):
+    for block in _blocks(model, params, batches):
         # No host sync here: the stats stay on device and blocks are dispatched asynchronously.
-        stats = _evaluate_block_into(model, params, block, stats)
+        stats = _evaluate_block_into(model, len(block), params, _block_parts(block), stats)
     if stats is None:
         warnings.warn(
             f"{caller} got no batches; returning each metric's zero result (0 for means and "

@@ -102,9 +102,11 @@ def _check_speed_settings(trainer: dict[str, Any]) -> None:
     spd = trainer.get("steps_per_dispatch", "auto")
     if spd != "auto" and (isinstance(spd, bool) or not isinstance(spd, int) or spd < 1):
         raise bad("steps_per_dispatch", "a positive integer or auto")
-    prefetch = trainer.get("prefetch", 2)
-    if isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < 0:
-        raise bad("prefetch", "a non-negative integer (0: no background thread)")
+    prefetch = trainer.get("prefetch", "auto")
+    if prefetch != "auto" and (
+        isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < 0
+    ):
+        raise bad("prefetch", "a non-negative integer (0: no background thread) or auto")
     for key in ("device_data", "data_parallel"):
         value = trainer.get(key, "auto")
         if value is not None and value != "auto" and not isinstance(value, bool):
@@ -117,55 +119,6 @@ def _check_speed_settings(trainer: dict[str, Any]) -> None:
             "trainer.data_parallel=true and trainer.vectorize cannot be combined: a vectorized "
             "sweep runs on one device; set trainer.data_parallel=auto"
         )
-
-
-def _speed_up(algorithm: Any, trainer: dict[str, Any]) -> tuple[Any, int]:
-    """Applies data parallelism and device-resident data; returns (algorithm, steps per
-    dispatch). ``auto`` settings follow measurements (see conf/trainer/default.yaml)."""
-    import jax
-
-    from fedjax_exp.experiment import parallel
-
-    backend = jax.default_backend()
-    try:
-        shard = parallel.resolve_data_parallel(trainer.get("data_parallel", "auto"))
-        if shard:
-            algorithm = parallel.DataParallelTraining(algorithm)
-    except ValueError as e:
-        raise ConfigError(str(e)) from e
-    device_data = trainer.get("device_data", "auto")
-    supported = getattr(algorithm, "device_data_supported", None)
-    if device_data in ("auto", None):
-        device_data = (
-            backend != "cpu" and callable(supported) and supported() and _fits_on_device(algorithm)
-        )
-    if device_data:
-        if not callable(supported) or not supported():
-            raise ConfigError(
-                "trainer.device_data=true needs centralized training on in-memory column data "
-                "without a client preprocessor; set trainer.device_data=false"
-            )
-        algorithm.enable_device_data()
-    spd = trainer.get("steps_per_dispatch", "auto")
-    if spd in ("auto", None):
-        # Measured (scripts/bench_dispatch.py): on XLA:CPU a lax.scan over steps is at best
-        # ~1.2x faster (logistic) and up to 17x slower (Haiku CNN); accelerators are
-        # launch-bound on small steps, where several steps per dispatch pay off.
-        spd = 1 if backend == "cpu" else 8
-    return algorithm, int(spd)
-
-
-def _fits_on_device(algorithm: Any, fraction: float = 0.25) -> bool:
-    """Whether the train columns take at most ``fraction`` of the device's memory."""
-    import jax
-
-    inner = getattr(algorithm, "algorithm", algorithm)
-    nbytes = getattr(getattr(inner, "train_data", None), "nbytes", None)
-    if nbytes is None:
-        return False
-    stats = jax.local_devices()[0].memory_stats() or {}
-    limit = stats.get("bytes_limit", 2 << 30)
-    return nbytes <= fraction * limit
 
 
 def _end_run(actions: Sequence[tuple[str, Callable[[], None]]], failed: bool) -> None:
@@ -222,7 +175,7 @@ def run(cfg: DictConfig, output_dir: str | os.PathLike[str] | None = None) -> fl
     logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
     import numpy as np
 
-    from fedjax_exp.experiment import builders, loop, writers
+    from fedjax_exp.experiment import builders, loop, parallel, writers
     from fedjax_exp.experiment.checkpoints import Checkpointer
     from fedjax_exp.experiment.evaluation import Evaluator
     from fedjax_exp.experiment.validation import check_data_features
@@ -232,8 +185,6 @@ def run(cfg: DictConfig, output_dir: str | os.PathLike[str] | None = None) -> fl
         from fedjax_exp.experiment import vectorized
 
         return vectorized.run_sweep(cfg, container, out, source, run_name=name)
-
-    from fedjax_exp.experiment.parallel import with_compute_dtype
 
     model = builders.build_model(cfg)
     optimizer = builders.build_optimizer(cfg)
@@ -246,9 +197,12 @@ def run(cfg: DictConfig, output_dir: str | os.PathLike[str] | None = None) -> fl
         batch_size=int(trainer["eval_batch_size"]),
     )
     # The training forward pass may compute in bf16; evaluation keeps the float32 model.
-    train_model = with_compute_dtype(model, trainer.get("compute_dtype", "float32"))
+    train_model = parallel.with_compute_dtype(model, trainer.get("compute_dtype", "float32"))
     algorithm = builders.build_algorithm(cfg, train_model, optimizer, train_data)
-    algorithm, steps_per_dispatch = _speed_up(algorithm, trainer)
+    try:
+        algorithm, speed = parallel.speed_up(algorithm, trainer)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
 
     seed = int(container["seed"])
     rng = jax.random.PRNGKey(seed)
@@ -305,8 +259,8 @@ def run(cfg: DictConfig, output_dir: str | os.PathLike[str] | None = None) -> fl
         eval_every=int(trainer["eval_every"]),
         checkpoint_every=int(trainer["checkpoint_every"]),
         progress_bar=bool(trainer["progress_bar"]),
-        steps_per_dispatch=steps_per_dispatch,
-        prefetch=int(trainer.get("prefetch", 2)),
+        steps_per_dispatch=speed.steps_per_dispatch,
+        prefetch=speed.prefetch,
     )
     step, final, exit_code, error = start_step, {}, 1, None
 

@@ -396,6 +396,8 @@ def run_sweep(
     from fedjax_exp.experiment import builders, loop, writers
     from fedjax_exp.experiment.checkpoints import Checkpointer, Snapshot
     from fedjax_exp.experiment.evaluation import Evaluator
+    from fedjax_exp.experiment.parallel import with_compute_dtype
+    from fedjax_exp.experiment.validation import check_data_features
 
     trainer = container["trainer"]
     spec = trainer.get("vectorize") or {}
@@ -408,8 +410,11 @@ def run_sweep(
 
     model = builders.build_model(cfg)
     train_data, test_data = builders.build_datasets(cfg)
-    from fedjax_exp.experiment.parallel import with_compute_dtype
-
+    check_data_features(
+        model,
+        {"train": train_data, "test": test_data},
+        batch_size=int(trainer["eval_batch_size"]),
+    )
     train_model = with_compute_dtype(model, trainer.get("compute_dtype", "float32"))
     training = VectorizedTraining(
         lambda optimizer: builders.build_algorithm(cfg, train_model, optimizer, train_data),
@@ -550,13 +555,14 @@ def _write_sweep_status(
     error: str | None,
     diverged: Mapping[int, int],
 ) -> None:
-    from fedjax_exp.experiment.writers import STATUS_FILE, atomic_write_text
+    from fedjax_exp.experiment.writers import write_status
 
-    payload = {
-        "status": "completed" if exit_code == 0 else "failed",
-        "step": int(step),
-        "error": error,
-        "trials": [
+    write_status(
+        out,
+        status="completed" if exit_code == 0 else "failed",
+        step=step,
+        error=error,
+        trials=[
             {
                 "name": t.name,
                 "learning_rate": t.learning_rate,
@@ -566,8 +572,7 @@ def _write_sweep_status(
             }
             for i, (t, d) in enumerate(zip(trials, trial_dirs, strict=True))
         ],
-    }
-    atomic_write_text(out / STATUS_FILE, json.dumps(payload, indent=2) + "\n")
+    )
 
 
 def _replay_to_wandb(
@@ -581,13 +586,9 @@ def _replay_to_wandb(
     exit_code: int,
 ) -> None:
     """One W&B run per trial (grouped under the sweep's name), written in turn."""
-    import uuid
-
     from fedjax_exp.experiment import writers
 
     for i, (trial, directory) in enumerate(zip(trials, trial_dirs, strict=True)):
-        id_file = directory / "wandb_run_id.txt"
-        run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:12]
         trial_settings = dict(settings)
         trial_settings.setdefault("group", None)
         trial_settings["group"] = settings.get("group") or run_name
@@ -598,11 +599,9 @@ def _replay_to_wandb(
             config=trial_config(container, trial),
             default_name=trial_settings["name"],
             default_group=trial_settings["group"],
-            run_id=run_id,
         )
         if writer is None:
             return
-        writers.atomic_write_text(id_file, run_id + "\n")
         try:
             recorders[i].replay(writer)
         finally:
