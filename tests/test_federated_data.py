@@ -9,6 +9,7 @@ import pytest
 
 import fedjax_exp
 from fedjax_exp.core import federated_data as fdm
+from fedjax_exp.core import in_memory_federated_data as imfd
 from fedjax_exp.core.client_datasets import EXAMPLE_MASK_KEY
 from fedjax_exp.core.in_memory_federated_data import (
     InMemoryFederatedData,
@@ -162,6 +163,23 @@ def test_padded_batch_fast_path_equals_generic_path(fd, batch_size, buckets):
     np.testing.assert_array_equal(ids, np.arange(41))
 
 
+def test_padded_batch_views_of_strided_columns_and_read_only_mask():
+    rows = np.arange(41, dtype=np.int64)
+    wide = np.stack([rows, -rows, 2 * rows], 1).astype(np.float32)
+    ids = [f"c{i}".encode() for i in range(len(SIZES))]
+    offsets = np.cumsum([0, *SIZES])
+    strided = InMemoryFederatedData.from_columns(ids, offsets, {"id": rows, "x": wide[:, ::2]})
+    dense = InMemoryFederatedData.from_columns(
+        ids, offsets, {"id": rows, "x": np.ascontiguousarray(wide[:, ::2])}
+    )
+    a = list(fdm.padded_batch_federated_data(strided, batch_size=4))
+    b = list(fdm.padded_batch_federated_data(dense, batch_size=4))
+    assert as_lists(a) == as_lists(b)
+    assert [list(batch) for batch in b[:-1]] == [["id", "x", EXAMPLE_MASK_KEY]] * 10
+    for batch in a[:-1] + b[:-1]:
+        assert not batch[EXAMPLE_MASK_KEY].flags.writeable  # Shared by all full batches.
+
+
 def test_padded_batch_sizes_and_final_bucket(fd):
     batches = list(fdm.padded_batch_federated_data(fd, batch_size=16, num_batch_size_buckets=3))
     assert [len(b["id"]) for b in batches] == [16, 16, 16]  # 41 = 16 + 16 + 9 -> 16
@@ -276,6 +294,31 @@ def test_fast_shuffle_batches_are_gathers_of_the_index_stream(fd):
     resumed = take(fd.shuffle_repeat_batches(4, 2, 8, seed=0, start_batch=20), 5)
     for a, b in zip(batches[20:], resumed, strict=True):
         np.testing.assert_array_equal(a["x"], b["x"])
+
+
+@pytest.mark.parametrize("num_columns", [1, 2, 3, 5])
+@pytest.mark.parametrize("chunk_bytes", [1, 1 << 20])  # One batch per chunk, or many.
+def test_fast_shuffle_any_column_count_and_chunking(monkeypatch, num_columns, chunk_bytes):
+    monkeypatch.setattr(imfd, "_CHUNK_BYTES", chunk_bytes)
+    rows = np.arange(41, dtype=np.int64)
+    # Column 0: the row id; "wide" (32 float32 per row, gathered with np.take); then narrow.
+    columns = {"id": rows, "wide": np.repeat(rows[:, None], 32, 1).astype(np.float32) * 0.5}
+    for j in range(2, num_columns):
+        columns[f"c{j}"] = (rows * (j + 1)).astype(np.int32)
+    columns = dict(itertools.islice(columns.items(), num_columns))
+    store = InMemoryFederatedData.from_columns(
+        [f"c{i}".encode() for i in range(len(SIZES))], np.cumsum([0, *SIZES]), columns
+    )
+    batches = take(store.shuffle_repeat_batches(3, 2, 8, seed=4), 40)  # ~3 epochs.
+    indices = take(store.shuffle_repeat_batch_indices(3, 2, 8, seed=4), 40)
+    for batch, idx in zip(batches, indices, strict=True):
+        assert list(batch) == list(columns)
+        for key, column in columns.items():
+            np.testing.assert_array_equal(batch[key], column[idx])
+    # Batches never share rows: writing into one leaves every other batch as it was.
+    batches[0]["id"][:] = -1
+    for batch, idx in zip(batches[1:], indices[1:], strict=True):
+        np.testing.assert_array_equal(batch["id"], idx)
 
 
 def test_shuffle_is_deterministic_full_and_mixes_clients(fd):

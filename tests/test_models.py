@@ -253,16 +253,134 @@ def test_evaluate_model_compiles_once_per_model_and_shape(params):
     traces_after_first_call = len(log)
     second = models.evaluate_model(model, params, batches)
     again = models.evaluate_model(model.replace(), params, batches)  # An equal Model.
-    assert len(log) == traces_after_first_call <= 2  # Start step + carry step, then cached.
+    # Planning (the joined-pass probe at 2 shapes, the cost estimate), then a block of 2
+    # batches (from zero; one trace per batch) and 1 (carried); later calls trace nothing.
+    assert len(log) == traces_after_first_call <= 6
     assert float(first["loss"]) == float(second["loss"]) == float(again["loss"])
+
+
+def _per_batch_only(monkeypatch):
+    """Forces one batch per dispatch: no joined pass, no block reaches the FLOPs target."""
+    monkeypatch.setattr(models, "_joined_forward_is_exact", lambda *args: False)
+    monkeypatch.setattr(models, "_BLOCK_FLOPS", {jax.default_backend(): 0.0})
+    models._PLANS.clear()
+
+
+def _count_dispatches(monkeypatch) -> list[tuple[int, bool]]:
+    """Records (block length, joined forward) of each evaluation dispatch."""
+    dispatched: list[tuple[int, bool]] = []
+    block_step = models._evaluate_block_into
+
+    def counting_block_step(model, num_batches, joined_forward, *args):
+        dispatched.append((num_batches, joined_forward))
+        return block_step(model, num_batches, joined_forward, *args)
+
+    monkeypatch.setattr(models, "_evaluate_block_into", counting_block_step)
+    return dispatched
+
+
+def _stream(on_device: bool) -> list[dict]:
+    # 11 padded batches of 4 (blocks of 8, 2 and 1), then a short unpadded batch (its own
+    # block), as NumPy batches (joined on the host) or device arrays (joined in the jit).
+    batches = [_pad(_batch(1 + s % 4, seed=s), 4) for s in range(11)] + [_batch(3, seed=99)]
+    return [jax.device_put(b) for b in batches] if on_device else batches
+
+
+def _float64_reference(params, batches) -> dict[str, float]:
+    real = [
+        {k: v[b[EXAMPLE_MASK_KEY]] for k, v in b.items()} if EXAMPLE_MASK_KEY in b else b
+        for b in map(jax.device_get, batches)
+    ]
+    return _np_metrics(params, {k: np.concatenate([b[k] for b in real]) for k in ("x", "y")})
+
+
+@pytest.mark.parametrize("on_device", [False, True])
+def test_evaluate_model_blocks_equal_batch_by_batch_bit_for_bit(params, monkeypatch, on_device):
+    batches = _stream(on_device)
+    dispatched = _count_dispatches(monkeypatch)
+    models._PLANS.clear()
+    blocked = models.evaluate_model(_linear_model(), params, iter(batches))
+    assert [n for n, _ in dispatched] == [8, 2, 1, 1]
+    assert len(models._PLANS) == 1  # The lone short batch's shape was never planned.
+    _per_batch_only(monkeypatch)
+    dispatched.clear()
+    single = models.evaluate_model(_linear_model(), params, batches)
+    assert dispatched == [(1, False)] * 12
+    for key in ("accuracy", "loss"):
+        assert np.asarray(blocked[key]).tobytes() == np.asarray(single[key]).tobytes()
+    want = _float64_reference(params, batches)
+    np.testing.assert_allclose(float(blocked["loss"]), want["loss"], rtol=1e-5)
+    assert float(blocked["accuracy"]) == pytest.approx(want["accuracy"], abs=1e-6)
+
+
+@pytest.mark.parametrize("on_device", [False, True])
+def test_evaluate_model_joined_forward_pass(params, monkeypatch, on_device):
+    # Forced on (whether or not XLA rounds it exactly here): the joined pass must slice and
+    # merge each batch's predictions correctly; values agree up to float rounding.
+    batches = _stream(on_device)
+    dispatched = _count_dispatches(monkeypatch)
+    monkeypatch.setattr(models, "_joined_forward_is_exact", lambda *args: True)
+    models._PLANS.clear()
+    got = models.evaluate_model(_linear_model(), params, batches)
+    assert dispatched == [(8, True), (2, True), (1, False), (1, False)]
+    want = _float64_reference(params, batches)
+    np.testing.assert_allclose(float(got["loss"]), want["loss"], rtol=1e-5)
+    assert float(got["accuracy"]) == pytest.approx(want["accuracy"], abs=1e-6)
+    models._PLANS.clear()
+
+
+def test_joined_forward_probe_detects_batch_dependent_outputs(params):
+    def model_of(apply):
+        return _linear_model().replace(apply_for_eval=apply)
+
+    signature = models._signature(_pad(_batch(4), 4))
+    # Elementwise: each output depends on its own example only, and rounds the same way.
+    elementwise = model_of(lambda p, b: b["x"][:, :NUM_CLASSES] * 2.0 + p["b"])
+    assert models._joined_forward_is_exact(elementwise, params, signature, 4)
+    # Depends on the batch it is in (batch statistics): joining changes the outputs.
+    centred = model_of(lambda p, b: b["x"][:, :NUM_CLASSES] - b["x"].mean())
+    assert not models._joined_forward_is_exact(centred, params, signature, 4)
+
+
+def test_adjacent_slices_join_without_a_copy():
+    column = np.arange(40, dtype=np.float32).reshape(10, 4)
+    joined = models._adjacent_view((column[0:4], column[4:6], column[6:10]))
+    np.testing.assert_array_equal(joined, column)
+    assert np.shares_memory(joined, column) and not joined.flags.writeable
+    assert models._adjacent_view((column[0:4], column[5:9])) is None  # A gap.
+    assert models._adjacent_view((column[4:8], column[0:4])) is None  # Out of order.
+    assert models._adjacent_view((column[0:4], column.copy()[4:8])) is None  # Two owners.
+    assert models._adjacent_view((column[0:4, :2], column[4:8, :2])) is None  # Strided.
+
+
+def test_evaluate_model_on_slices_of_one_array_equals_copies(params):
+    data = _batch(24, seed=5)
+    slices = [{k: v[i : i + 4] for k, v in data.items()} for i in range(0, 24, 4)]
+    copies = [{k: v.copy() for k, v in b.items()} for b in slices]
+    model = _linear_model()
+    got, want = (models.evaluate_model(model, params, b) for b in (slices, copies))
+    for key in ("accuracy", "loss"):
+        assert np.asarray(got[key]).tobytes() == np.asarray(want[key]).tobytes()
+
+
+def test_evaluate_model_blocks_leave_the_callers_batches_unchanged(params):
+    batches = [_pad(_batch(2 + s % 3, seed=s), 4) for s in range(6)]
+    copies = [{k: v.copy() for k, v in b.items()} for b in batches]
+    models.evaluate_model(_linear_model(), params, batches)
+    for batch, copy in zip(batches, copies, strict=True):
+        for key in copy:
+            np.testing.assert_array_equal(batch[key], copy[key])
 
 
 def test_evaluate_model_transfers_to_host_once_per_call(params, monkeypatch):
     transfers = []
     device_get = jax.device_get
-    monkeypatch.setattr(jax, "device_get", lambda x: transfers.append(1) or device_get(x))
     batches = [_pad(_batch(3, seed=s), 4) for s in range(5)]
-    models.evaluate_model(_linear_model(), params, batches)
+    model = _linear_model()
+    # The first call for a model and batch shape also plans its blocks (a one-off probe).
+    models.evaluate_model(model, params, batches)
+    monkeypatch.setattr(jax, "device_get", lambda x: transfers.append(1) or device_get(x))
+    models.evaluate_model(model, params, batches)
     assert len(transfers) == 1
 
 

@@ -291,16 +291,19 @@ def model_grad(
 Stats = dict[str, metrics.Stat]
 
 
-# Evaluation has no sequential dependence, so consecutive batches of one shape may be evaluated
-# in blocks: one dispatch runs the model once over the block's concatenated examples (one
-# large matmul instead of many small ones, one dispatch and one transfer instead of many) and
-# then reduces each batch's slice of the predictions separately, merging the per-batch
-# statistics in stream order, so the sums are formed as batch-by-batch evaluation (and FedJAX)
-# forms them. Blocks pay only where a batch's forward pass is cheap next to the fixed cost of a
-# dispatch: for a compute-bound model (the stax CNN on CPU) a larger batch is no faster and
-# holds more activations, so its batches stay one per dispatch.
+# Evaluation has no sequential dependence, so consecutive batches of one shape are evaluated
+# in blocks: one dispatch (and, for NumPy input, one zero-copy transfer) per block, the
+# per-batch statistics merged in stream order, so the sums are formed exactly as batch-by-batch
+# evaluation (and FedJAX) forms them. Two ways to run the model over a block, chosen once per
+# model and shapes (_block_plan):
+# - joined: one forward pass over all the block's examples (one large matmul/conv; the
+#   weights are read once, which is what helps the stax CNN, whose 12.8M-weight dense layer
+#   is memory bound), then each batch's slice of the predictions is reduced on its own. Used
+#   only where a probe shows XLA rounds the joined pass exactly as the per-batch one.
+# - per batch: one forward pass per batch inside the block; exact by construction, worth it
+#   only where a batch's pass is cheap next to the fixed cost of a dispatch.
 _MAX_BLOCK_BATCHES = 8
-# Caps on one block's examples and input bytes: they bound the concatenated pass's memory.
+# Caps on one block's examples and input bytes: they bound the joined pass's memory.
 _MAX_BLOCK_EXAMPLES = 1024
 _MAX_BLOCK_BYTES = 8 << 20
 # Forward-pass FLOPs (XLA's estimate) that one dispatch should carry at least, per backend:
@@ -320,10 +323,11 @@ def _batch_stats(model: Model, batch: BatchExample, prediction: BatchEvalPredict
     }
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
 def _evaluate_block_into(
     model: Model,
     num_batches: int,
+    joined_forward: bool,
     params: Params,
     parts: tuple[BatchExample, ...],
     stats: Stats | None,
@@ -336,12 +340,15 @@ def _evaluate_block_into(
     trace, which keeps the carried stats' dtypes identical from the second block on
     (Python-float zeros would otherwise force a recompile). Jitted with the model static, so
     the compiled step is cached per (model, batch shapes, block length).
+
+    ``joined_forward``: run the model once over the whole block (one large matmul/conv, the
+    weights read once) rather than once per batch; only where :func:`_block_plan` found that
+    it rounds exactly as the per-batch pass does.
     """
     if len(parts) == 1:
         joined = parts[0]
     else:
         joined = jax.tree_util.tree_map(lambda *leaves: jnp.concatenate(leaves), *parts)
-    joined_prediction = model.apply_for_eval(params, joined)
     size = _batch_size(joined) // num_batches
 
     def batch_slice(tree: Any, i: int) -> Any:
@@ -349,10 +356,15 @@ def _evaluate_block_into(
             return tree
         return jax.tree_util.tree_map(lambda leaf: leaf[i * size : (i + 1) * size], tree)
 
+    if joined_forward:
+        joined_prediction = model.apply_for_eval(params, joined)
+        predictions = [batch_slice(joined_prediction, i) for i in range(num_batches)]
+    else:
+        predictions = [
+            model.apply_for_eval(params, batch_slice(joined, i)) for i in range(num_batches)
+        ]
     for i in range(num_batches):
-        batch_stats = _batch_stats(
-            model, batch_slice(joined, i), batch_slice(joined_prediction, i)
-        )
+        batch_stats = _batch_stats(model, batch_slice(joined, i), predictions[i])
         merged = {}
         for name, metric in model.eval_metrics.items():
             previous = metric.zero() if stats is None else stats[name]
@@ -379,17 +391,53 @@ def _aligned_concatenate(leaves: tuple[np.ndarray, ...]) -> np.ndarray:
     return out
 
 
+def _adjacent_view(leaves: tuple[np.ndarray, ...]) -> np.ndarray | None:
+    """The leaves as one array without a copy, when they lie back to back in memory.
+
+    Full padded batches of a column store are consecutive slices of one column: their
+    concatenation is just the longer slice. None when the leaves are not such slices.
+    """
+    first = leaves[0]
+    # Views of one owner array only: the joined view then stays inside its memory.
+    if first.base is None or not all(
+        leaf.base is first.base and leaf.flags.c_contiguous for leaf in leaves
+    ):
+        return None
+    pointer = first.__array_interface__["data"][0]
+    for leaf in leaves:
+        if (
+            leaf.dtype != first.dtype
+            or leaf.shape[1:] != first.shape[1:]
+            or leaf.__array_interface__["data"][0] != pointer
+        ):
+            return None
+        pointer += leaf.nbytes
+    shape = (sum(leaf.shape[0] for leaf in leaves), *first.shape[1:])
+    return np.lib.stride_tricks.as_strided(first, shape, first.strides, writeable=False)
+
+
+def _join_leaves(leaves: tuple[np.ndarray, ...]) -> np.ndarray:
+    view = _adjacent_view(leaves)
+    # An unaligned view would still be copied by the transfer, and that copy measured ~3x
+    # slower than np.concatenate into an aligned buffer (which is then used in place).
+    if view is not None and view.ctypes.data % _ZERO_COPY_ALIGNMENT == 0:
+        return view
+    return _aligned_concatenate(leaves)
+
+
 def _block_parts(block: tuple[BatchExample, ...]) -> tuple[BatchExample, ...]:
     """The block as :func:`_evaluate_block_into` takes it.
 
-    NumPy batches are joined on the host into one aligned buffer per feature: the join is one
-    memory copy, and the device then reads the buffer in place instead of copying each batch
-    in its own transfer. Device arrays are passed as they are (joined inside the jit).
+    NumPy batches are joined on the host, per feature: consecutive slices of one array (a
+    column store's padded batches) as the longer slice, without a copy, where it is aligned;
+    others into one aligned buffer (one memory copy, which the device then reads in place
+    instead of copying each batch in its own transfer). Device arrays are passed as they are
+    (joined in the jit).
     """
     if len(block) > 1 and all(
         isinstance(leaf, np.ndarray) for batch in block for leaf in jax.tree_util.tree_leaves(batch)
     ):
-        return (jax.tree_util.tree_map(lambda *leaves: _aligned_concatenate(leaves), *block),)
+        return (jax.tree_util.tree_map(lambda *leaves: _join_leaves(leaves), *block),)
     return block
 
 
@@ -410,36 +458,114 @@ def _signature(batch: BatchExample) -> tuple[Any, ...] | None:
     return treedef, shapes
 
 
-@functools.lru_cache(maxsize=256)
-def _block_limit(model: Model, params_signature: Any, signature: tuple[Any, ...]) -> int:
-    """How many batches of ``signature`` one dispatch should evaluate (a power of two).
+def _abstract(treedef: Any, shapes: tuple[Any, ...]) -> Any:
+    return jax.tree_util.tree_unflatten(
+        treedef, [jax.ShapeDtypeStruct(shape, dtype) for shape, dtype in shapes]
+    )
 
-    Estimated once per (model, params shapes, batch shapes) from XLA's cost analysis of the
-    forward pass; 1 when the estimate is unavailable.
+
+def _probe_batch(treedef: Any, shapes: tuple[Any, ...], rows: int, seed: int) -> Any:
+    """Random features of ``shapes`` with ``rows`` examples (ints 0, masks True)."""
+    rng = np.random.default_rng(seed)
+    leaves = []
+    for shape, dtype in shapes:
+        shape = (rows, *shape[1:])
+        if np.issubdtype(dtype, np.floating):
+            leaves.append(rng.standard_normal(shape).astype(dtype))
+        else:
+            leaves.append(np.ones(shape, dtype) if dtype == np.bool_ else np.zeros(shape, dtype))
+    return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+def _joined_forward_is_exact(
+    model: Model, params: Params, signature: tuple[Any, ...], num_batches: int
+) -> bool:
+    """Whether one forward pass over ``num_batches`` joined batches rounds exactly as one
+    pass per batch does.
+
+    XLA picks its matmul/conv kernels by shape, and some kernels block the reduction
+    differently, which changes the last bits of some outputs. The choice depends on the
+    shapes only, so one probe on random inputs tells for all data: a kernel that reduces
+    in another order would change many of the outputs' last bits.
     """
     treedef, shapes = signature
-    params_treedef, params_shapes = params_signature
+    rows = shapes[0][0][0]
+    apply = jax.jit(model.apply_for_eval)
+    block = _probe_batch(treedef, shapes, rows * num_batches, seed=0)
+    joined = jax.device_get(apply(params, block))
+    for i in range(num_batches):
+        part = jax.tree_util.tree_map(lambda leaf, i=i: leaf[i * rows : (i + 1) * rows], block)
+        single = jax.device_get(apply(params, part))
+        same = jax.tree_util.tree_map(
+            lambda a, b, i=i: (
+                np.asarray(a[i * rows : (i + 1) * rows]).tobytes() == np.asarray(b).tobytes()
+            ),
+            joined,
+            single,
+        )
+        if not all(jax.tree_util.tree_leaves(same)):
+            return False
+    return True
+
+
+# (model, params shapes, batch shapes) -> plan; cleared when full (plans are cheap to redo).
+_PLANS: dict[tuple[Any, ...], tuple[int, bool]] = {}
+_MAX_PLANS = 256
+
+
+def _block_plan(
+    model: Model, params: Params, params_signature: Any, signature: tuple[Any, ...]
+) -> tuple[int, bool]:
+    """``(batches per dispatch, joined forward pass)`` for batches of ``signature``.
+
+    Decided once per (model, params shapes, batch shapes): a joined forward pass where it is
+    exact (:func:`_joined_forward_is_exact`); otherwise one pass per batch, blocked only when
+    the pass is cheap (XLA's cost estimate). ``(1, False)`` when neither can be established.
+
+    Raises:
+        TypeError: the model is not hashable (then nothing can be cached).
+    """
+    key = (model, params_signature, signature)
+    plan = _PLANS.get(key)
+    if plan is None:
+        plan = _make_block_plan(model, params, params_signature, signature)
+        if len(_PLANS) >= _MAX_PLANS:
+            _PLANS.clear()
+        _PLANS[key] = plan
+    return plan
+
+
+def _make_block_plan(
+    model: Model, params: Params, params_signature: Any, signature: tuple[Any, ...]
+) -> tuple[int, bool]:
+    treedef, shapes = signature
     examples = shapes[0][0][0]
     nbytes = sum(int(np.prod(shape)) * dtype.itemsize for shape, dtype in shapes)
-    try:
-        batch = jax.tree_util.tree_unflatten(
-            treedef, [jax.ShapeDtypeStruct(shape, dtype) for shape, dtype in shapes]
-        )
-        params = jax.tree_util.tree_unflatten(
-            params_treedef, [jax.ShapeDtypeStruct(shape, dtype) for shape, dtype in params_shapes]
-        )
-        cost = jax.jit(model.apply_for_eval).lower(params, batch).cost_analysis()
-        flops = float(cost["flops"])
-    except Exception:  # No estimate (backend, unusual model): the safe per-batch path.
-        return 1
-    target = _BLOCK_FLOPS.get(jax.default_backend(), _BLOCK_FLOPS_ACCELERATOR)
-    limit = min(
+    caps = min(
         _MAX_BLOCK_BATCHES,
-        int(target // max(flops, 1.0)),
         _MAX_BLOCK_EXAMPLES // max(examples, 1),
         _MAX_BLOCK_BYTES // max(nbytes, 1),
     )
-    return 1 << (max(limit, 1).bit_length() - 1)
+    caps = 1 << (max(caps, 1).bit_length() - 1)
+    if caps == 1:
+        return 1, False
+    try:
+        if _joined_forward_is_exact(model, params, signature, caps):
+            return caps, True
+    except Exception:  # A model the probe cannot run: fall back to the per-batch pass.
+        pass
+    try:
+        cost = (
+            jax.jit(model.apply_for_eval)
+            .lower(_abstract(*params_signature), _abstract(treedef, shapes))
+            .cost_analysis()
+        )
+        flops = float(cost["flops"])
+    except Exception:  # No estimate (backend, unusual model): the safe per-batch path.
+        return 1, False
+    target = _BLOCK_FLOPS.get(jax.default_backend(), _BLOCK_FLOPS_ACCELERATOR)
+    limit = min(caps, int(target // max(flops, 1.0)))
+    return 1 << (max(limit, 1).bit_length() - 1), False
 
 
 def _params_signature(params: Params) -> Any:
@@ -449,21 +575,23 @@ def _params_signature(params: Params) -> Any:
 
 def _blocks(
     model: Model, params: Params, batches: Iterable[BatchExample]
-) -> Iterator[tuple[BatchExample, ...]]:
+) -> Iterator[tuple[tuple[BatchExample, ...], bool]]:
     """Groups consecutive same-shape batches into blocks of a power-of-two length.
 
-    Powers of two bound the number of compiled block lengths per batch shape.
+    Yields ``(block, joined_forward)``. Powers of two bound the number of compiled block
+    lengths per batch shape. A shape is planned only when a second batch of it follows the
+    first, so a lone batch (a client's short final batch) costs no probe.
     """
     pending: list[BatchExample] = []
     pending_signature = None
     params_signature = None
-    limit = 1
+    limit, joined_forward = 0, False  # 0: not planned yet.
 
-    def flush() -> Iterator[tuple[BatchExample, ...]]:
+    def flush() -> Iterator[tuple[tuple[BatchExample, ...], bool]]:
         start = 0
         while start < len(pending):
             length = 1 << ((len(pending) - start).bit_length() - 1)
-            yield tuple(pending[start : start + length])
+            yield tuple(pending[start : start + length]), joined_forward and length > 1
             start += length
         pending.clear()
 
@@ -472,28 +600,43 @@ def _blocks(
         if signature is None or signature != pending_signature:
             yield from flush()
             pending_signature = signature
+            limit, joined_forward = 0, False
             if signature is None:
-                yield (batch,)
+                yield (batch,), False
                 continue
+        elif limit == 0:  # The second batch of this shape: blocks may pay, plan them.
             try:
                 if params_signature is None:
                     params_signature = _params_signature(params)
-                limit = _block_limit(model, params_signature, signature)
+                limit, joined_forward = _block_plan(model, params, params_signature, signature)
             except TypeError:  # Unhashable model or params: no cache, no blocks.
-                limit = 1
+                limit, joined_forward = 1, False
+            if len(pending) >= limit:
+                yield from flush()
         pending.append(batch)
         if len(pending) == limit:
             yield from flush()
     yield from flush()
 
 
+@jax.jit
+def _results(stats: Stats) -> dict[str, jax.Array]:
+    return {name: stat.result() for name, stat in stats.items()}
+
+
+def _zero_results(model: Model) -> dict[str, jax.Array]:
+    return _results({name: metric.zero() for name, metric in model.eval_metrics.items()})
+
+
 def _evaluate_batches(
     model: Model, params: Params, batches: Iterable[BatchExample], caller: str
 ) -> dict[str, np.ndarray]:
     stats = None
-    for block in _blocks(model, params, batches):
+    for block, joined_forward in _blocks(model, params, batches):
         # No host sync here: the stats stay on device and blocks are dispatched asynchronously.
-        stats = _evaluate_block_into(model, len(block), params, _block_parts(block), stats)
+        stats = _evaluate_block_into(
+            model, len(block), joined_forward, params, _block_parts(block), stats
+        )
     if stats is None:
         warnings.warn(
             f"{caller} got no batches; returning each metric's zero result (0 for means and "
@@ -516,9 +659,14 @@ def evaluate_model(
     """Evaluates ``model.eval_metrics`` of ``params`` over all examples in ``batches``.
 
     Batches may be padded: examples whose ``EXAMPLE_MASK_KEY`` entry is false are ignored.
-    Statistics accumulate on the device inside one jitted step per batch (compiled once per
-    model and batch shape, and reused by later calls); the host waits only once, for the
-    final results.
+    Statistics accumulate on the device; the host waits only once, for the final results.
+    Consecutive batches of one shape are dispatched together, up to 8 (and 1024 examples) at
+    a time, in one jitted step that still reduces and merges them batch by batch, in order.
+    The model runs once over a whole block only where a one-off probe (per model and shapes)
+    shows XLA rounds that exactly as one pass per batch; otherwise once per batch. Either way
+    the numbers are batch-by-batch evaluation's (and FedJAX's): the tests check them bit for
+    bit. Steps are compiled once per model, batch shape and block length (1, 2, 4 or 8), and
+    reused; the first call for a model and batch shape also runs the probe.
 
     Args:
         model: The Model (``apply_for_eval`` and ``eval_metrics`` are used).
