@@ -75,6 +75,29 @@ def build_datasets(cfg: DictConfig) -> tuple[Any, Any]:
     return loaded[0], loaded[1]
 
 
+def build_model_and_data(cfg: DictConfig) -> tuple[Any, Any, Any, Any]:
+    """``(model, train_model, train_data, test_data)`` for a training run.
+
+    ``train_model`` is ``model`` with the training forward pass in ``trainer.compute_dtype``
+    (evaluation keeps the float32 ``model``). The data is checked to hold every feature the
+    loss and metrics read (e.g. ``domain_id`` for ``metrics=full``) now, before any training
+    time is spent, rather than at the first evaluation.
+    """
+    from fedjax_exp.experiment.parallel import with_compute_dtype
+    from fedjax_exp.experiment.validation import check_data_features
+
+    trainer = cfg.trainer
+    model = build_model(cfg)
+    train_data, test_data = build_datasets(cfg)
+    check_data_features(
+        model,
+        {"train": train_data, "test": test_data},
+        batch_size=int(trainer.eval_batch_size),
+    )
+    train_model = with_compute_dtype(model, trainer.get("compute_dtype", "float32"))
+    return model, train_model, train_data, test_data
+
+
 def build_algorithm(cfg: DictConfig, model: Any, optimizer: Any, train_data: Any) -> Any:
     """The training algorithm of ``cfg.algorithm``, given the built objects."""
     return _instantiate(

@@ -178,7 +178,6 @@ def run(cfg: DictConfig, output_dir: str | os.PathLike[str] | None = None) -> fl
     from fedjax_exp.experiment import builders, loop, parallel, writers
     from fedjax_exp.experiment.checkpoints import Checkpointer
     from fedjax_exp.experiment.evaluation import Evaluator
-    from fedjax_exp.experiment.validation import check_data_features
 
     name, group = _hydra_job_info(str(container.get("task_name", "train")))
     if vectorize is not None:
@@ -186,18 +185,8 @@ def run(cfg: DictConfig, output_dir: str | os.PathLike[str] | None = None) -> fl
 
         return vectorized.run_sweep(cfg, container, out, source, run_name=name)
 
-    model = builders.build_model(cfg)
+    model, train_model, train_data, test_data = builders.build_model_and_data(cfg)
     optimizer = builders.build_optimizer(cfg)
-    train_data, test_data = builders.build_datasets(cfg)
-    # Features the loss and metrics read (e.g. domain_id for metrics=full) must be in the data:
-    # checked now rather than at the first evaluation, after training time was spent.
-    check_data_features(
-        model,
-        {"train": train_data, "test": test_data},
-        batch_size=int(trainer["eval_batch_size"]),
-    )
-    # The training forward pass may compute in bf16; evaluation keeps the float32 model.
-    train_model = parallel.with_compute_dtype(model, trainer.get("compute_dtype", "float32"))
     algorithm = builders.build_algorithm(cfg, train_model, optimizer, train_data)
     try:
         algorithm, speed = parallel.speed_up(algorithm, trainer)

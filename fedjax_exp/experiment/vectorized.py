@@ -396,8 +396,6 @@ def run_sweep(
     from fedjax_exp.experiment import builders, loop, writers
     from fedjax_exp.experiment.checkpoints import Checkpointer, Snapshot
     from fedjax_exp.experiment.evaluation import Evaluator
-    from fedjax_exp.experiment.parallel import with_compute_dtype
-    from fedjax_exp.experiment.validation import check_data_features
 
     trainer = container["trainer"]
     spec = trainer.get("vectorize") or {}
@@ -408,14 +406,7 @@ def run_sweep(
     _check_seed_independent(cfg, trials)
     make_optimizer = make_optimizer_factory(cfg)
 
-    model = builders.build_model(cfg)
-    train_data, test_data = builders.build_datasets(cfg)
-    check_data_features(
-        model,
-        {"train": train_data, "test": test_data},
-        batch_size=int(trainer["eval_batch_size"]),
-    )
-    train_model = with_compute_dtype(model, trainer.get("compute_dtype", "float32"))
+    model, train_model, train_data, test_data = builders.build_model_and_data(cfg)
     training = VectorizedTraining(
         lambda optimizer: builders.build_algorithm(cfg, train_model, optimizer, train_data),
         make_optimizer,
