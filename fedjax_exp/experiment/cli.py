@@ -29,7 +29,7 @@ def one_line(error: BaseException) -> str:
             elif line.strip() and line.strip() not in parts:
                 part = line.strip().rstrip(".")
                 parts.append(part[0].lower() + part[1:] if parts else part)
-    text = "; ".join(p for p in parts if not p.startswith("Available options"))
+    text = "; ".join(p for p in parts if not p.lower().startswith("available options"))
     if options:
         text += f"; available options: {', '.join(options)}"
     return text
