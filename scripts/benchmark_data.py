@@ -25,80 +25,41 @@ from __future__ import annotations
 
 import argparse
 import collections
-import gc
 import itertools
 import json
 import platform
 import sys
 import time
-import tracemalloc
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-DEFAULT_H5 = Path(__file__).resolve().parents[2] / "shared/data/femnist/femnist_leaf_train.h5"
+SCRIPTS_DIR = Path(__file__).resolve().parent
+if str(SCRIPTS_DIR) not in sys.path:
+    sys.path.insert(0, str(SCRIPTS_DIR))  # The helper package scripts/bench.
 
+from bench import data, sections  # noqa: E402
 
-def read_writer_sizes(path: Path) -> tuple[list[str], list[int]]:
-    """Writer names (sorted, as both libraries order clients) and their example counts."""
-    import h5py
-
-    with h5py.File(path, "r") as f:
-        if "examples" not in f:
-            raise SystemExit(f"{path} has no 'examples' group; expected TFF h5 layout")
-        names = sorted(f["examples"])
-        sizes = [f["examples"][n]["label"].shape[0] for n in names]
-    return names, sizes
+DEFAULT_H5 = data.DEFAULT_FEMNIST_DIR / "femnist_leaf_train.h5"
 
 
 def load_fedjax_exp(path: Path) -> Any:
-    """Reads straight into preallocated columns: the data is held once, never as per-client
-    arrays plus a concatenated copy."""
-    import h5py
-
-    from fedjax_exp.core.in_memory_federated_data import InMemoryFederatedData
-
-    names, sizes = read_writer_sizes(path)
-    offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
-    x = np.empty((int(offsets[-1]), 28, 28, 1), np.float32)
-    y = np.empty((int(offsets[-1]),), np.int32)
-    with h5py.File(path, "r") as f:
-        for i, name in enumerate(names):
-            group = f["examples"][name]
-            a, b = offsets[i], offsets[i + 1]
-            pixels = x[a:b, ..., 0]
-            group["pixels"].read_direct(pixels)  # Into the column, no temporary.
-            np.subtract(1.0, pixels, out=pixels)
-            group["label"].read_direct(y[a:b])
-    ids = [n.encode() for n in names]
-    return InMemoryFederatedData.from_columns(ids, offsets, {"x": x, "y": y})
+    """Reads straight into preallocated columns (``bench.data.load_tff_h5``) handed to
+    ``InMemoryFederatedData.from_columns``: the data is held once, never as per-client arrays
+    plus a concatenated copy."""
+    return data.ours_federated_data(data.load_tff_h5(path))
 
 
 def load_fedjax(path: Path) -> Any:
     """The way FedJAX's own h5 loader builds its in-memory data: a dict of per-client arrays."""
-    import fedjax
-    import h5py
-
-    data = {}
-    with h5py.File(path, "r") as f:
-        for name in sorted(f["examples"]):
-            group = f["examples"][name]
-            data[name.encode()] = {
-                "x": 1 - group["pixels"][()][..., None],
-                "y": group["label"][()],
-            }
-    return fedjax.InMemoryFederatedData(data)
+    return sections.load_fedjax_h5(path)
 
 
 def measure_memory(load: Callable[[Path], Any], path: Path) -> tuple[Any, dict[str, float]]:
-    gc.collect()
-    tracemalloc.start()
-    fd = load(path)
-    current, peak = tracemalloc.get_traced_memory()
-    tracemalloc.stop()
-    return fd, {"peak_bytes": peak, "retained_bytes": current}
+    peak, retained, fd = sections.traced_peak(lambda: load(path))
+    return fd, {"peak_bytes": peak, "retained_bytes": retained}
 
 
 def rate(make: Callable[[], Iterator[Any]], seconds: float, repeats: int) -> float:

@@ -8,12 +8,12 @@ import pathlib
 import warnings
 
 import pytest
-from hydra import compose, initialize_config_dir
+from helpers import CONF_DIR, compose_config
 
 from fedjax_exp.experiment import ConfigError, run
 from fedjax_exp.experiment.writers import read_metrics
 
-CONF = pathlib.Path(__file__).resolve().parents[1] / "conf"
+CONF = CONF_DIR
 
 TINY = [
     "logger=local",
@@ -29,8 +29,7 @@ TINY = [
 
 
 def make_config(*overrides: str):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(config_name="config", overrides=[*TINY, *overrides])
+    return compose_config([*TINY, *overrides])
 
 
 def options(group: str) -> list[str]:

@@ -4,23 +4,18 @@ prefetching, device-resident data, resuming, and the speed settings through the 
 from __future__ import annotations
 
 import json
-import pathlib
 import threading
 
 import jax
 import numpy as np
 import pytest
-from hydra import compose, initialize_config_dir
+from helpers import RecordingWriter, compose_config, random_image_clients
 
 from fedjax_exp.core import optimizers
-from fedjax_exp.core.in_memory_federated_data import InMemoryFederatedData
 from fedjax_exp.experiment import ConfigError, algorithms, loop, parallel, run
 from fedjax_exp.experiment.pipeline import Prefetcher, chunk_sizes, prepared_chunks
 from fedjax_exp.experiment.writers import read_metrics
 from fedjax_exp.models import emnist
-
-CONF = pathlib.Path(__file__).resolve().parents[1] / "conf"
-
 
 # --- pipeline pieces --------------------------------------------------------------------------
 
@@ -75,32 +70,7 @@ def test_prefetcher_close_stops_an_endless_source():
 
 @pytest.fixture(scope="module")
 def data():
-    rng = np.random.default_rng(0)
-    clients = {
-        f"c{i}".encode(): {
-            "x": rng.random((9, 28, 28, 1), dtype=np.float32),
-            "y": rng.integers(0, 10, 9).astype(np.int32),
-        }
-        for i in range(5)
-    }
-    return InMemoryFederatedData(clients)
-
-
-class _Recorder:
-    def __init__(self):
-        self.records = []
-
-    def write_scalars(self, step, scalars):
-        self.records.append((step, dict(scalars)))
-
-    def write_histogram(self, step, name, values):
-        pass
-
-    def write_summary(self, summary):
-        pass
-
-    def close(self, exit_code):
-        pass
+    return random_image_clients(num_clients=5, examples=9)
 
 
 class _StepOnly:
@@ -130,7 +100,7 @@ def _train(data, steps=8, log_every=4, wrap=None, device_data=False, **settings)
     if wrap is not None:
         alg = wrap(alg)
     init_rng, train_rng = jax.random.split(jax.random.PRNGKey(0))
-    writer = _Recorder()
+    writer = RecordingWriter()
     state, last = loop.train(
         alg,
         alg.init(init_rng),
@@ -329,8 +299,7 @@ TINY = [
 
 
 def _config(*overrides):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(config_name="config", overrides=[*TINY, *overrides])
+    return compose_config([*TINY, *overrides])
 
 
 def _final_and_losses(out):

@@ -3,14 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
 import pathlib
-import subprocess
-import sys
 
+import helpers
 import pytest
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 
 # The seed chapter: Adam 1e-3, batch 8, client buffer 16, example buffer 1024, seed 0,
 # evaluation on the first 16 padded test batches of 128 examples.
@@ -22,9 +18,7 @@ RECIPES = {
 
 
 def compose_config(repo_root: pathlib.Path, overrides: list[str]):
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(repo_root / "conf"), version_base="1.3"):
-        return compose("config", overrides=overrides)
+    return helpers.compose_config(overrides)
 
 
 def test_every_recipe_is_tested(repo_root):
@@ -81,10 +75,7 @@ def test_recipe_with_shared_files_composes(repo_root):
 
 
 def run_recipes(repo_root: pathlib.Path, sweep_dir: pathlib.Path, *overrides: str):
-    env = dict(os.environ, WANDB_MODE="offline", WANDB_SILENT="true", JAX_PLATFORMS="cpu")
-    cmd = [
-        sys.executable,
-        "run.py",
+    args = [
         "-m",
         "experiment=" + ",".join(sorted(RECIPES)),
         "trainer.steps=3",
@@ -98,7 +89,7 @@ def run_recipes(repo_root: pathlib.Path, sweep_dir: pathlib.Path, *overrides: st
         *overrides,
         f"hydra.sweep.dir={sweep_dir}",
     ]
-    proc = subprocess.run(cmd, cwd=repo_root, env=env, capture_output=True, text=True, timeout=600)
+    proc = helpers.run_py(args, timeout=600)
     assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc
 

@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import subprocess
-import sys
 
 import pytest
-
-REPO = pathlib.Path(__file__).resolve().parents[1]
+from helpers import run_py
 
 # A tiny run: the logistic model, a few steps, one small eval batch, no progress bar, no W&B.
 TINY = [
@@ -27,16 +24,7 @@ TINY = [
 
 
 def run_cli(*overrides: str, run_dir: pathlib.Path) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
-    env.update(WANDB_MODE="offline", WANDB_SILENT="true", JAX_PLATFORMS="cpu")
-    return subprocess.run(
-        [sys.executable, "run.py", *overrides, f"hydra.run.dir={run_dir}"],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    return run_py([*overrides, f"hydra.run.dir={run_dir}"])
 
 
 def read_jsonl(path: pathlib.Path) -> list[dict]:

@@ -12,12 +12,10 @@ import json
 import os
 import pathlib
 import signal
-import subprocess
-import sys
 
 import pytest
+from helpers import run_py
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
 TESTS = pathlib.Path(__file__).resolve().parent
 
 TRAINER = [
@@ -63,21 +61,11 @@ def create_killing_model(only_digits: bool = False):
 
 
 def run_cli(*overrides: str, run_dir: pathlib.Path, marker: pathlib.Path):
-    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
-    env.update(
-        WANDB_MODE="offline",
-        JAX_PLATFORMS="cpu",
-        KILL_MARKER=str(marker),
-        PYTHONPATH=os.pathsep.join([str(TESTS), env.get("PYTHONPATH", "")]),
-    )
-    return subprocess.run(
-        [sys.executable, "run.py", *TRAINER, *overrides, f"hydra.run.dir={run_dir}"],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    env = {
+        "KILL_MARKER": str(marker),
+        "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
+    }
+    return run_py([*TRAINER, *overrides, f"hydra.run.dir={run_dir}"], env=env)
 
 
 def history(run_dir: pathlib.Path) -> list[dict]:

@@ -4,16 +4,13 @@ failure path (non-finite loss) as W&B, status.json and metrics.jsonl record it."
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import shutil
 import subprocess
-import sys
 
 import numpy as np
 import pytest
-
-REPO = pathlib.Path(__file__).resolve().parents[1]
+from helpers import run_py
 
 TINY = [
     "logger=wandb",
@@ -31,16 +28,8 @@ pytestmark = pytest.mark.skipif(shutil.which("wandb") is None, reason="wandb CLI
 
 
 def run_cli(*overrides: str, run_dir: pathlib.Path) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("HYDRA_FULL_ERROR", "WANDB_MODE")}
-    env.update(WANDB_SILENT="true", JAX_PLATFORMS="cpu")
-    return subprocess.run(
-        [sys.executable, "run.py", *TINY, *overrides, f"hydra.run.dir={run_dir}"],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    # No WANDB_MODE: the mode comes from the logger config, as for a user.
+    return run_py([*TINY, *overrides, f"hydra.run.dir={run_dir}"], unset=["WANDB_MODE"])
 
 
 def wandb_records(run_dir: pathlib.Path) -> list[dict]:

@@ -8,15 +8,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import pathlib
 import subprocess
-import sys
 
 import pytest
 import yaml
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
+from helpers import compose_config, run_py
 
 from fedjax_exp.experiment import compare
 
@@ -37,18 +34,7 @@ def run_sweep(
     repo_root: pathlib.Path, sweep_dir: pathlib.Path, *overrides: str, timeout: float = 300
 ) -> subprocess.CompletedProcess:
     """Runs `python run.py -m TINY overrides hydra.sweep.dir=sweep_dir` from the repo root."""
-    env = dict(os.environ, WANDB_MODE="offline", WANDB_SILENT="true", JAX_PLATFORMS="cpu")
-    cmd = [
-        sys.executable,
-        "run.py",
-        "-m",
-        *TINY,
-        *overrides,
-        f"hydra.sweep.dir={sweep_dir}",
-    ]
-    return subprocess.run(
-        cmd, cwd=repo_root, env=env, capture_output=True, text=True, timeout=timeout
-    )
+    return run_py(["-m", *TINY, *overrides, f"hydra.sweep.dir={sweep_dir}"], timeout=timeout)
 
 
 def job_dirs(sweep_dir: pathlib.Path) -> list[pathlib.Path]:
@@ -118,9 +104,7 @@ def check_completed_jobs(sweep_dir: pathlib.Path, seeds: list[int]) -> list[path
 
 def compose_hydra(repo_root: pathlib.Path, overrides: list[str]):
     """The composed config including the hydra node (launcher, sweeper), in-process."""
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(repo_root / "conf"), version_base="1.3"):
-        return compose("config", overrides=overrides, return_hydra_config=True)
+    return compose_config(overrides, return_hydra_config=True)
 
 
 def test_optuna_search_config_composes(repo_root):

@@ -4,13 +4,12 @@ names the key, the value and the fix; good configs (every recipe's shape) pass."
 from __future__ import annotations
 
 import json
-import pathlib
 import sys
 import warnings
 
 import numpy as np
 import pytest
-from hydra import compose, initialize_config_dir
+from helpers import compose_config
 
 from fedjax_exp.core.in_memory_federated_data import InMemoryFederatedData
 from fedjax_exp.experiment import builders
@@ -23,7 +22,6 @@ from fedjax_exp.experiment.validation import (
     validate_config,
 )
 
-CONF = pathlib.Path(__file__).resolve().parents[1] / "conf"
 # Small synthetic data: 8 clients of ~12 examples, 10 classes.
 SMALL = [
     "dataset=synthetic",
@@ -35,8 +33,7 @@ SMALL = [
 
 
 def make_config(*overrides: str):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(config_name="config", overrides=["logger=local", *overrides])
+    return compose_config(["logger=local", *overrides])
 
 
 def rejects(*overrides: str) -> str:

@@ -3,35 +3,23 @@
 from __future__ import annotations
 
 import json
-import pathlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hydra import compose, initialize_config_dir
+from helpers import compose_config, random_image_clients
 
 from fedjax_exp.core import optimizers
-from fedjax_exp.core.in_memory_federated_data import InMemoryFederatedData
 from fedjax_exp.experiment import ConfigError, algorithms, vectorized
 from fedjax_exp.experiment.validation import validate_config
 from fedjax_exp.experiment.writers import read_metrics
 from fedjax_exp.models import emnist
 
-CONF = pathlib.Path(__file__).resolve().parents[1] / "conf"
-
 
 @pytest.fixture(scope="module")
 def data():
-    rng = np.random.default_rng(0)
-    clients = {
-        f"c{i}".encode(): {
-            "x": rng.random((12, 28, 28, 1), dtype=np.float32),
-            "y": rng.integers(0, 10, 12).astype(np.int32),
-        }
-        for i in range(5)
-    }
-    return InMemoryFederatedData(clients)
+    return random_image_clients(num_clients=5, examples=12)
 
 
 @pytest.fixture(scope="module")
@@ -170,8 +158,7 @@ def test_trials_with_different_seeds_get_their_own_batches(model, data):
 
 
 def test_schedule_cannot_be_vectorized():
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=["optimizer/schedule=cosine"])
+    cfg = compose_config(["optimizer/schedule=cosine"])
     with pytest.raises(ConfigError, match="use optimizer/schedule=constant"):
         vectorized.make_optimizer_factory(cfg)
 
@@ -193,8 +180,7 @@ TINY = [
 
 
 def _config(*overrides: str):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(config_name="config", overrides=[*TINY, *overrides])
+    return compose_config([*TINY, *overrides])
 
 
 def _run_sweep(cfg, out):

@@ -162,33 +162,30 @@ def shuffle_repeat_batch_indices(
     Raises:
       ValueError: non-positive sizes, a negative seed or start_batch, or no examples.
     """
-    offsets = np.asarray(offsets, dtype=np.int64)
-    total = _check_batch_stream_args(
-        offsets, batch_size, client_buffer_size, example_buffer_size, seed, start_batch
-    )
-    return _index_chunks(
-        offsets,
+    return _batch_index_chunks(
+        np.asarray(offsets, dtype=np.int64),
         batch_size,
         client_buffer_size,
         example_buffer_size,
         seed,
-        start_batch * batch_size,
-        total,
+        start_batch,
     )
 
 
-def _check_batch_stream_args(
+def _batch_index_chunks(
     offsets: np.ndarray,
     batch_size: Any,
     client_buffer_size: Any,
     example_buffer_size: Any,
     seed: Any,
     start_batch: Any,
-) -> int:
-    """Validates the arguments of a shuffled batch stream; returns the number of examples.
+    row_bytes: int = 0,
+) -> Iterator[np.ndarray]:
+    """The validated shuffled stream from batch ``start_batch`` on, in chunks of whole batches.
 
-    Called where the stream is requested, so bad arguments fail at the call rather than at the
-    first ``next()`` of the lazy stream.
+    One batch per chunk when ``row_bytes`` is 0; otherwise as many batches as fit
+    ``_CHUNK_BYTES`` of rows of that width. Validates here, where the stream is requested, so
+    bad arguments fail at the call rather than at the first ``next()`` of the lazy stream.
     """
     client_datasets._check_batch_size(batch_size)
     _check_stream_args(client_buffer_size, example_buffer_size, seed)
@@ -199,7 +196,16 @@ def _check_batch_stream_args(
             "cannot draw shuffled batches from a dataset with no examples; "
             "check that the dataset (or its slice) has clients with data"
         )
-    return total
+    batches_per_chunk = max(1, _CHUNK_BYTES // (row_bytes * batch_size)) if row_bytes else 1
+    return _index_chunks(
+        offsets,
+        batches_per_chunk * batch_size,
+        client_buffer_size,
+        example_buffer_size,
+        seed,
+        start_batch * batch_size,
+        total,
+    )
 
 
 def _index_chunks(
@@ -257,10 +263,13 @@ def _index_chunks(
 _TAKE_MIN_ROW_BYTES = 64
 
 
+def _row_bytes(column: np.ndarray) -> int:
+    return column.itemsize * int(np.prod(column.shape[1:], dtype=np.int64))
+
+
 def _row_gather(column: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
     """The faster of ``column[idx]`` and ``np.take`` for this column (same result)."""
-    row_bytes = column.itemsize * int(np.prod(column.shape[1:], dtype=np.int64))
-    if column.ndim > 1 and row_bytes >= _TAKE_MIN_ROW_BYTES:
+    if column.ndim > 1 and _row_bytes(column) >= _TAKE_MIN_ROW_BYTES:
         # mode="clip" skips a bounds pass; indices come from the stream and are in range.
         return functools.partial(np.take, column, axis=0, mode="clip")
     return column.__getitem__
@@ -574,23 +583,18 @@ class InMemoryFederatedData(FederatedData):
             )
         if seed is None:
             seed = int(np.random.SeedSequence().generate_state(1)[0])
-        total = _check_batch_stream_args(
-            self._offsets, batch_size, client_buffer_size, example_buffer_size, seed, start_batch
-        )
         # Gather several batches per call: at small batch sizes the per-call overhead would
         # otherwise rival the copy itself. Each batch is then a view of its chunk. What is
         # left is memory bound: on the 2-core box a shuffled 28x28 float32 row costs ~0.23 us
         # to gather (DRAM bandwidth, ~13 GB/s), about what a sequential copy of it costs.
-        row_bytes = max(1, sum(v.nbytes // max(1, len(v)) for v in self._columns.values()))
-        batches_per_chunk = max(1, _CHUNK_BYTES // (row_bytes * batch_size))
-        chunks = _index_chunks(
+        chunks = _batch_index_chunks(
             self._offsets,
-            batches_per_chunk * batch_size,
+            batch_size,
             client_buffer_size,
             example_buffer_size,
             seed,
-            start_batch * batch_size,
-            total,
+            start_batch,
+            row_bytes=max(1, sum(_row_bytes(v) for v in self._columns.values())),
         )
         return self._gather_batches(chunks, batch_size)
 
@@ -655,7 +659,7 @@ class InMemoryFederatedData(FederatedData):
                 rows = slice(start, start + batch_size)
                 batch = preprocess({k: v[rows] for k, v in self._columns.items()})
                 yield client_datasets.attach_mask(batch, full_mask)
-        rest = total - num_full * batch_size
+        rest = total - full_rows
         # FedJAX also emits one all-padding batch when there are clients but no examples.
         if rest or (total == 0 and self._ids):
             tail = preprocess({k: v[total - rest :] for k, v in self._columns.items()})

@@ -9,6 +9,7 @@ hand-written functions, with FedJAX 0.0.17's names, semantics and numbers.
 from __future__ import annotations
 
 import functools
+import operator
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
@@ -363,13 +364,11 @@ def _evaluate_block_into(
         predictions = [
             model.apply_for_eval(params, batch_slice(joined, i)) for i in range(num_batches)
         ]
+    if stats is None:
+        stats = {name: metric.zero() for name, metric in model.eval_metrics.items()}
     for i in range(num_batches):
         batch_stats = _batch_stats(model, batch_slice(joined, i), predictions[i])
-        merged = {}
-        for name, metric in model.eval_metrics.items():
-            previous = metric.zero() if stats is None else stats[name]
-            merged[name] = previous.merge(batch_stats[name])
-        stats = merged
+        stats = {name: stats[name].merge(batch_stats[name]) for name in model.eval_metrics}
     return stats
 
 
@@ -417,11 +416,14 @@ def _adjacent_view(leaves: tuple[np.ndarray, ...]) -> np.ndarray | None:
 
 
 def _join_leaves(leaves: tuple[np.ndarray, ...]) -> np.ndarray:
-    view = _adjacent_view(leaves)
     # An unaligned view would still be copied by the transfer, and that copy measured ~3x
-    # slower than np.concatenate into an aligned buffer (which is then used in place).
-    if view is not None and view.ctypes.data % _ZERO_COPY_ALIGNMENT == 0:
-        return view
+    # slower than np.concatenate into an aligned buffer (which is then used in place). The
+    # view starts where the first leaf does, so test that first: NumPy's allocations are
+    # seldom aligned, and building a view only to drop it cost more than the copy itself.
+    if leaves[0].ctypes.data % _ZERO_COPY_ALIGNMENT == 0:
+        view = _adjacent_view(leaves)
+        if view is not None:
+            return view
     return _aligned_concatenate(leaves)
 
 
@@ -492,18 +494,13 @@ def _joined_forward_is_exact(
     rows = shapes[0][0][0]
     apply = jax.jit(model.apply_for_eval)
     block = _probe_batch(treedef, shapes, rows * num_batches, seed=0)
-    joined = jax.device_get(apply(params, block))
+    joined = jax.tree_util.tree_leaves(jax.device_get(apply(params, block)))
     for i in range(num_batches):
-        part = jax.tree_util.tree_map(lambda leaf, i=i: leaf[i * rows : (i + 1) * rows], block)
-        single = jax.device_get(apply(params, part))
-        same = jax.tree_util.tree_map(
-            lambda a, b, i=i: (
-                np.asarray(a[i * rows : (i + 1) * rows]).tobytes() == np.asarray(b).tobytes()
-            ),
-            joined,
-            single,
-        )
-        if not all(jax.tree_util.tree_leaves(same)):
+        rows_i = slice(i * rows, (i + 1) * rows)
+        part = jax.tree_util.tree_map(operator.itemgetter(rows_i), block)
+        single = jax.tree_util.tree_leaves(jax.device_get(apply(params, part)))
+        pairs = zip(joined, single, strict=True)
+        if any(np.asarray(a[rows_i]).tobytes() != np.asarray(b).tobytes() for a, b in pairs):
             return False
     return True
 
@@ -546,7 +543,7 @@ def _make_block_plan(
         _MAX_BLOCK_EXAMPLES // max(examples, 1),
         _MAX_BLOCK_BYTES // max(nbytes, 1),
     )
-    caps = 1 << (max(caps, 1).bit_length() - 1)
+    caps = _pow2_floor(caps)
     if caps == 1:
         return 1, False
     try:
@@ -564,8 +561,12 @@ def _make_block_plan(
     except Exception:  # No estimate (backend, unusual model): the safe per-batch path.
         return 1, False
     target = _BLOCK_FLOPS.get(jax.default_backend(), _BLOCK_FLOPS_ACCELERATOR)
-    limit = min(caps, int(target // max(flops, 1.0)))
-    return 1 << (max(limit, 1).bit_length() - 1), False
+    return _pow2_floor(min(caps, int(target // max(flops, 1.0)))), False
+
+
+def _pow2_floor(n: int) -> int:
+    """The largest power of two <= ``n`` (1 for ``n`` < 1)."""
+    return 1 << (max(n, 1).bit_length() - 1)
 
 
 def _params_signature(params: Params) -> Any:
@@ -590,7 +591,7 @@ def _blocks(
     def flush() -> Iterator[tuple[tuple[BatchExample, ...], bool]]:
         start = 0
         while start < len(pending):
-            length = 1 << ((len(pending) - start).bit_length() - 1)
+            length = _pow2_floor(len(pending) - start)
             yield tuple(pending[start : start + length]), joined_forward and length > 1
             start += length
         pending.clear()

@@ -130,17 +130,23 @@ def train(
         intervals.append(settings.eval_every)
     if checkpointer is not None:
         intervals.append(settings.checkpoint_every)
-    sizes = chunk_sizes(
-        start_step, settings.steps, settings.steps_per_dispatch if fast else 1, intervals
-    )
     if fast:
-        chunks: Any = Prefetcher(
-            prepared_chunks(stream, sizes, algorithm.prepare), depth=settings.prefetch
-        )
+        prepare, run_steps = algorithm.prepare, algorithm.run_steps
+        per_dispatch, depth = settings.steps_per_dispatch, settings.prefetch
     else:
-        # Generic algorithms: one step per dispatch, keys derived by one small jitted call.
+        # Protocol-only algorithms: one step per dispatch, keys derived by one small jitted
+        # call, presented to the loop as chunks of one step.
         step_keys = jax.jit(lambda k: jax.random.fold_in(rng, k))
-        chunks = Prefetcher(prepared_chunks(stream, sizes, lambda items: items[0]), depth=0)
+
+        def prepare(items: list[Any]) -> Any:
+            return items[0]
+
+        def run_steps(state: Any, inputs: Any, base_rng: jax.Array, first: int) -> Any:
+            return algorithm.step(state, inputs, step_keys(first))
+
+        per_dispatch, depth = 1, 0
+    sizes = chunk_sizes(start_step, settings.steps, per_dispatch, intervals)
+    chunks = Prefetcher(prepared_chunks(stream, sizes, prepare), depth=depth)
 
     def log_pending() -> None:
         nonlocal last_logged
@@ -149,7 +155,7 @@ def train(
         means = {f"train/{k}": v for k, v in pending.pop_means().items()}
         first, last_logged = last_logged + 1, step
         writer.write_scalars(step, means)
-        if progress is not None and "train/loss" in means:
+        if "train/loss" in means:
             progress.set_postfix(loss=f"{means['train/loss']:.4f}", refresh=False)
         bad = {k: v for k, v in means.items() if not math.isfinite(v)}
         if bad:
@@ -169,11 +175,7 @@ def train(
     )
     try:
         for size in sizes:
-            first = step + 1
-            if fast:
-                state, scalars = algorithm.run_steps(state, next(chunks), rng, first)
-            else:
-                state, scalars = algorithm.step(state, next(chunks), step_keys(first))
+            state, scalars = run_steps(state, next(chunks), rng, step + 1)
             step += size
             pending.add(scalars)
             progress.update(size)

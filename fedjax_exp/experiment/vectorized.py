@@ -245,6 +245,14 @@ class VectorizedTraining:
         return self.algorithms[index].eval_params(unstack_tree(states, index))
 
 
+def _pop_trial_means(pending: dict[str, list[jax.Array]]) -> dict[str, np.ndarray]:
+    """Per-trial means ``{name: (T,)}`` of the pending step scalars (the host sync); empties
+    ``pending``."""
+    means = {k: np.asarray(jnp.mean(jnp.stack(v), axis=0)) for k, v in pending.items()}
+    pending.clear()
+    return means
+
+
 def train_steps(
     training: VectorizedTraining,
     states: Any,
@@ -261,9 +269,7 @@ def train_steps(
         for key, value in scalars.items():
             pending.setdefault(key, []).append(value)
         if on_log is not None and ((log_every > 0 and step % log_every == 0) or step == num_steps):
-            means = {k: np.asarray(jnp.mean(jnp.stack(v), axis=0)) for k, v in pending.items()}
-            pending = {}
-            on_log(step, means)
+            on_log(step, _pop_trial_means(pending))
     return states
 
 
@@ -473,8 +479,7 @@ def run_sweep(
                 pending.setdefault(key, []).append(value)
             at_end = step == steps
             if loop.due(step, log_every) or at_end:
-                on_log(step, {k: np.asarray(jnp.mean(jnp.stack(v), 0)) for k, v in pending.items()})
-                pending = {}
+                on_log(step, _pop_trial_means(pending))
             if loop.due(step, eval_every):
                 for i, w in enumerate(trial_writers):
                     w.write_scalars(step, evaluator.periodic(training.eval_params(states, i)))
@@ -581,7 +586,6 @@ def _replay_to_wandb(
 
     for i, (trial, directory) in enumerate(zip(trials, trial_dirs, strict=True)):
         trial_settings = dict(settings)
-        trial_settings.setdefault("group", None)
         trial_settings["group"] = settings.get("group") or run_name
         trial_settings["name"] = f"{settings.get('name') or run_name}/{trial.name}"
         writer = writers.create_wandb_writer(

@@ -382,6 +382,17 @@ def section_train(ctx: Context) -> list[dict[str, Any]]:
     has_test = ctx.test_set is not None
     test_batches: dict[str, Any] = {}
     rows = []
+
+    def test_accuracy(side: str, lib: Any, model: Any, params: Any) -> float | None:
+        """Accuracy on the first padded test batches (built once per side), if there is a test
+        split."""
+        if not has_test:
+            return None
+        batches = test_batches.setdefault(
+            side, reference.first_test_batches(lib, ctx.fd(side, "test"))
+        )
+        return reference.accuracy(lib, model, params, batches)
+
     for model_name in s.train_models:
         for bs in s.batch_sizes:
             errors: dict[str, str] = {}
@@ -404,26 +415,14 @@ def section_train(ctx: Context) -> list[dict[str, Any]]:
                     s.windows,
                     needs_rng=model_name in models.NEEDS_RNG,
                 )
-                acc = None
-                if has_test:
-                    batches = test_batches.setdefault(
-                        "fedjax", reference.first_test_batches(fedjax, ctx.fd("fedjax", "test"))
-                    )
-                    acc = reference.accuracy(fedjax, model, run.params, batches)
-                return acc, run
+                return test_accuracy("fedjax", fedjax, model, run.params), run
 
             def run_ours(
                 model_name: str = model_name, bs: int = bs, steps: int = steps, warmup: int = warmup
             ) -> tuple[float, Any]:
                 fd = ctx.fd("ours", name)
                 model, run = ours.train(model_name, fd, bs, steps, warmup, s.windows)
-                acc = None
-                if has_test:
-                    batches = test_batches.setdefault(
-                        "ours", reference.first_test_batches(fedjax_exp, ctx.fd("ours", "test"))
-                    )
-                    acc = reference.accuracy(fedjax_exp, model, run.params, batches)
-                return acc, run
+                return test_accuracy("ours", fedjax_exp, model, run.params), run
 
             ref = attempt(ctx, errors, "fedjax", run_ref)
             mine = attempt(ctx, errors, "ours", run_ours)
@@ -666,7 +665,7 @@ def section_e2e(ctx: Context) -> list[dict[str, Any]]:
 # --------------------------------------------------------------------------------------------
 
 
-def _traced_peak(fn: Callable[[], Any]) -> tuple[int, int, Any]:
+def traced_peak(fn: Callable[[], Any]) -> tuple[int, int, Any]:
     """(peak, retained) bytes allocated by ``fn()`` (NumPy reports its buffers to
     tracemalloc), and its result."""
     gc.collect()
@@ -679,23 +678,25 @@ def _traced_peak(fn: Callable[[], Any]) -> tuple[int, int, Any]:
     return peak, retained, result
 
 
-def _load_fedjax_pair(train: pathlib.Path, test: pathlib.Path) -> Any:
-    """How a FedJAX user holds h5 data: per-client arrays, ``x = 1 - pixels[..., None]``."""
+def load_fedjax_h5(path: pathlib.Path) -> Any:
+    """How a FedJAX user holds a TFF h5 file: a dict of per-client arrays,
+    ``x = 1 - pixels[..., None]``, ``y = label``, in FedJAX's ``InMemoryFederatedData``."""
     import fedjax
     import h5py
 
-    out = []
-    for path in (train, test):
-        clients = {}
-        with h5py.File(path, "r") as f:
-            for name in sorted(f["examples"]):
-                group = f["examples"][name]
-                clients[name.encode()] = {
-                    "x": 1 - group["pixels"][()][..., None],
-                    "y": group["label"][()],
-                }
-        out.append(fedjax.InMemoryFederatedData(clients))
-    return out
+    clients = {}
+    with h5py.File(path, "r") as f:
+        for name in sorted(f["examples"]):
+            group = f["examples"][name]
+            clients[name.encode()] = {
+                "x": 1 - group["pixels"][()][..., None],
+                "y": group["label"][()],
+            }
+    return fedjax.InMemoryFederatedData(clients)
+
+
+def _load_fedjax_pair(train: pathlib.Path, test: pathlib.Path) -> Any:
+    return [load_fedjax_h5(path) for path in (train, test)]
 
 
 def _load_ours_pair(train: pathlib.Path, test: pathlib.Path) -> Any:
@@ -718,9 +719,9 @@ def section_memory(ctx: Context) -> list[dict[str, Any]]:
         array_bytes += cols.nbytes
         del cols
     ref = attempt(
-        ctx, errors, "fedjax", lambda: _traced_peak(lambda: _load_fedjax_pair(train, test))
+        ctx, errors, "fedjax", lambda: traced_peak(lambda: _load_fedjax_pair(train, test))
     )
-    mine = attempt(ctx, errors, "ours", lambda: _traced_peak(lambda: _load_ours_pair(train, test)))
+    mine = attempt(ctx, errors, "ours", lambda: traced_peak(lambda: _load_ours_pair(train, test)))
     mib = 2**20
     note = f"arrays: {array_bytes / mib:.1f} MiB (x float32 + y int32)"
     if ref and mine:

@@ -1,0 +1,100 @@
+"""Set-up shared by several test files: `python run.py` in a subprocess, configs composed
+in-process, tiny random client data and a recording metric writer.
+
+Imported as ``from helpers import ...``: pytest puts this folder on ``sys.path`` (rootdir
+conftest, no ``__init__.py``), both in plain runs and under pytest-xdist workers.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import subprocess
+import sys
+from collections.abc import Iterable, Mapping, Sequence
+
+import numpy as np
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+CONF_DIR = REPO_ROOT / "conf"
+
+# What every subprocess run gets: no W&B network, no banners, CPU only.
+_CHILD_ENV = {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "JAX_PLATFORMS": "cpu"}
+
+
+def run_py(
+    args: Sequence[str],
+    *,
+    env: Mapping[str, str] | None = None,
+    unset: Iterable[str] = (),
+    timeout: float = 300,
+) -> subprocess.CompletedProcess[str]:
+    """Runs ``python run.py ARGS`` from the repo root and captures its output as text.
+
+    The child's environment is this one without ``HYDRA_FULL_ERROR`` (so errors take their
+    one-line form), plus offline/silent W&B and ``JAX_PLATFORMS=cpu``, plus ``env``, minus the
+    names in ``unset``.
+    """
+    child = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    child.update(_CHILD_ENV)
+    child.update(env or {})
+    for name in unset:
+        child.pop(name, None)
+    return subprocess.run(
+        [sys.executable, "run.py", *args],
+        cwd=REPO_ROOT,
+        env=child,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def compose_config(overrides: Sequence[str] = (), return_hydra_config: bool = False):
+    """The config ``python run.py OVERRIDES`` would get, composed in-process from conf/."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    # A test that failed inside `initialize_config_dir` can leave Hydra initialized.
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(
+            config_name="config",
+            overrides=list(overrides),
+            return_hydra_config=return_hydra_config,
+        )
+
+
+def random_image_clients(num_clients: int, examples: int, num_classes: int = 10, seed: int = 0):
+    """``InMemoryFederatedData`` of ``num_clients`` clients ``c0, c1, ...``, each with
+    ``examples`` uniform-random 28x28x1 images and random int32 labels below ``num_classes``."""
+    from fedjax_exp.core.in_memory_federated_data import InMemoryFederatedData
+
+    rng = np.random.default_rng(seed)
+    clients = {
+        f"c{i}".encode(): {
+            "x": rng.random((examples, 28, 28, 1), dtype=np.float32),
+            "y": rng.integers(0, num_classes, examples).astype(np.int32),
+        }
+        for i in range(num_clients)
+    }
+    return InMemoryFederatedData(clients)
+
+
+class RecordingWriter:
+    """A MetricWriter that keeps every ``write_scalars`` call as ``(step, scalars)``."""
+
+    def __init__(self) -> None:
+        self.records: list[tuple[int, dict]] = []
+
+    def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
+        self.records.append((step, dict(scalars)))
+
+    def write_histogram(self, step: int, name: str, values: Sequence[float]) -> None:
+        pass
+
+    def write_summary(self, summary: Mapping) -> None:
+        pass
+
+    def close(self, exit_code: int) -> None:
+        pass
