@@ -342,6 +342,7 @@ def test_runner_speed_options_run(tmp_path):
         ("trainer.steps_per_dispatch=0", "steps_per_dispatch must be a positive integer or auto"),
         ("trainer.prefetch=-1", "prefetch must be a non-negative integer"),
         ("trainer.device_data=sometimes", "device_data must be true, false or auto"),
+        ("trainer.reuse_host_memory=maybe", "reuse_host_memory must be true, false or auto"),
         ("trainer.compute_dtype=int8", "compute_dtype must be float32, bfloat16 or float16"),
         ("trainer.batch_size=0", "batch_size"),
     ],

@@ -282,6 +282,20 @@ def resolve_speed_settings(
     )
 
 
+def configure_host_memory(trainer: Mapping[str, Any], backend: str) -> bool:
+    """Applies ``trainer.reuse_host_memory`` (auto: on the CPU backend, where XLA's
+    temporaries live in host memory); returns whether freed blocks are now reused.
+
+    See :mod:`fedjax_exp.experiment.host_memory` for why and what it costs.
+    """
+    from fedjax_exp.experiment import host_memory
+
+    wanted = trainer.get("reuse_host_memory", "auto")
+    if wanted in ("auto", None):
+        wanted = backend == "cpu"
+    return bool(wanted) and host_memory.reuse_freed_memory()
+
+
 def speed_up(algorithm: Any, trainer: Mapping[str, Any]) -> tuple[Any, SpeedSettings]:
     """Resolves ``trainer``'s speed settings for this machine and ``algorithm`` and applies
     them: wraps the algorithm for data parallelism and moves its train data to the device.

@@ -107,7 +107,7 @@ def _check_speed_settings(trainer: dict[str, Any]) -> None:
         isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < 0
     ):
         raise bad("prefetch", "a non-negative integer (0: no background thread) or auto")
-    for key in ("device_data", "data_parallel"):
+    for key in ("device_data", "data_parallel", "reuse_host_memory"):
         value = trainer.get(key, "auto")
         if value is not None and value != "auto" and not isinstance(value, bool):
             raise bad(key, "true, false or auto")
@@ -179,6 +179,8 @@ def run(cfg: DictConfig, output_dir: str | os.PathLike[str] | None = None) -> fl
     from fedjax_exp.experiment.checkpoints import Checkpointer
     from fedjax_exp.experiment.evaluation import Evaluator
 
+    # Before anything large is allocated: data loading reuses freed blocks too.
+    parallel.configure_host_memory(trainer, jax.default_backend())
     name, group = _hydra_job_info(str(container.get("task_name", "train")))
     if vectorize is not None:
         from fedjax_exp.experiment import vectorized
