@@ -163,14 +163,14 @@ def build_context(
         ctx.train_sets["femnist"] = data.load_tff_h5(train, "femnist")
         ctx.test_set = data.load_tff_h5(test, "femnist_test")
         ctx.h5_pair = (train, test)
-    needs_synthetic = {"data", "eval"} & set(only) or ("train" in only and not femnist_ok)
+    needs_synthetic = {"data", "eval"} & set(only)
     if "synthetic" in datasets and needs_synthetic:
         start = time.perf_counter()
         ctx.train_sets["synthetic"] = data.synthetic(
             settings.synthetic_clients, settings.synthetic_examples
         )
         print(f"synthetic data generated in {time.perf_counter() - start:.1f}s", file=sys.stderr)
-    if ctx.h5_pair is None and {"e2e", "memory"} & set(only):
+    if ctx.h5_pair is None and {"train", "e2e", "memory"} & set(only):
         ctx.h5_pair = _write_small_h5_pair(scratch, settings)
     return ctx
 

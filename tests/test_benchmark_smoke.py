@@ -184,7 +184,7 @@ def test_quick_run_structure(bench, tiny_femnist, tmp_path):
         ("data", "synthetic", "padded batches, batch 8"),
         ("eval", "test", "evaluate_model logistic, batch 128"),
         ("eval", "synthetic", "evaluate_model logistic, batch 128"),
-        ("train", "femnist", "logistic, batch 8, 6 steps"),
+        ("train", "femnist_leaf_train", "logistic, batch 8, 6 steps"),
         ("memory", "femnist_leaf_train", "load train+test h5, peak traced allocation"),
     ]
     for r in rows:

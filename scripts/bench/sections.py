@@ -371,73 +371,65 @@ def _compare_results(results: dict[str, dict[str, float] | None]) -> str:
 # --------------------------------------------------------------------------------------------
 
 
+def train_in_process(side: str, args: dict[str, Any]) -> dict[str, Any]:
+    """One side's training measurement in a fresh process (``bench.train_side``): its rate
+    samples, warm-up time and accuracy."""
+    cmd = [sys.executable, "-m", "bench.train_side", "--side", side]
+    for key, value in args.items():
+        if value is not None:
+            cmd += [f"--{key.replace('_', '-')}", str(value)]
+    proc = subprocess.run(
+        cmd, env=_child_env(SCRIPTS_DIR), cwd=REPO_ROOT, capture_output=True, text=True
+    )
+    if proc.returncode != 0:
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise RuntimeError(f"{side} training process failed (exit {proc.returncode}): {tail}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def section_train(ctx: Context) -> list[dict[str, Any]]:
-    import fedjax
-
-    import fedjax_exp
-    from bench import ours
-
     s = ctx.settings
-    name = "femnist" if "femnist" in ctx.train_sets else next(iter(ctx.train_sets))
-    has_test = ctx.test_set is not None
-    test_batches: dict[str, Any] = {}
     rows = []
-
-    def test_accuracy(side: str, lib: Any, model: Any, params: Any) -> float | None:
-        """Accuracy on the first padded test batches (built once per side), if there is a test
-        split."""
-        if not has_test:
-            return None
-        batches = test_batches.setdefault(
-            side, reference.first_test_batches(lib, ctx.fd(side, "test"))
-        )
-        return reference.accuracy(lib, model, params, batches)
-
+    if ctx.h5_pair is None:
+        errors = {"both": "no h5 train/test pair to train on"}
+        return [make_row("train", "-", "training", "steps/s", None, None, errors=errors)]
+    train_h5, test_h5 = ctx.h5_pair
+    name = pathlib.Path(train_h5).stem
     for model_name in s.train_models:
         for bs in s.batch_sizes:
             errors: dict[str, str] = {}
             steps = s.steps or default_steps(model_name, bs)
             # Short runs keep most of their steps timed.
             warmup = min(s.warmup_steps, max(1, steps // 5))
-
-            def run_ref(
-                model_name: str = model_name, bs: int = bs, steps: int = steps, warmup: int = warmup
-            ) -> tuple[float, Any]:
-                fd = ctx.fd("fedjax", name)
-                model = models.reference_model(fedjax, model_name)
-                run = reference.train(
-                    fedjax,
-                    model,
-                    fd,
-                    bs,
-                    steps,
-                    warmup,
-                    s.windows,
-                    needs_rng=model_name in models.NEEDS_RNG,
+            args = {
+                "model": model_name,
+                "batch_size": bs,
+                "steps": steps,
+                "warmup": warmup,
+                "windows": s.windows,
+                "train": train_h5,
+                "test": test_h5,
+            }
+            runs = {
+                side: attempt(
+                    ctx, errors, side, lambda side=side, args=args: train_in_process(side, args)
                 )
-                return test_accuracy("fedjax", fedjax, model, run.params), run
-
-            def run_ours(
-                model_name: str = model_name, bs: int = bs, steps: int = steps, warmup: int = warmup
-            ) -> tuple[float, Any]:
-                fd = ctx.fd("ours", name)
-                model, run = ours.train(model_name, fd, bs, steps, warmup, s.windows)
-                return test_accuracy("ours", fedjax_exp, model, run.params), run
-
-            ref = attempt(ctx, errors, "fedjax", run_ref)
-            mine = attempt(ctx, errors, "ours", run_ours)
-            acc_ref = ref[0] if ref else None
-            acc_ours = mine[0] if mine else None
+                for side in ("fedjax", "ours")
+            }
+            ref, mine = runs["fedjax"], runs["ours"]
+            rate = {k: Rate(v["samples"], "steps/s") if v else None for k, v in runs.items()}
+            acc_ref = ref["accuracy"] if ref else None
+            acc_ours = mine["accuracy"] if mine else None
             rows.append(
                 make_row(
                     "train",
                     name,
                     f"{model_name}, batch {bs}, {steps} steps",
                     "steps/s",
-                    ref[1].rate.median if ref else None,
-                    mine[1].rate.median if mine else None,
+                    _median(rate["fedjax"]),
+                    _median(rate["ours"]),
                     goal=goal_for("train", "steps", model_name, bs),
-                    note=_accuracy_note(acc_ref, acc_ours, has_test),
+                    note=_accuracy_note(acc_ref, acc_ours),
                     errors=errors,
                     model=model_name,
                     batch_size=bs,
@@ -446,12 +438,12 @@ def section_train(ctx: Context) -> list[dict[str, Any]]:
                     accuracy={"fedjax": acc_ref, "fedjax_exp": acc_ours},
                     accuracy_within_noise=_within_noise(acc_ref, acc_ours),
                     warmup_s={
-                        "fedjax": ref[1].warmup_s if ref else None,
-                        "fedjax_exp": mine[1].warmup_s if mine else None,
+                        "fedjax": ref["warmup_s"] if ref else None,
+                        "fedjax_exp": mine["warmup_s"] if mine else None,
                     },
                     samples={
-                        "fedjax": ref[1].rate.samples if ref else [],
-                        "fedjax_exp": mine[1].rate.samples if mine else [],
+                        "fedjax": ref["samples"] if ref else [],
+                        "fedjax_exp": mine["samples"] if mine else [],
                     },
                 )
             )
@@ -471,9 +463,7 @@ def _within_noise(a: float | None, b: float | None, n: int = EVAL_EXAMPLES) -> b
     return abs(a - b) <= 3 * se
 
 
-def _accuracy_note(a: float | None, b: float | None, has_test: bool) -> str:
-    if not has_test:
-        return "accuracy not measured (no test split; random labels)"
+def _accuracy_note(a: float | None, b: float | None) -> str:
     if a is None or b is None:
         return ""
     ok = "within noise" if _within_noise(a, b) else "NOT within noise"
