@@ -1,0 +1,65 @@
+"""The shuffled-batch gather's fast paths: recycled output buffers and the two-thread copy.
+
+Neither may change a batch: the stream must equal the plain per-batch gather of the index
+stream, and a batch a caller keeps must never be overwritten by later chunks.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+from helpers import random_image_clients
+
+from fedjax_exp.core import in_memory_federated_data as imfd
+
+BATCH = 8
+ARGS = dict(batch_size=BATCH, client_buffer_size=4, example_buffer_size=64, seed=3)
+
+
+@pytest.fixture
+def store():
+    return random_image_clients(num_clients=12, examples=37)
+
+
+@pytest.fixture(params=["one thread", "two threads"])
+def small_chunks(request, monkeypatch):
+    """Chunks of 8 batches, so a few hundred batches cycle through the buffer pool."""
+    monkeypatch.setattr(imfd, "_CHUNK_BYTES", 8 * BATCH * 28 * 28 * 4)
+    threshold = 1 if request.param == "two threads" else 1 << 40
+    monkeypatch.setattr(imfd, "_PARALLEL_GATHER_MIN_BYTES", threshold)
+    monkeypatch.setattr(imfd, "_usable_cores", lambda: 2)
+    return request.param
+
+
+def _expected(store, n):
+    indices = store.shuffle_repeat_batch_indices(**ARGS)
+    return [store.gather(idx) for idx in itertools.islice(indices, n)]
+
+
+def test_stream_equals_the_plain_gather_of_the_index_stream(store, small_chunks):
+    expected = _expected(store, 200)
+    stream = store.shuffle_repeat_batches(**ARGS)
+    for got, want in zip(itertools.islice(stream, 200), expected, strict=True):
+        np.testing.assert_array_equal(got["x"], want["x"])
+        np.testing.assert_array_equal(got["y"], want["y"])
+
+
+def test_kept_batches_are_never_overwritten(store, small_chunks):
+    expected = _expected(store, 200)
+    stream = store.shuffle_repeat_batches(**ARGS)
+    kept = {i: b for i, b in enumerate(itertools.islice(stream, 200)) if i % 13 == 0}
+    # A second stream over the same store draws from the same pool.
+    for _ in itertools.islice(store.shuffle_repeat_batches(**ARGS), 200):
+        pass
+    for i, batch in kept.items():
+        np.testing.assert_array_equal(batch["x"], expected[i]["x"])
+
+
+def test_buffers_are_reused_once_their_batches_are_dropped(store, small_chunks):
+    owners = set()
+    for batch in itertools.islice(store.shuffle_repeat_batches(**ARGS), 200):
+        owners.add(batch["x"].base.ctypes.data)
+    # 25 chunks drawn; a consumer holding one batch at a time frees all but the last two.
+    assert len(owners) <= imfd._POOLED_BUFFERS
