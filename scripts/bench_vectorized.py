@@ -7,12 +7,15 @@ for the same number of steps and include everything a run does per step: drawing
 batches, dispatching the jitted (donated) step and reading the loss back every 50 steps.
 
 - separate: for each learning rate, the runner's loop (``loop.train``) over its own
-  ``CentralizedTraining``: a fresh jitted step per run, as in a sweep of separate runs;
-- vectorized: one ``VectorizedTraining`` program over all learning rates.
+  ``CentralizedTraining`` with the engine's speed settings (``parallel.speed_up``: device
+  data, steps per dispatch): a fresh compiled step per run, as in a sweep of separate runs;
+- vectorized: one ``VectorizedTraining`` program over all learning rates, with the same
+  speed settings (device data, steps per dispatch) as ``run.py trainer.vectorize=...``.
 
 Process start-up, imports and data loading are excluded from both. Reported: wall time
 including each side's compilation, and steady-state time (compilation excluded: the first
-step of each program is timed apart). Prints one JSON object; the ratio is separate/vectorized.
+``WARMUP_STEPS`` steps of each run, which compile its programs, are timed apart). Prints one
+JSON object; the ratio is separate/vectorized.
 """
 
 from __future__ import annotations
@@ -26,6 +29,9 @@ import time
 import jax
 import numpy as np
 
+# The first logging interval of every run is its warm-up: it compiles each program the run
+# uses (K steps per dispatch, and the shorter dispatch that ends at the logging step).
+WARMUP_STEPS = 50
 LEARNING_RATES = [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1]
 
 
@@ -58,7 +64,7 @@ def _block(tree):
 
 def run_separate(model, train, lrs, steps, batch_size):
     from fedjax_exp.core import optimizers
-    from fedjax_exp.experiment import algorithms, loop
+    from fedjax_exp.experiment import algorithms, loop, parallel
     from fedjax_exp.experiment.vectorized import trial_keys
 
     total = first = 0.0
@@ -66,11 +72,19 @@ def run_separate(model, train, lrs, steps, batch_size):
         alg = algorithms.CentralizedTraining(
             model, optimizers.adam(lr), train, batch_size, 16, 1024
         )
+        # The engine's speed settings, as run.py resolves them (device data, K steps/dispatch).
+        alg, speed = parallel.speed_up(alg, {})
         init_rng, train_rng = trial_keys(0)
         state = alg.init(init_rng)
         _block(state)
         settings = loop.LoopSettings(
-            steps=1, log_every=50, eval_every=0, checkpoint_every=0, progress_bar=False
+            steps=WARMUP_STEPS,
+            log_every=50,
+            eval_every=0,
+            checkpoint_every=0,
+            progress_bar=False,
+            steps_per_dispatch=speed.steps_per_dispatch,
+            prefetch=speed.prefetch,
         )
         kwargs = dict(
             seed=0,
@@ -85,7 +99,7 @@ def run_separate(model, train, lrs, steps, batch_size):
         _block(state)
         t1 = time.perf_counter()
         settings = dataclasses_replace(settings, steps=steps)
-        state, _ = loop.train(alg, state, start_step=1, settings=settings, **kwargs)
+        state, _ = loop.train(alg, state, start_step=WARMUP_STEPS, settings=settings, **kwargs)
         _block(state)
         t2 = time.perf_counter()
         first += t1 - t0
@@ -101,7 +115,7 @@ def dataclasses_replace(obj, **changes):
 
 def run_vectorized(model, train, lrs, steps, batch_size):
     from fedjax_exp.core import optimizers
-    from fedjax_exp.experiment import algorithms, vectorized
+    from fedjax_exp.experiment import algorithms, parallel, vectorized
 
     trials = vectorized.expand_trials(lrs, None, None, 0)
     training = vectorized.VectorizedTraining(
@@ -109,14 +123,32 @@ def run_vectorized(model, train, lrs, steps, batch_size):
         optimizers.adam,
         trials,
     )
+    speed = parallel.resolve_for_algorithm(training, {}, num_devices=1)
+    if speed.device_data:
+        training.enable_device_data()
+    k = speed.steps_per_dispatch
     states = training.init()
     _block(states)
     t0 = time.perf_counter()
-    states = vectorized.train_steps(training, states, 0, 1, on_log=lambda s, m: None)
+    states = vectorized.train_steps(
+        training,
+        states,
+        0,
+        WARMUP_STEPS,
+        on_log=lambda s, m: None,
+        log_every=50,
+        steps_per_dispatch=k,
+    )
     _block(states)
     t1 = time.perf_counter()
     states = vectorized.train_steps(
-        training, states, 1, steps, on_log=lambda s, m: None, log_every=50
+        training,
+        states,
+        WARMUP_STEPS,
+        steps,
+        on_log=lambda s, m: None,
+        log_every=50,
+        steps_per_dispatch=k,
     )
     _block(states)
     t2 = time.perf_counter()

@@ -127,6 +127,52 @@ def test_vectorized_trials_equal_trials_alone(model, data, lrs, seeds):
         np.testing.assert_allclose(logged[1][1]["loss"][i], np.mean(losses[3:]), rtol=1e-5)
 
 
+@pytest.mark.parametrize("device_data", [False, True])
+@pytest.mark.parametrize("seeds", [None, [0, 5]])
+def test_multi_step_and_device_data_equal_the_plain_vectorized_step(
+    model, data, device_data, seeds
+):
+    """K steps per dispatch (chunks cut at the logging interval) and batches gathered on the
+    device give the plain one-step-per-dispatch sweep's states and logs, bit for bit."""
+    trials = vectorized.expand_trials([1e-2, 5e-2], seeds, None, 0)
+
+    def train(steps_per_dispatch, device):
+        training = vectorized.VectorizedTraining(
+            _make_algorithm(model, data), optimizers.adam, trials
+        )
+        if device:
+            training.enable_device_data()
+        logged = []
+        states = vectorized.train_steps(
+            training,
+            training.init(),
+            0,
+            11,
+            on_log=lambda s, m: logged.append((s, m)),
+            log_every=5,
+            steps_per_dispatch=steps_per_dispatch,
+        )
+        return jax.device_get(states), logged
+
+    plain_states, plain_log = train(1, False)
+    states, logged = train(4, device_data)
+    assert [s for s, _ in logged] == [s for s, _ in plain_log] == [5, 10, 11]
+    for (_, a), (_, b) in zip(logged, plain_log, strict=True):
+        np.testing.assert_array_equal(a["loss"], b["loss"])
+    for a, b in zip(
+        jax.tree_util.tree_leaves(states), jax.tree_util.tree_leaves(plain_states), strict=True
+    ):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_next_stop_cuts_dispatches_at_every_interval():
+    assert vectorized.next_stop(0, 100, 8, (50, 0, 30)) == 8
+    assert vectorized.next_stop(24, 100, 8, (50, 0, 30)) == 30
+    assert vectorized.next_stop(48, 100, 8, (50, 0, 30)) == 50
+    assert vectorized.next_stop(96, 100, 8, (50,)) == 100
+    assert vectorized.next_stop(3, 5, 1, ()) == 4
+
+
 def test_initial_states_are_bitwise_those_of_lone_runs(model, data):
     trials = vectorized.expand_trials([1e-3, 1e-2], [0, 9], None, 0)
     training = vectorized.VectorizedTraining(_make_algorithm(model, data), optimizers.adam, trials)

@@ -296,6 +296,33 @@ def configure_host_memory(trainer: Mapping[str, Any], backend: str) -> bool:
     return bool(wanted) and host_memory.reuse_freed_memory()
 
 
+def resolve_for_algorithm(
+    algorithm: Any, trainer: Mapping[str, Any], num_devices: int | None = None
+) -> SpeedSettings:
+    """:func:`resolve_speed_settings` for ``algorithm`` on this machine: whether it supports
+    device data (``device_data_supported()``), the size of its ``train_data``, whether its
+    step convolves (``uses_convolution()``, probed only where it decides something), and
+    ``num_devices`` (default: all local devices)."""
+    supported = getattr(algorithm, "device_data_supported", None)
+    is_supported = bool(supported()) if callable(supported) else False
+    data_bytes = getattr(getattr(algorithm, "train_data", None), "nbytes", None)
+    device_bytes = (jax.local_devices()[0].memory_stats() or {}).get("bytes_limit")
+    backend = jax.default_backend()
+    conv = None
+    if backend == "cpu" and trainer.get("steps_per_dispatch", "auto") in ("auto", None):
+        probe = getattr(algorithm, "uses_convolution", None)
+        conv = probe() if callable(probe) else None
+    return resolve_speed_settings(
+        trainer,
+        backend,
+        num_devices=jax.local_device_count() if num_devices is None else num_devices,
+        device_data_supported=is_supported,
+        data_bytes=data_bytes,
+        device_bytes=device_bytes,
+        uses_convolution=conv,
+    )
+
+
 def speed_up(algorithm: Any, trainer: Mapping[str, Any]) -> tuple[Any, SpeedSettings]:
     """Resolves ``trainer``'s speed settings for this machine and ``algorithm`` and applies
     them: wraps the algorithm for data parallelism and moves its train data to the device.
@@ -307,28 +334,12 @@ def speed_up(algorithm: Any, trainer: Mapping[str, Any]) -> tuple[Any, SpeedSett
       ValueError: ``device_data=true`` for data that cannot live on the device, or a
         data-parallel setting the batch size does not allow.
     """
+    settings = resolve_for_algorithm(algorithm, trainer)
     supported = getattr(algorithm, "device_data_supported", None)
-    is_supported = bool(supported()) if callable(supported) else False
-    data_bytes = getattr(getattr(algorithm, "train_data", None), "nbytes", None)
-    device_bytes = (jax.local_devices()[0].memory_stats() or {}).get("bytes_limit")
-    backend = jax.default_backend()
-    conv = None
-    if backend == "cpu" and trainer.get("steps_per_dispatch", "auto") in ("auto", None):
-        probe = getattr(algorithm, "uses_convolution", None)
-        conv = probe() if callable(probe) else None
-    settings = resolve_speed_settings(
-        trainer,
-        backend,
-        num_devices=jax.local_device_count(),
-        device_data_supported=is_supported,
-        data_bytes=data_bytes,
-        device_bytes=device_bytes,
-        uses_convolution=conv,
-    )
     if settings.data_parallel:
         algorithm = DataParallelTraining(algorithm)
     if settings.device_data:
-        if not is_supported:
+        if not (callable(supported) and supported()):
             raise ValueError(
                 "trainer.device_data=true needs centralized training on in-memory column data "
                 "without a client preprocessor; set trainer.device_data=false"

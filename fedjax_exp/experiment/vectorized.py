@@ -35,6 +35,7 @@ import numpy as np
 
 from fedjax_exp.core.dataclasses import dataclass
 from fedjax_exp.core.typing import Params, PRNGKey
+from fedjax_exp.experiment import algorithms
 from fedjax_exp.experiment.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -160,30 +161,58 @@ def unstack_tree(tree: Any, index: int) -> Any:
 # The vectorized step and data
 
 
-def vectorized_step(
+def vectorized_steps(
     update: Callable[[Any, Any, PRNGKey], tuple[Any, Mapping[str, jax.Array]]],
+    num_steps: int = 1,
     shared_batch: bool = False,
+    gather: Callable[[Any, Any], Any] | None = None,
 ) -> Callable[..., tuple[Any, dict[str, jax.Array]]]:
-    """Jitted ``(states, batches, seed_index, train_keys, step) -> (states, {name: (T,)})``.
+    """``num_steps`` vectorized steps as one jitted dispatch.
 
-    ``batches`` holds one batch per distinct seed along a leading axis; trial ``t`` trains on
-    ``batches[seed_index[t]]`` with key ``fold_in(train_keys[t], step)``. With
-    ``shared_batch`` (a single seed) every trial takes ``batches[0]`` unbatched, so XLA sees
-    one batch against T parameter sets (one wide matmul) instead of T gathered copies. The
-    states are donated.
+    The result is ``run(states, block, seed_index, train_keys, first_step, columns) ->
+    (states, {name: (num_steps, T)})``. ``block`` stacks one input per step; each input holds
+    one batch (or, with ``gather``, one row-index array into the device-resident ``columns``)
+    per distinct seed along its leading axis. Trial ``t`` trains on input ``seed_index[t]``
+    with key ``fold_in(train_keys[t], step)``. With ``shared_batch`` (a single seed) every
+    trial takes input 0 unbatched, so XLA sees one batch against T parameter sets (one wide
+    matmul) instead of T gathered copies. ``num_steps > 1`` runs a ``lax.scan``; the states
+    are donated.
     """
 
     def one_trial(state: Any, batch: Any, key: jax.Array, step: jax.Array):
         return update(state, batch, jax.random.fold_in(key, step))
 
-    def step_all(states: Any, batches: Any, seed_index: jax.Array, keys: jax.Array, step: Any):
+    def step_all(
+        states: Any, inputs: Any, seed_index: jax.Array, keys: jax.Array, step: Any, columns: Any
+    ):
         if shared_batch:
-            batch = jax.tree_util.tree_map(lambda x: x[0], batches)
-            return jax.vmap(one_trial, in_axes=(0, None, 0, None))(states, batch, keys, step)
+            inputs = jax.tree_util.tree_map(lambda x: x[0], inputs)
+        batches = inputs if gather is None else gather(columns, inputs)
+        if shared_batch:
+            return jax.vmap(one_trial, in_axes=(0, None, 0, None))(states, batches, keys, step)
         batch = jax.tree_util.tree_map(lambda x: x[seed_index], batches)
         return jax.vmap(one_trial, in_axes=(0, 0, 0, None))(states, batch, keys, step)
 
-    return jax.jit(step_all, donate_argnums=0)
+    def run(
+        states: Any,
+        block: Any,
+        seed_index: jax.Array,
+        keys: jax.Array,
+        first_step: Any,
+        columns: Any,
+    ):
+        if num_steps == 1:
+            inputs = jax.tree_util.tree_map(lambda x: x[0], block)
+            states, scalars = step_all(states, inputs, seed_index, keys, first_step, columns)
+            return states, jax.tree_util.tree_map(lambda x: x[None], dict(scalars))
+
+        def body(states: Any, xs: tuple[Any, jax.Array]) -> Any:
+            return step_all(states, xs[0], seed_index, keys, xs[1], columns)
+
+        steps = first_step + jnp.arange(num_steps, dtype=jnp.int32)
+        return jax.lax.scan(body, states, (block, steps))
+
+    return jax.jit(run, donate_argnums=0)
 
 
 def stacked_batches(
@@ -222,7 +251,32 @@ class VectorizedTraining:
         self.seeds = sorted({t.seed for t in trials})
         self.seed_index = jnp.asarray([self.seeds.index(t.seed) for t in trials], jnp.int32)
         self.train_keys = jnp.stack([trial_keys(t.seed)[1] for t in trials])
-        self._step = vectorized_step(self.algorithms[0].update, shared_batch=len(self.seeds) == 1)
+        self.device_columns: dict[str, jax.Array] | None = None
+        self._runs: dict[int, Callable[..., Any]] = {}
+
+    # ---- what the engine's speed settings look at (parallel.resolve_for_algorithm) ----
+
+    @property
+    def train_data(self) -> Any:
+        return self.algorithms[0].train_data
+
+    def device_data_supported(self) -> bool:
+        return self.algorithms[0].device_data_supported()
+
+    def uses_convolution(self) -> bool | None:
+        return self.algorithms[0].uses_convolution()
+
+    def enable_device_data(self) -> None:
+        """Puts the train columns on the device once, shared by all trials; the stream then
+        yields row indices (one array per distinct seed), gathered inside the step.
+
+        Raises:
+          ValueError: the train data is not an in-memory column store.
+        """
+        first = self.algorithms[0]
+        first.enable_device_data()
+        self.device_columns = first.device_columns
+        self._runs = {}
 
     def init(self) -> Any:
         """The stacked initial states, each made exactly as a lone run makes it."""
@@ -233,24 +287,55 @@ class VectorizedTraining:
             ]
         )
 
-    def data_stream(self, start: int) -> Iterator[dict[str, np.ndarray]]:
-        """Per step: one batch per distinct seed, stacked (leading axis = ``self.seeds``)."""
-        alg = self.algorithms[0]
-        return stacked_batches([alg.data_stream(seed, start) for seed in self.seeds])
+    def data_stream(self, start: int) -> Iterator[Any]:
+        """Per step: one batch (or, with device data, one row-index array) per distinct seed,
+        stacked (leading axis = ``self.seeds``)."""
+        streams = [self.algorithms[0].data_stream(seed, start) for seed in self.seeds]
+        if self.device_columns is not None:
+            return (np.stack(indices) for indices in zip(*streams, strict=False))
+        return stacked_batches(streams)
 
-    def step(self, states: Any, batches: Any, step: int) -> tuple[Any, dict[str, jax.Array]]:
-        return self._step(states, batches, self.seed_index, self.train_keys, np.int32(step))
+    def run_steps(
+        self, states: Any, items: Sequence[Any], first_step: int
+    ) -> tuple[Any, dict[str, jax.Array]]:
+        """Steps ``first_step, first_step + 1, ...``, one per item of :meth:`data_stream`, as
+        one dispatch; returns the states and ``{name: (len(items), T)}`` step scalars."""
+        run = self._runs.get(len(items))
+        if run is None:
+            gather = algorithms.gather_rows if self.device_columns is not None else None
+            run = self._runs[len(items)] = vectorized_steps(
+                self.algorithms[0].update, len(items), len(self.seeds) == 1, gather
+            )
+        block = jax.device_put(algorithms.stack_inputs(items))
+        first = np.int32(first_step)
+        return run(states, block, self.seed_index, self.train_keys, first, self.device_columns)
+
+    def step(self, states: Any, inputs: Any, step: int) -> tuple[Any, dict[str, jax.Array]]:
+        """One step: ``(states, {name: (T,)})``."""
+        states, scalars = self.run_steps(states, [inputs], step)
+        return states, {k: v[0] for k, v in scalars.items()}
 
     def eval_params(self, states: Any, index: int) -> Params:
         return self.algorithms[index].eval_params(unstack_tree(states, index))
 
 
 def _pop_trial_means(pending: dict[str, list[jax.Array]]) -> dict[str, np.ndarray]:
-    """Per-trial means ``{name: (T,)}`` of the pending step scalars (the host sync); empties
-    ``pending``."""
-    means = {k: np.asarray(jnp.mean(jnp.stack(v), axis=0)) for k, v in pending.items()}
+    """Per-trial means ``{name: (T,)}`` of the pending ``(steps, T)`` step scalars (the host
+    sync); empties ``pending``."""
+    means = {k: np.asarray(jnp.mean(jnp.concatenate(v), axis=0)) for k, v in pending.items()}
     pending.clear()
     return means
+
+
+def next_stop(step: int, last: int, steps_per_dispatch: int, intervals: Sequence[int]) -> int:
+    """Where the dispatch starting after ``step`` ends: ``steps_per_dispatch`` steps on, but
+    never past ``last`` or the next multiple of a non-zero interval (logging, evaluation,
+    checkpoints happen between dispatches)."""
+    stop = min(step + steps_per_dispatch, last)
+    for every in intervals:
+        if every > 0:
+            stop = min(stop, (step // every + 1) * every)
+    return stop
 
 
 def train_steps(
@@ -260,14 +345,20 @@ def train_steps(
     num_steps: int,
     on_log: Callable[[int, dict[str, np.ndarray]], None] | None = None,
     log_every: int = 0,
+    steps_per_dispatch: int = 1,
 ) -> Any:
-    """Runs steps ``start_step + 1 .. num_steps``; ``on_log(step, {name: (T,) means})``."""
+    """Runs steps ``start_step + 1 .. num_steps``, ``steps_per_dispatch`` per dispatch;
+    ``on_log(step, {name: (T,) means})``."""
     stream = training.data_stream(start_step)
     pending: dict[str, list[jax.Array]] = {}
-    for step in range(start_step + 1, num_steps + 1):
-        states, scalars = training.step(states, next(stream), step)
+    step = start_step
+    while step < num_steps:
+        stop = next_stop(step, num_steps, steps_per_dispatch, (log_every,))
+        items = list(itertools.islice(stream, stop - step))
+        states, scalars = training.run_steps(states, items, step + 1)
         for key, value in scalars.items():
             pending.setdefault(key, []).append(value)
+        step = stop
         if on_log is not None and ((log_every > 0 and step % log_every == 0) or step == num_steps):
             on_log(step, _pop_trial_means(pending))
     return states
@@ -399,7 +490,7 @@ def run_sweep(
     trial's ``optimized_metric``. A trial whose loss becomes non-finite is marked failed in
     its own status; the other trials carry on.
     """
-    from fedjax_exp.experiment import builders, loop, writers
+    from fedjax_exp.experiment import builders, loop, parallel, writers
     from fedjax_exp.experiment.checkpoints import Checkpointer, Snapshot
     from fedjax_exp.experiment.evaluation import Evaluator
 
@@ -418,6 +509,14 @@ def run_sweep(
         make_optimizer,
         trials,
     )
+    # The engine's speed settings, on one device (a sweep is not data-parallel). No prefetch
+    # thread: with device data (the default where it fits) the host only draws indices.
+    speed = parallel.resolve_for_algorithm(training, trainer, num_devices=1)
+    if speed.device_data:
+        try:
+            training.enable_device_data()
+        except ValueError as e:
+            raise ConfigError(str(e)) from e
     states = training.init()
     start_step, elapsed = 0, 0.0
     checkpoints_dir = out / "checkpoints"
@@ -473,10 +572,14 @@ def run_sweep(
     try:
         stream = training.data_stream(start_step) if steps > start_step else iter(())
         pending: dict[str, list[jax.Array]] = {}
-        for step in range(start_step + 1, steps + 1):
-            states, scalars = training.step(states, next(stream), step)
+        intervals = (log_every, eval_every, checkpoint_every)
+        while step < steps:
+            stop = next_stop(step, steps, speed.steps_per_dispatch, intervals)
+            items = list(itertools.islice(stream, stop - step))
+            states, scalars = training.run_steps(states, items, step + 1)
             for key, value in scalars.items():
                 pending.setdefault(key, []).append(value)
+            step = stop
             at_end = step == steps
             if loop.due(step, log_every) or at_end:
                 on_log(step, _pop_trial_means(pending))
