@@ -24,7 +24,7 @@ CONF_DIR = REPO_ROOT / "conf"
 CONF_MODELS = {"logistic": "logistic", "mlp": "mlp", "stax_cnn": "cnn", "haiku_cnn": "haiku_cnn"}
 
 
-def compose(model_name: str, batch_size: int, extra: Sequence[str] = ()) -> Any:
+def compose(model_name: str, batch_size: int, extra: Sequence[str] = (), seed: int = SEED) -> Any:
     """The run config for ``model_name`` with the seed chapter's hyper-parameters."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
@@ -37,7 +37,7 @@ def compose(model_name: str, batch_size: int, extra: Sequence[str] = ()) -> Any:
         f"trainer.batch_size={batch_size}",
         f"trainer.client_buffer_size={CLIENT_BUFFER_SIZE}",
         f"trainer.example_buffer_size={EXAMPLE_BUFFER_SIZE}",
-        f"seed={SEED}",
+        f"seed={seed}",
         "logger=local",
         *extra,
     ]
@@ -85,7 +85,11 @@ def _window_rates(marks: list[tuple[int, float]], windows: int) -> Rate:
 
 
 def build(
-    model_name: str, batch_size: int, train_fd: Any, overrides: Sequence[str] = ()
+    model_name: str,
+    batch_size: int,
+    train_fd: Any,
+    overrides: Sequence[str] = (),
+    seed: int = SEED,
 ) -> tuple[Any, Any, Any]:
     """``(cfg, model, algorithm)`` as the runner builds them, over ``train_fd``.
 
@@ -94,7 +98,7 @@ def build(
     """
     from fedjax_exp.experiment import builders
 
-    cfg = compose(model_name, batch_size, overrides)
+    cfg = compose(model_name, batch_size, overrides, seed)
     model = builders.build_model(cfg)
     optimizer = builders.build_optimizer(cfg)
     algorithm = builders.build_algorithm(cfg, model, optimizer, train_fd)
@@ -126,6 +130,7 @@ def train(
     warmup: int,
     windows: int,
     overrides: Sequence[str] = (),
+    seed: int = SEED,
 ) -> tuple[Any, TrainRun]:
     """Trains with fedjax_exp's loop; returns ``(model, run)``.
 
@@ -139,10 +144,10 @@ def train(
 
     if steps < 2:
         raise ValueError(f"steps must be at least 2 for fedjax_exp's timed loop, got {steps}")
-    cfg, model, algorithm = build(model_name, batch_size, fd, overrides)
+    cfg, model, algorithm = build(model_name, batch_size, fd, overrides, seed)
     algorithm, engine = _engine_options(cfg, algorithm)
     warmup = max(1, min(warmup, steps - 1))
-    init_rng, train_rng = jax.random.split(jax.random.PRNGKey(SEED))
+    init_rng, train_rng = jax.random.split(jax.random.PRNGKey(seed))
     state = algorithm.init(init_rng)
     log_every = int(cfg.trainer.log_every)
 
@@ -159,7 +164,7 @@ def train(
             algorithm,
             state,
             start_step=start,
-            seed=SEED,
+            seed=seed,
             rng=train_rng,
             settings=settings,
             writer=writer,

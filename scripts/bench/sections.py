@@ -16,12 +16,13 @@ import json
 import math
 import os
 import pathlib
+import statistics
 import subprocess
 import sys
 import tempfile
 import traceback
 import tracemalloc
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -70,6 +71,7 @@ class Settings:
     repeats: int = 5  # timed windows / calls per measurement
     steps: int | None = None  # training steps per run; None: DEFAULT_STEPS per model/batch
     warmup_steps: int = 20  # untimed (compiling) steps at the start of a run
+    accuracy_seeds: int = 3  # training seeds per side for the accuracy comparison
     windows: int = 5  # timed windows per training run
     train_models: tuple[str, ...] = models.MODEL_NAMES
     eval_models: tuple[str, ...] = ("logistic", "stax_cnn")
@@ -90,6 +92,7 @@ class Settings:
             steps=12,
             warmup_steps=2,
             windows=2,
+            accuracy_seeds=1,
             eval_max_batches=4,
             e2e_steps=10,
             synthetic_clients=40,
@@ -409,6 +412,7 @@ def section_train(ctx: Context) -> list[dict[str, Any]]:
                 "windows": s.windows,
                 "train": train_h5,
                 "test": test_h5,
+                "seeds": s.accuracy_seeds,
             }
             runs = {
                 side: attempt(
@@ -418,8 +422,10 @@ def section_train(ctx: Context) -> list[dict[str, Any]]:
             }
             ref, mine = runs["fedjax"], runs["ours"]
             rate = {k: Rate(v["samples"], "steps/s") if v else None for k, v in runs.items()}
-            acc_ref = ref["accuracy"] if ref else None
-            acc_ours = mine["accuracy"] if mine else None
+            seeds_ref = ref["seed_accuracies"] if ref else []
+            seeds_ours = mine["seed_accuracies"] if mine else []
+            acc_ref = statistics.fmean(seeds_ref) if seeds_ref else None
+            acc_ours = statistics.fmean(seeds_ours) if seeds_ours else None
             rows.append(
                 make_row(
                     "train",
@@ -429,14 +435,15 @@ def section_train(ctx: Context) -> list[dict[str, Any]]:
                     _median(rate["fedjax"]),
                     _median(rate["ours"]),
                     goal=goal_for("train", "steps", model_name, bs),
-                    note=_accuracy_note(acc_ref, acc_ours),
+                    note=_accuracy_note(seeds_ref, seeds_ours),
                     errors=errors,
                     model=model_name,
                     batch_size=bs,
                     steps=steps,
                     warmup_steps=warmup,
                     accuracy={"fedjax": acc_ref, "fedjax_exp": acc_ours},
-                    accuracy_within_noise=_within_noise(acc_ref, acc_ours),
+                    seed_accuracies={"fedjax": seeds_ref, "fedjax_exp": seeds_ours},
+                    accuracy_within_noise=_within_noise(seeds_ref, seeds_ours),
                     warmup_s={
                         "fedjax": ref["warmup_s"] if ref else None,
                         "fedjax_exp": mine["warmup_s"] if mine else None,
@@ -453,21 +460,34 @@ def section_train(ctx: Context) -> list[dict[str, Any]]:
 EVAL_EXAMPLES = reference.EVAL_BATCHES * reference.EVAL_BATCH_SIZE
 
 
-def _within_noise(a: float | None, b: float | None, n: int = EVAL_EXAMPLES) -> bool | None:
-    """|a - b| within 3 standard errors of the difference of two accuracies on ``n``
-    examples (binomial sampling noise of the evaluation set)."""
-    if a is None or b is None:
+def _within_noise(a: Sequence[float], b: Sequence[float], n: int = EVAL_EXAMPLES) -> bool | None:
+    """Whether the mean accuracies of two sets of training seeds differ by at most 3 standard
+    errors of the difference of means.
+
+    The noise is the spread across seeds (different initial keys and shuffles: training
+    noise, which includes the evaluation's) when both sides have several seeds, and never less
+    than the binomial sampling noise of an evaluation on ``n`` examples.
+    """
+    if not a or not b:
         return None
-    p = (a + b) / 2
-    se = math.sqrt(max(p * (1 - p), 1e-12) * 2 / n)
-    return abs(a - b) <= 3 * se
+    mean_a, mean_b = statistics.fmean(a), statistics.fmean(b)
+    p = (mean_a + mean_b) / 2
+    variance = max(p * (1 - p), 1e-12) * (1 / len(a) + 1 / len(b)) / n
+    if len(a) > 1 and len(b) > 1:
+        spread = statistics.variance(a) / len(a) + statistics.variance(b) / len(b)
+        variance = max(variance, spread)
+    return abs(mean_a - mean_b) <= 3 * math.sqrt(variance)
 
 
-def _accuracy_note(a: float | None, b: float | None) -> str:
-    if a is None or b is None:
+def _accuracy_note(a: Sequence[float], b: Sequence[float]) -> str:
+    if not a or not b:
         return ""
     ok = "within noise" if _within_noise(a, b) else "NOT within noise"
-    return f"accuracy {a:.3f} vs {b:.3f} ({ok})"
+    mean_a, mean_b = statistics.fmean(a), statistics.fmean(b)
+    if len(a) == 1 and len(b) == 1:
+        return f"accuracy {mean_a:.3f} vs {mean_b:.3f} ({ok})"
+    spread = f"mean of {len(a)} seeds, std {statistics.pstdev(a):.3f} / {statistics.pstdev(b):.3f}"
+    return f"accuracy {mean_a:.3f} vs {mean_b:.3f} ({spread}; {ok})"
 
 
 # --------------------------------------------------------------------------------------------

@@ -3,7 +3,9 @@
     python -m bench.train_side --side fedjax|ours --model logistic --batch-size 8 \
         --steps 2000 --warmup 20 --windows 5 --train TRAIN.h5 [--test TEST.h5]
 
-Prints one JSON line: the timed windows' rates, the warm-up time and the test accuracy.
+Prints one JSON line: the timed windows' rates, the warm-up time and the test accuracy of
+seed 0, and with ``--seeds N`` the test accuracies of seeds 0..N-1 (how much training noise
+there is, to judge whether the two libraries' accuracies differ by more).
 
 Why a process per side: each library then runs the way its users run it. fedjax_exp's runner
 sets process-wide options (``trainer.reuse_host_memory`` raises glibc's malloc thresholds,
@@ -27,6 +29,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     from bench import data, models, ours, reference
 
     lib: Any
+    model: Any = None  # fedjax_exp's side builds it from the run config in ours.train.
     train_cols = data.load_tff_h5(args.train)
     if args.side == "fedjax":
         import fedjax
@@ -34,31 +37,42 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         lib = fedjax
         to_fd = data.fedjax_federated_data
         model = models.reference_model(fedjax, args.model)
-        run = reference.train(
-            fedjax,
-            model,
-            to_fd(train_cols),
-            args.batch_size,
-            args.steps,
-            args.warmup,
-            args.windows,
-            needs_rng=args.model in models.NEEDS_RNG,
-        )
+
+        def train(fd: Any, seed: int) -> Any:
+            needs_rng = args.model in models.NEEDS_RNG
+            steps, warmup, windows = args.steps, args.warmup, args.windows
+            return reference.train(
+                fedjax, model, fd, args.batch_size, steps, warmup, windows, needs_rng, seed
+            )
+
     else:
         lib = fedjax_exp
         to_fd = data.ours_federated_data
-        model, run = ours.train(
-            args.model, to_fd(train_cols), args.batch_size, args.steps, args.warmup, args.windows
-        )
-    accuracy = None
+
+        def train(fd: Any, seed: int) -> Any:
+            nonlocal model
+            model, run = ours.train(
+                args.model, fd, args.batch_size, args.steps, args.warmup, args.windows, seed=seed
+            )
+            return run
+
+    train_fd = to_fd(train_cols)
+    test_batches = None
     if args.test:
-        batches = reference.first_test_batches(lib, to_fd(data.load_tff_h5(args.test)))
-        accuracy = reference.accuracy(lib, model, run.params, batches)
+        test_batches = reference.first_test_batches(lib, to_fd(data.load_tff_h5(args.test)))
+    runs, accuracies = [], []
+    # Seed 0 is the timed run; the others only measure how much the accuracy varies by seed.
+    for seed in range(args.seeds):
+        run = train(train_fd, seed)
+        runs.append(run)
+        if test_batches is not None:
+            accuracies.append(reference.accuracy(lib, model, run.params, test_batches))
     return {
         "side": args.side,
-        "samples": list(run.rate.samples),
-        "warmup_s": run.warmup_s,
-        "accuracy": accuracy,
+        "samples": list(runs[0].rate.samples),
+        "warmup_s": runs[0].warmup_s,
+        "accuracy": accuracies[0] if accuracies else None,
+        "seed_accuracies": accuracies,
     }
 
 
@@ -72,6 +86,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--windows", type=int, required=True)
     p.add_argument("--train", required=True, help="TFF-layout h5 train file")
     p.add_argument("--test", help="TFF-layout h5 test file (accuracy on its first batches)")
+    p.add_argument(
+        "--seeds", type=int, default=1, help="train seeds 0..N-1 (seed 0 timed) for accuracy"
+    )
     return p.parse_args(argv)
 
 
