@@ -488,3 +488,19 @@ def test_missing_domain_id_key():
 def test_mask_of_wrong_shape():
     with pytest.raises(ValueError, match=r"batch_mask must have shape \[5\].*\(4,\)"):
         metrics.evaluate_batch(metrics.Accuracy(), BATCH, LOGITS, np.ones(4, bool))
+
+
+def test_argmax_last_equals_jnp_argmax_with_ties_nans_and_infs():
+    rng = np.random.default_rng(0)
+    logits = rng.standard_normal((64, 7)).astype(np.float32)
+    logits[1] = 0.0  # All tied: index 0.
+    logits[2, [2, 5]] = 9.0  # A tie for the maximum: the lower index.
+    logits[3, [4, 1]] = np.nan  # NaNs: the first NaN.
+    logits[4] = np.nan
+    logits[5] = -np.inf
+    logits[6, 3] = np.inf
+    logits[7, [3, 6]] = np.inf
+    for batch in (logits, logits[0], logits.reshape(8, 8, 7)):
+        np.testing.assert_array_equal(
+            np.asarray(metrics.argmax_last(batch)), np.asarray(jnp.argmax(batch, axis=-1))
+        )

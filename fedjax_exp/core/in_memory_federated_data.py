@@ -25,14 +25,13 @@ import concurrent.futures
 import functools
 import itertools
 import os
-import sys
-import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from fedjax_exp.core import client_datasets
+from fedjax_exp.core.buffer_pool import BufferPool
 from fedjax_exp.core.client_datasets import (
     BatchPreprocessor,
     ClientDataset,
@@ -290,52 +289,24 @@ def _gather_helper() -> concurrent.futures.ThreadPoolExecutor:
     return concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="fedjax_exp-gather")
 
 
-# Output buffers kept per (column, chunk length) for reuse. A consumer holds the batch it is
-# using while it asks for the next one, so the chunk before the previous one is the first that
-# can be free.
+# Output buffers kept per (column, chunk length) for reuse (see buffer_pool). A consumer holds
+# the batch it is using while it asks for the next one, so the chunk before the previous one is
+# the first that can be free.
 _POOLED_BUFFERS = 3
-# sys.getrefcount of a pooled buffer that nothing else references: the pool's list, the loop
-# variable and getrefcount's own argument.
-_UNREFERENCED = 3
-
-
-class _BufferPool:
-    """Gather output buffers a store hands out again once nothing references them.
-
-    A fresh large buffer page-faults on every page as it is first written (a 12 MiB chunk:
-    ~7 ms fresh vs ~1 ms reused on the 2-core box). A buffer is handed out again only when no
-    batch view of it is alive, so batches a caller keeps are never overwritten. The pool
-    belongs to the store, so successive streams over it share the buffers; the lock makes
-    "find a free buffer" atomic when several threads draw streams from one store.
-    """
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._buffers: dict[tuple[str, int], list[np.ndarray]] = {}
-
-    def get(self, name: str, column: np.ndarray, rows: int) -> np.ndarray:
-        with self._lock:
-            pool = self._buffers.setdefault((name, rows), [])
-            for buffer in pool:
-                if sys.getrefcount(buffer) == _UNREFERENCED:
-                    return buffer
-            buffer = np.empty((rows, *column.shape[1:]), column.dtype)
-            if len(pool) < _POOLED_BUFFERS:
-                pool.append(buffer)
-            return buffer
 
 
 class _RowGatherer:
     """Gathers rows of one column, chunk after chunk, the fastest way measured here.
 
     - Narrow rows (labels): fancy indexing, the lowest fixed cost.
-    - Wide rows (images): ``np.take`` into a buffer from the store's :class:`_BufferPool`,
+    - Wide rows (images): ``np.take`` into a buffer from the store's pool (a reused buffer
+      does not page-fault as a fresh one does; see :mod:`fedjax_exp.core.buffer_pool`),
       split between the calling thread and one helper thread (``np.take`` releases the GIL
       while it copies) for chunks of at least ``_PARALLEL_GATHER_MIN_BYTES`` where the
       process may use more than one core.
     """
 
-    def __init__(self, name: str, column: np.ndarray, rows_per_call: int, buffers: _BufferPool):
+    def __init__(self, name: str, column: np.ndarray, rows_per_call: int, buffers: BufferPool):
         self._name = name
         self._column = column
         self._buffers = buffers
@@ -347,7 +318,8 @@ class _RowGatherer:
     def __call__(self, indices: np.ndarray) -> np.ndarray:
         if self._narrow:
             return self._column[indices]
-        out = self._buffers.get(self._name, self._column, len(indices))
+        column = self._column
+        out = self._buffers.get(self._name, (len(indices), *column.shape[1:]), column.dtype)
         # mode="clip" skips a bounds pass; indices come from the stream and are in range.
         if not self._two_threads:
             return np.take(self._column, indices, axis=0, out=out, mode="clip")
@@ -564,7 +536,7 @@ class InMemoryFederatedData(FederatedData):
         self._columns = {k: _readonly(v) for k, v in columns.items()}
         self._preprocess_client = preprocess_client
         self._preprocess_batch = preprocess_batch
-        self._gather_buffers = _BufferPool()
+        self._gather_buffers = BufferPool(per_key=_POOLED_BUFFERS)
 
     def _derive(
         self,
