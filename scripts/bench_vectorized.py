@@ -16,6 +16,11 @@ Process start-up, imports and data loading are excluded from both. Reported: wal
 including each side's compilation, and steady-state time (compilation excluded: the first
 ``WARMUP_STEPS`` steps of each run, which compile its programs, are timed apart). Prints one
 JSON object; the ratio is separate/vectorized.
+
+``--cli wandb|local`` also times the two commands end to end, each in a fresh process:
+``python run.py -m experiment=seed_logistic optimizer.learning_rate=<8 values>`` (one Hydra
+job per learning rate) against ``python run.py experiment=seed_logistic
+trainer.vectorize.learning_rates=[<8 values>]``.
 """
 
 from __future__ import annotations
@@ -23,7 +28,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import pathlib
 import platform
+import subprocess
+import sys
+import tempfile
 import time
 
 import jax
@@ -155,12 +164,61 @@ def run_vectorized(model, train, lrs, steps, batch_size):
     return t2 - t0, t2 - t1
 
 
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def run_cli(lrs, steps: int, logger: str) -> dict[str, float]:
+    """Wall time of the two commands a researcher types, each in a fresh process: a Hydra
+    multirun of one job per learning rate, and one vectorized run of all of them (the
+    seed_logistic recipe; start-up, data loading, compilation, evaluation, checkpoints and
+    logging included)."""
+    values = ",".join(f"{lr:g}" for lr in lrs)
+    common = [
+        "experiment=seed_logistic",
+        f"trainer.steps={steps}",
+        "trainer.progress_bar=false",
+        f"logger={logger}",
+    ]
+    times = {}
+    with tempfile.TemporaryDirectory(prefix="bench_vectorized_") as tmp:
+        commands = {
+            "multirun": ["-m", f"optimizer.learning_rate={values}", f"hydra.sweep.dir={tmp}/m"],
+            "vectorized": [
+                f"trainer.vectorize.learning_rates=[{values}]",
+                f"hydra.run.dir={tmp}/v",
+            ],
+        }
+        env = dict(os.environ, WANDB_SILENT="true")
+        for name, extra in commands.items():
+            start = time.perf_counter()
+            subprocess.run(
+                [sys.executable, str(REPO_ROOT / "run.py"), *common, *extra],
+                cwd=REPO_ROOT,
+                env=env,
+                check=True,
+                capture_output=True,
+            )
+            times[name] = time.perf_counter() - start
+    return {
+        "logger": logger,
+        "multirun_s": round(times["multirun"], 2),
+        "vectorized_s": round(times["vectorized"], 2),
+        "ratio": round(times["multirun"] / times["vectorized"], 2),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=500)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--model", choices=sorted(_models()), default="logistic")
     parser.add_argument("--trials", type=int, default=8, help="number of learning rates (<= 8)")
+    parser.add_argument(
+        "--cli",
+        choices=["wandb", "local"],
+        help="also time `python run.py -m ...` against `run.py trainer.vectorize...` "
+        "with this logger (seed_logistic recipe, --steps steps)",
+    )
     args = parser.parse_args()
     from fedjax_exp.datasets import sample
 
@@ -187,6 +245,8 @@ def main() -> None:
         "jax": jax.__version__,
         "numpy": np.__version__,
     }
+    if args.cli:
+        result["cli"] = run_cli(lrs, args.steps, args.cli)
     print(json.dumps(result, indent=2))
 
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""fedjax_exp against FedJAX 0.0.17, side by side in one process, on the same data.
+"""fedjax_exp against FedJAX 0.0.17, side by side in one run, on the same data.
 
 Sections (``--only`` picks some):
 
@@ -8,7 +8,8 @@ Sections (``--only`` picks some):
 - ``eval``: ``evaluate_model`` examples/s on padded batches of 128;
 - ``train``: training steps/s for the seed chapter's logistic, MLP and stax CNN and FedJAX's
   Haiku CNN, batch 8 and 128: the seed chapter's jitted loop over FedJAX's shuffled batches
-  against fedjax_exp's runner loop, with the accuracy both reach after the same steps;
+  against fedjax_exp's runner loop, with the accuracy both reach after the same steps (over
+  3 seeds); each side trains in a fresh process, as its users run it;
 - ``e2e``: wall time and peak RSS of ``python run.py experiment=seed_logistic`` against the
   same work done with FedJAX's loop, each in a fresh process;
 - ``memory``: peak allocation while loading the train/test h5 pair.

@@ -206,23 +206,27 @@ def markdown(result: dict[str, Any]) -> str:
         f"{s['eval_max_batches']}), one untimed call to compile, then timed calls; the same "
         "metrics (accuracy, cross-entropy) on both sides.",
         f"- Training: {s['steps'] or 'per-model default'} steps per run (see each row's "
-        f"`steps` in the JSON), Adam 1e-3, seed 0; the first "
-        f"{s['warmup_steps']} steps (compilation) are not timed; the rest are split into "
-        f"{s['windows']} windows ending in a device sync; the rate is the median window. "
-        "FedJAX: the seed chapter's `jax.jit` step over `shuffle_repeat_batch_federated_data`. "
-        "fedjax_exp: the model, loss, optimizer and algorithm `python run.py` builds, driven by "
-        "`fedjax_exp.experiment.loop.train` (logging every `trainer.log_every` steps). Accuracy: "
-        "the first 16 padded test batches of 128; 'within noise' = within 3 standard errors of "
-        "the evaluation's binomial noise.",
+        "`steps` in the JSON), Adam 1e-3; each side runs in a fresh process of its own "
+        "(`bench.train_side`), as its users run it: fedjax_exp's runner sets process-wide "
+        "options (`trainer.reuse_host_memory`) that would otherwise also speed up FedJAX's "
+        f"loop. Seed 0 is timed: the first {s['warmup_steps']} steps (compilation) are not "
+        f"timed; the rest are split into {s['windows']} windows ending in a device sync; the "
+        "rate is the median window. FedJAX: the seed chapter's `jax.jit` step over "
+        "`shuffle_repeat_batch_federated_data`. fedjax_exp: the model, loss, optimizer and "
+        "algorithm `python run.py` builds, with the speed settings it resolves, driven by "
+        "`fedjax_exp.experiment.loop.train` (logging every `trainer.log_every` steps). "
+        "Accuracy: the first 16 padded test batches of 128, the mean over seeds "
+        f"0..{s.get('accuracy_seeds', 1) - 1} per side; 'within noise' = the means differ by "
+        "at most 3 standard errors, from the seed-to-seed spread (different initial keys and "
+        "shuffles; the runner derives its init key with `split(PRNGKey(seed))`, the seed "
+        "chapter uses `PRNGKey(seed)`), and never less than the evaluation's binomial noise.",
         "- End to end: wall time and the child's peak RSS (`wait4`) of each process, from "
         "start-up to the final evaluation.",
-        f"- Every measurement is repeated {s['repeats']} times (FedJAX and fedjax_exp "
+        f"- Data and evaluation measurements are repeated {s['repeats']} times in one "
+        "process (FedJAX and fedjax_exp "
         "alternating) and the median is reported. A load average above the core count means "
         "other processes shared the CPU: then the ratios, measured side by side, are more "
         "trustworthy than the absolute rates.",
-        "- 'within noise' counts only the evaluation's sampling noise; short runs from different "
-        "initial keys and shuffles (the runner derives its init key with `split(PRNGKey(seed))`, "
-        "the seed chapter uses `PRNGKey(seed)`) can differ by more.",
         "",
     ]
     if result.get("missing"):
