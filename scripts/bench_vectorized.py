@@ -182,7 +182,7 @@ def run_cli(lrs, steps: int, logger: str) -> dict[str, float]:
     times = {}
     with tempfile.TemporaryDirectory(prefix="bench_vectorized_") as tmp:
         commands = {
-            "multirun": ["-m", f"optimizer.learning_rate={values}", f"hydra.sweep.dir={tmp}/m"],
+            "multirun": [f"optimizer.learning_rate={values}", f"hydra.sweep.dir={tmp}/m"],
             "vectorized": [
                 f"trainer.vectorize.learning_rates=[{values}]",
                 f"hydra.run.dir={tmp}/v",
@@ -192,7 +192,10 @@ def run_cli(lrs, steps: int, logger: str) -> dict[str, float]:
         for name, extra in commands.items():
             start = time.perf_counter()
             subprocess.run(
-                [sys.executable, str(REPO_ROOT / "run.py"), *common, *extra],
+                # Hydra's -m must precede the overrides.
+                [sys.executable, str(REPO_ROOT / "run.py")]
+                + (["-m"] if name == "multirun" else [])
+                + [*common, *extra],
                 cwd=REPO_ROOT,
                 env=env,
                 check=True,

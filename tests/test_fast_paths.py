@@ -13,11 +13,25 @@ from helpers import RecordingWriter, compose_config, random_image_clients
 
 from fedjax_exp.core import optimizers
 from fedjax_exp.experiment import ConfigError, algorithms, loop, parallel, run
-from fedjax_exp.experiment.pipeline import Prefetcher, chunk_sizes, prepared_chunks
+from fedjax_exp.experiment.pipeline import (
+    Prefetcher,
+    chunk_sizes,
+    even_steps_per_dispatch,
+    prepared_chunks,
+)
 from fedjax_exp.experiment.writers import read_metrics
 from fedjax_exp.models import emnist
 
 # --- pipeline pieces --------------------------------------------------------------------------
+
+
+def test_even_steps_per_dispatch_divides_the_intervals_when_it_can():
+    assert even_steps_per_dispatch(8, [50, 500, 500]) == 5  # One program instead of 8 and 2.
+    assert even_steps_per_dispatch(8, [40, 0]) == 8
+    assert even_steps_per_dispatch(8, [7]) == 7  # 7 >= 4: ...
+    assert even_steps_per_dispatch(8, [9]) == 8  # ... but 3 < 4 would cost more dispatches.
+    assert even_steps_per_dispatch(8, [0]) == 8
+    assert even_steps_per_dispatch(1, [50]) == 1
 
 
 def test_chunk_sizes_stop_at_every_interval():

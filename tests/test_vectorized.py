@@ -165,14 +165,6 @@ def test_multi_step_and_device_data_equal_the_plain_vectorized_step(
         np.testing.assert_array_equal(a, b)
 
 
-def test_next_stop_cuts_dispatches_at_every_interval():
-    assert vectorized.next_stop(0, 100, 8, (50, 0, 30)) == 8
-    assert vectorized.next_stop(24, 100, 8, (50, 0, 30)) == 30
-    assert vectorized.next_stop(48, 100, 8, (50, 0, 30)) == 50
-    assert vectorized.next_stop(96, 100, 8, (50,)) == 100
-    assert vectorized.next_stop(3, 5, 1, ()) == 4
-
-
 def test_initial_states_are_bitwise_those_of_lone_runs(model, data):
     trials = vectorized.expand_trials([1e-3, 1e-2], [0, 9], None, 0)
     training = vectorized.VectorizedTraining(_make_algorithm(model, data), optimizers.adam, trials)

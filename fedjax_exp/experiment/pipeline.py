@@ -11,6 +11,7 @@ copy overlap the running steps instead of sitting between them.
 from __future__ import annotations
 
 import itertools
+import math
 import queue
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -39,6 +40,25 @@ def chunk_sizes(start: int, stop: int, per_dispatch: int, intervals: Iterable[in
         sizes.append(end - step)
         step = end
     return sizes
+
+
+def even_steps_per_dispatch(per_dispatch: int, intervals: Iterable[int]) -> int:
+    """The largest ``k <= per_dispatch`` that divides every positive interval, if it is at
+    least half of ``per_dispatch``; else ``per_dispatch``.
+
+    Why: a dispatch cut short at a logging/evaluation/checkpoint step is a program of another
+    length, compiled separately (~0.3 s for the logistic model on the 2-core CPU). With K
+    dividing the intervals, every dispatch has the same length and one program is compiled:
+    e.g. 8 -> 5 for ``log_every=50``.
+    """
+    every = [i for i in intervals if i and i > 0]
+    if not every:
+        return per_dispatch
+    common = math.gcd(*every)
+    for k in range(per_dispatch, 0, -1):
+        if common % k == 0:
+            return k if 2 * k >= per_dispatch else per_dispatch
+    return per_dispatch
 
 
 def prepared_chunks(

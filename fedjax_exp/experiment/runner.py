@@ -175,7 +175,7 @@ def run(cfg: DictConfig, output_dir: str | os.PathLike[str] | None = None) -> fl
     logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
     import numpy as np
 
-    from fedjax_exp.experiment import builders, loop, parallel, writers
+    from fedjax_exp.experiment import builders, loop, parallel, pipeline, writers
     from fedjax_exp.experiment.checkpoints import Checkpointer
     from fedjax_exp.experiment.evaluation import Evaluator
 
@@ -244,13 +244,18 @@ def run(cfg: DictConfig, output_dir: str | os.PathLike[str] | None = None) -> fl
         writer.close(1)
         raise
 
+    steps_per_dispatch = speed.steps_per_dispatch
+    if trainer.get("steps_per_dispatch", "auto") in ("auto", None):
+        # One compiled program: every dispatch as long, none cut short at a logging step.
+        intervals = (trainer["log_every"], trainer["eval_every"], trainer["checkpoint_every"])
+        steps_per_dispatch = pipeline.even_steps_per_dispatch(steps_per_dispatch, intervals)
     settings = loop.LoopSettings(
         steps=int(trainer["steps"]),
         log_every=int(trainer["log_every"]),
         eval_every=int(trainer["eval_every"]),
         checkpoint_every=int(trainer["checkpoint_every"]),
         progress_bar=bool(trainer["progress_bar"]),
-        steps_per_dispatch=speed.steps_per_dispatch,
+        steps_per_dispatch=steps_per_dispatch,
         prefetch=speed.prefetch,
     )
     step, final, exit_code, error = start_step, {}, 1, None

@@ -35,7 +35,7 @@ import numpy as np
 
 from fedjax_exp.core.dataclasses import dataclass
 from fedjax_exp.core.typing import Params, PRNGKey
-from fedjax_exp.experiment import algorithms
+from fedjax_exp.experiment import algorithms, pipeline
 from fedjax_exp.experiment.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -327,17 +327,6 @@ def _pop_trial_means(pending: dict[str, list[jax.Array]]) -> dict[str, np.ndarra
     return means
 
 
-def next_stop(step: int, last: int, steps_per_dispatch: int, intervals: Sequence[int]) -> int:
-    """Where the dispatch starting after ``step`` ends: ``steps_per_dispatch`` steps on, but
-    never past ``last`` or the next multiple of a non-zero interval (logging, evaluation,
-    checkpoints happen between dispatches)."""
-    stop = min(step + steps_per_dispatch, last)
-    for every in intervals:
-        if every > 0:
-            stop = min(stop, (step // every + 1) * every)
-    return stop
-
-
 def train_steps(
     training: VectorizedTraining,
     states: Any,
@@ -352,13 +341,12 @@ def train_steps(
     stream = training.data_stream(start_step)
     pending: dict[str, list[jax.Array]] = {}
     step = start_step
-    while step < num_steps:
-        stop = next_stop(step, num_steps, steps_per_dispatch, (log_every,))
-        items = list(itertools.islice(stream, stop - step))
+    for size in pipeline.chunk_sizes(start_step, num_steps, steps_per_dispatch, (log_every,)):
+        items = list(itertools.islice(stream, size))
         states, scalars = training.run_steps(states, items, step + 1)
         for key, value in scalars.items():
             pending.setdefault(key, []).append(value)
-        step = stop
+        step += size
         if on_log is not None and ((log_every > 0 and step % log_every == 0) or step == num_steps):
             on_log(step, _pop_trial_means(pending))
     return states
@@ -512,6 +500,10 @@ def run_sweep(
     # The engine's speed settings, on one device (a sweep is not data-parallel). No prefetch
     # thread: with device data (the default where it fits) the host only draws indices.
     speed = parallel.resolve_for_algorithm(training, trainer, num_devices=1)
+    steps_per_dispatch = speed.steps_per_dispatch
+    if trainer.get("steps_per_dispatch", "auto") in ("auto", None):
+        intervals = (trainer["log_every"], trainer["eval_every"], trainer["checkpoint_every"])
+        steps_per_dispatch = pipeline.even_steps_per_dispatch(steps_per_dispatch, intervals)
     if speed.device_data:
         try:
             training.enable_device_data()
@@ -573,13 +565,12 @@ def run_sweep(
         stream = training.data_stream(start_step) if steps > start_step else iter(())
         pending: dict[str, list[jax.Array]] = {}
         intervals = (log_every, eval_every, checkpoint_every)
-        while step < steps:
-            stop = next_stop(step, steps, speed.steps_per_dispatch, intervals)
-            items = list(itertools.islice(stream, stop - step))
+        for size in pipeline.chunk_sizes(step, steps, steps_per_dispatch, intervals):
+            items = list(itertools.islice(stream, size))
             states, scalars = training.run_steps(states, items, step + 1)
             for key, value in scalars.items():
                 pending.setdefault(key, []).append(value)
-            step = stop
+            step += size
             at_end = step == steps
             if loop.due(step, log_every) or at_end:
                 on_log(step, _pop_trial_means(pending))
