@@ -188,8 +188,11 @@ def run_cli(lrs, steps: int, logger: str) -> dict[str, float]:
                 f"hydra.run.dir={tmp}/v",
             ],
         }
-        env = dict(os.environ, WANDB_SILENT="true")
         for name, extra in commands.items():
+            # Each side starts from an empty compilation cache (a first sweep; the multirun's
+            # later jobs do load what its first job compiled).
+            cache = f"{tmp}/xla-{name}"
+            env = dict(os.environ, WANDB_SILENT="true", FEDJAX_EXP_COMPILATION_CACHE=cache)
             start = time.perf_counter()
             subprocess.run(
                 # Hydra's -m must precede the overrides.

@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import os
 import pathlib
+import tempfile
 
 import pytest
 
 # W&B must never reach the network from tests, and must not print banners into test output.
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
+# Runs (in-process and run.py subprocesses) share a compilation cache of this test session
+# only: tests neither read nor fill the user's ~/.cache.
+os.environ.setdefault(
+    "FEDJAX_EXP_COMPILATION_CACHE", tempfile.mkdtemp(prefix="fedjax_exp_test_xla_")
+)
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHARED_FEMNIST = REPO_ROOT.parent / "shared" / "data" / "femnist"

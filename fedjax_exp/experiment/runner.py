@@ -175,12 +175,21 @@ def run(cfg: DictConfig, output_dir: str | os.PathLike[str] | None = None) -> fl
     logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
     import numpy as np
 
-    from fedjax_exp.experiment import builders, loop, parallel, pipeline, writers
+    from fedjax_exp.experiment import (
+        builders,
+        compilation_cache,
+        loop,
+        parallel,
+        pipeline,
+        writers,
+    )
     from fedjax_exp.experiment.checkpoints import Checkpointer
     from fedjax_exp.experiment.evaluation import Evaluator
 
     # Before anything large is allocated: data loading reuses freed blocks too.
     parallel.configure_host_memory(trainer, jax.default_backend())
+    # Before anything is compiled: JAX sets its cache up at the first compilation.
+    compilation_cache.enable(trainer.get("compilation_cache"))
     name, group = _hydra_job_info(str(container.get("task_name", "train")))
     if vectorize is not None:
         from fedjax_exp.experiment import vectorized

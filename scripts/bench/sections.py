@@ -527,8 +527,12 @@ def run_process(cmd: list[str], env: dict[str, str], cwd: pathlib.Path) -> Proce
     )
 
 
-def _child_env(extra_path: pathlib.Path | None = None) -> dict[str, str]:
+def _child_env(
+    extra_path: pathlib.Path | None = None, compilation_cache: pathlib.Path | None = None
+) -> dict[str, str]:
     env = dict(os.environ)
+    if compilation_cache is not None:
+        env["FEDJAX_EXP_COMPILATION_CACHE"] = str(compilation_cache)
     env.setdefault("WANDB_MODE", "offline")
     env.setdefault("WANDB_SILENT", "true")
     if extra_path is not None:
@@ -617,7 +621,8 @@ def section_e2e(ctx: Context) -> list[dict[str, Any]]:
         ]
         for side, cmd, env in (
             ("fedjax", ref_cmd, _child_env(SCRIPTS_DIR)),
-            ("ours", ours_cmd, _child_env()),
+            # A fresh, empty compilation cache: the first run of the recipe, compiling all.
+            ("ours", ours_cmd, _child_env(compilation_cache=pathlib.Path(tmp) / "xla")),
         ):
             res = attempt(ctx, errors, side, lambda c=cmd, e=env: run_process(c, e, REPO_ROOT))
             if res is not None and res.returncode != 0:
