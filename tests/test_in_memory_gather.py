@@ -63,3 +63,30 @@ def test_buffers_are_reused_once_their_batches_are_dropped(store, small_chunks):
         owners.add(batch["x"].base.ctypes.data)
     # 25 chunks drawn; a consumer holding one batch at a time frees all but the last two.
     assert len(owners) <= imfd._POOLED_BUFFERS
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs os.fork")
+def test_a_forked_child_gathers_with_its_own_helper_thread(store, monkeypatch):
+    import multiprocessing
+
+    monkeypatch.setattr(imfd, "_CHUNK_BYTES", 8 * BATCH * 28 * 28 * 4)
+    monkeypatch.setattr(imfd, "_PARALLEL_GATHER_MIN_BYTES", 1)
+    monkeypatch.setattr(imfd, "_usable_cores", lambda: 2)
+    expected = _expected(store, 40)
+    # The parent starts its helper thread first; the child must not wait on it.
+    for _ in itertools.islice(store.shuffle_repeat_batches(**ARGS), 40):
+        pass
+
+    def child(queue):
+        batches = list(itertools.islice(store.shuffle_repeat_batches(**ARGS), 40))
+        queue.put(
+            all(np.array_equal(b["x"], e["x"]) for b, e in zip(batches, expected, strict=True))
+        )
+
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    process = context.Process(target=child, args=(queue,))
+    process.start()
+    process.join(timeout=60)
+    assert process.exitcode == 0, "the forked child hung or failed"
+    assert queue.get(timeout=5) is True

@@ -22,7 +22,6 @@ from __future__ import annotations
 import bisect
 import collections
 import concurrent.futures
-import functools
 import itertools
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -283,10 +282,20 @@ def _usable_cores() -> int:
         return os.cpu_count() or 1
 
 
-@functools.cache
+_helper: tuple[int, concurrent.futures.ThreadPoolExecutor] | None = None
+
+
 def _gather_helper() -> concurrent.futures.ThreadPoolExecutor:
-    """The one helper thread that copies half of each large chunk (started on first use)."""
-    return concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="fedjax_exp-gather")
+    """The one helper thread that copies half of each large chunk (started on first use).
+
+    Per process: a forked child (a data-loader worker, a launcher job) inherits the executor
+    but not its thread, and would wait forever on it; it gets its own.
+    """
+    global _helper
+    if _helper is None or _helper[0] != os.getpid():
+        executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="fedjax_exp-gather")
+        _helper = (os.getpid(), executor)
+    return _helper[1]
 
 
 # Output buffers kept per (column, chunk length) for reuse (see buffer_pool). A consumer holds
