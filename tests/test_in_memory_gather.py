@@ -66,6 +66,8 @@ def test_buffers_are_reused_once_their_batches_are_dropped(store, small_chunks):
 
 
 @pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs os.fork")
+# JAX warns that forking its process may deadlock; the child here only runs NumPy code.
+@pytest.mark.filterwarnings("ignore:os.fork:RuntimeWarning")
 def test_a_forked_child_gathers_with_its_own_helper_thread(store, monkeypatch):
     import multiprocessing
 
