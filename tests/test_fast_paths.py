@@ -357,6 +357,7 @@ def test_runner_speed_options_run(tmp_path):
         ("trainer.prefetch=-1", "prefetch must be a non-negative integer"),
         ("trainer.device_data=sometimes", "device_data must be true, false or auto"),
         ("trainer.reuse_host_memory=maybe", "reuse_host_memory must be true, false or auto"),
+        ("trainer.compilation_cache=5", "compilation_cache must be a directory path or null"),
         ("trainer.compute_dtype=int8", "compute_dtype must be float32, bfloat16 or float16"),
         ("trainer.batch_size=0", "batch_size"),
     ],

@@ -111,6 +111,9 @@ def _check_speed_settings(trainer: dict[str, Any]) -> None:
         value = trainer.get(key, "auto")
         if value is not None and value != "auto" and not isinstance(value, bool):
             raise bad(key, "true, false or auto")
+    cache = trainer.get("compilation_cache")
+    if cache is not None and (not isinstance(cache, str) or not cache.strip()):
+        raise bad("compilation_cache", "a directory path or null (no cache)")
     dtype = trainer.get("compute_dtype", "float32")
     if dtype not in ("float32", "bfloat16", "float16"):
         raise bad("compute_dtype", "float32, bfloat16 or float16")
