@@ -22,6 +22,20 @@ CONF_DIR = REPO_ROOT / "conf"
 _CHILD_ENV = {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "JAX_PLATFORMS": "cpu"}
 
 
+# A tiny run: the logistic model, a few steps, one small eval batch, no progress bar, no W&B.
+TINY_RUN = [
+    "logger=local",
+    "trainer.steps=4",
+    "trainer.log_every=2",
+    "trainer.eval_every=2",
+    "trainer.eval_batch_size=32",
+    "trainer.eval_batches.train=1",
+    "trainer.eval_batches.test=1",
+    "trainer.checkpoint_every=2",
+    "trainer.progress_bar=false",
+]
+
+
 def run_py(
     args: Sequence[str],
     *,

@@ -5,22 +5,10 @@ from __future__ import annotations
 import logging
 import os
 
-from helpers import run_py
+from helpers import TINY_RUN, run_py
 
 from fedjax_exp.experiment import compilation_cache
 from fedjax_exp.experiment.writers import read_metrics
-
-TINY = [
-    "logger=local",
-    "trainer.steps=4",
-    "trainer.log_every=2",
-    "trainer.eval_every=2",
-    "trainer.eval_batch_size=32",
-    "trainer.eval_batches.train=1",
-    "trainer.eval_batches.test=1",
-    "trainer.checkpoint_every=2",
-    "trainer.progress_bar=false",
-]
 
 
 def _entries(cache):
@@ -36,7 +24,7 @@ def test_a_second_run_compiles_nothing_and_gives_the_same_results(tmp_path):
     runs = []
     for name in ("first", "second"):
         out = tmp_path / name
-        proc = run_py([*TINY, f"trainer.compilation_cache={cache}", f"hydra.run.dir={out}"])
+        proc = run_py([*TINY_RUN, f"trainer.compilation_cache={cache}", f"hydra.run.dir={out}"])
         assert proc.returncode == 0, proc.stderr[-2000:]
         runs.append(read_metrics(out / "metrics.jsonl"))
         if name == "first":
@@ -50,7 +38,7 @@ def test_a_second_run_compiles_nothing_and_gives_the_same_results(tmp_path):
 def test_null_turns_the_cache_off(tmp_path):
     out = tmp_path / "run"
     env = {"FEDJAX_EXP_COMPILATION_CACHE": str(tmp_path / "unused")}
-    proc = run_py([*TINY, "trainer.compilation_cache=null", f"hydra.run.dir={out}"], env=env)
+    proc = run_py([*TINY_RUN, "trainer.compilation_cache=null", f"hydra.run.dir={out}"], env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert not (tmp_path / "unused").exists()
 

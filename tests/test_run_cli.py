@@ -7,20 +7,7 @@ import pathlib
 import subprocess
 
 import pytest
-from helpers import run_py
-
-# A tiny run: the logistic model, a few steps, one small eval batch, no progress bar, no W&B.
-TINY = [
-    "logger=local",
-    "trainer.steps=4",
-    "trainer.log_every=2",
-    "trainer.eval_every=2",
-    "trainer.eval_batch_size=32",
-    "trainer.eval_batches.train=1",
-    "trainer.eval_batches.test=1",
-    "trainer.checkpoint_every=2",
-    "trainer.progress_bar=false",
-]
+from helpers import TINY_RUN, run_py
 
 
 def run_cli(*overrides: str, run_dir: pathlib.Path) -> subprocess.CompletedProcess[str]:
@@ -33,7 +20,7 @@ def read_jsonl(path: pathlib.Path) -> list[dict]:
 
 def test_cnn_with_hinge_loss_trains_and_writes_metrics(tmp_path):
     run_dir = tmp_path / "run"
-    proc = run_cli("model=cnn", "loss=hinge", *TINY, run_dir=run_dir)
+    proc = run_cli("model=cnn", "loss=hinge", *TINY_RUN, run_dir=run_dir)
     assert proc.returncode == 0, proc.stderr
     records = read_jsonl(run_dir / "metrics.jsonl")
     assert [r["step"] for r in records if "train/loss" in r] == [2, 4]
@@ -89,7 +76,7 @@ def _assert_nothing_written(run_dir: pathlib.Path) -> None:
 )
 def test_bad_config_values_fail_in_one_line(tmp_path, overrides, needles):
     run_dir = tmp_path / "run"
-    proc = run_cli(*TINY, *overrides, run_dir=run_dir)
+    proc = run_cli(*TINY_RUN, *overrides, run_dir=run_dir)
     first = _assert_one_line_failure(proc, *needles)
     assert first.startswith("error: ")
     assert len([line for line in proc.stderr.splitlines() if line.strip()]) == 1, proc.stderr
@@ -99,14 +86,14 @@ def test_bad_config_values_fail_in_one_line(tmp_path, overrides, needles):
 
 def test_unknown_group_option_fails_clearly(tmp_path):
     run_dir = tmp_path / "run"
-    proc = run_cli(*TINY, "model=no_such_model", run_dir=run_dir)
+    proc = run_cli(*TINY_RUN, "model=no_such_model", run_dir=run_dir)
     _assert_one_line_failure(proc, "model/no_such_model")
     assert not run_dir.exists()
 
 
 def test_unknown_key_fails_clearly(tmp_path):
     run_dir = tmp_path / "run"
-    proc = run_cli(*TINY, "trainer.no_such_key=3", run_dir=run_dir)
+    proc = run_cli(*TINY_RUN, "trainer.no_such_key=3", run_dir=run_dir)
     _assert_one_line_failure(proc, "trainer.no_such_key")
     assert not run_dir.exists()
 
@@ -114,7 +101,7 @@ def test_unknown_key_fails_clearly(tmp_path):
 def test_unwritable_output_dir_is_reported_before_training(tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a dir")
-    proc = run_cli(*TINY, run_dir=blocker / "run")
+    proc = run_cli(*TINY_RUN, run_dir=blocker / "run")
     first = _assert_one_line_failure(proc, "cannot write the output dir", str(blocker / "run"))
     assert first.startswith("error: ")
     assert proc.returncode == 2

@@ -87,8 +87,3 @@ class BufferPool:
             if len(pool) < self._per_key:
                 pool.append(buffer)
             return buffer
-
-    def clear(self) -> None:
-        """Drops the pool's references (buffers in use stay valid for their holders)."""
-        with self._lock:
-            self._buffers.clear()

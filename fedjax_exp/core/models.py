@@ -373,6 +373,11 @@ def _evaluate_block(
 _evaluate_block_into = jax.jit(_evaluate_block, static_argnums=(0, 1, 2))
 
 
+def _zero_stats(model: Model) -> Stats:
+    """Each eval metric's zero statistic, by name."""
+    return {name: metric.zero() for name, metric in model.eval_metrics.items()}
+
+
 def _evaluate_block_from_zero(
     model: Model,
     num_batches: int,
@@ -380,12 +385,29 @@ def _evaluate_block_from_zero(
     params: Params,
     parts: tuple[BatchExample, ...],
 ) -> Stats:
-    zero = {name: metric.zero() for name, metric in model.eval_metrics.items()}
-    return _evaluate_block(model, num_batches, joined_forward, params, parts, zero)
+    return _evaluate_block(model, num_batches, joined_forward, params, parts, _zero_stats(model))
 
 
 # Only ever traced (for the stats' shapes and dtypes), never compiled; jit caches the trace.
 _block_stats_shapes = jax.jit(_evaluate_block_from_zero, static_argnums=(0, 1, 2)).eval_shape
+
+
+def _initial_stats(
+    model: Model,
+    num_batches: int,
+    joined_forward: bool,
+    params: Params,
+    parts: tuple[BatchExample, ...],
+) -> Stats:
+    """Each metric's zero, with the shapes and dtypes :func:`_evaluate_block_into` returns.
+
+    Starting from Python-float zeros instead would make the first block a second program to
+    compile (~0.2-0.4 s on the 2-core CPU) only because its input dtypes differ.
+    """
+    shapes = _block_stats_shapes(model, num_batches, joined_forward, params, parts)
+    return jax.tree_util.tree_map(
+        lambda z, s: jnp.broadcast_to(jnp.asarray(z, s.dtype), s.shape), _zero_stats(model), shapes
+    )
 
 
 # Joined blocks are written into reused aligned buffers: XLA:CPU then reads them in place (no
@@ -634,32 +656,13 @@ def _blocks(
     yield from flush()
 
 
-def _initial_stats(
-    model: Model,
-    num_batches: int,
-    joined_forward: bool,
-    params: Params,
-    parts: tuple[BatchExample, ...],
-) -> Stats:
-    """Each metric's zero, with the shapes and dtypes :func:`_evaluate_block_into` returns.
-
-    Starting from Python-float zeros instead would make the first block a second program to
-    compile (~0.2-0.4 s on the 2-core CPU) only because its input dtypes differ.
-    """
-    shapes = _block_stats_shapes(model, num_batches, joined_forward, params, parts)
-    zero = {name: metric.zero() for name, metric in model.eval_metrics.items()}
-    return jax.tree_util.tree_map(
-        lambda z, s: jnp.broadcast_to(jnp.asarray(z, s.dtype), s.shape), zero, shapes
-    )
-
-
 @jax.jit
 def _results(stats: Stats) -> dict[str, jax.Array]:
     return {name: stat.result() for name, stat in stats.items()}
 
 
 def _zero_results(model: Model) -> dict[str, jax.Array]:
-    return _results({name: metric.zero() for name, metric in model.eval_metrics.items()})
+    return _results(_zero_stats(model))
 
 
 def _evaluate_batches(

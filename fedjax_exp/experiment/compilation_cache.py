@@ -38,11 +38,10 @@ def enable(directory: str | os.PathLike[str] | None) -> pathlib.Path | None:
     import jax
 
     path = pathlib.Path(os.path.expanduser(str(directory)))
-    problem = check_writable_dir(path)
+    problem = check_writable_dir(path)  # Creates it when missing.
     if problem is not None:
         log.warning("compilation cache %s not used (%s); compiling as usual", path, problem)
         return None
-    path.mkdir(parents=True, exist_ok=True)
     jax.config.update("jax_compilation_cache_dir", str(path))
     # A size limit turns on JAX's LRU eviction, and with it a file lock around every read and
     # write: jobs of a parallel sweep then never read an entry another job is still writing.

@@ -29,8 +29,6 @@ _M_MMAP_THRESHOLD = -3
 # step time at 128 MiB and 1 GiB.
 REUSE_THRESHOLD_BYTES = 128 << 20
 
-_applied = False
-
 
 def reuse_freed_memory(threshold_bytes: int = REUSE_THRESHOLD_BYTES) -> bool:
     """Raises glibc's mmap and trim thresholds to ``threshold_bytes``, so freed blocks up to
@@ -39,7 +37,6 @@ def reuse_freed_memory(threshold_bytes: int = REUSE_THRESHOLD_BYTES) -> bool:
     Returns True when the setting is in effect (Linux with glibc), False elsewhere (other C
     libraries manage memory their own way; nothing is changed). Calling it again is harmless.
     """
-    global _applied
     if threshold_bytes <= 0:
         raise ValueError(f"threshold_bytes must be positive, got {threshold_bytes}")
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
@@ -51,11 +48,6 @@ def reuse_freed_memory(threshold_bytes: int = REUSE_THRESHOLD_BYTES) -> bool:
     mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
     mallopt.restype = ctypes.c_int
     threshold = min(int(threshold_bytes), 2**31 - 1)  # mallopt takes an int.
-    ok = bool(mallopt(_M_MMAP_THRESHOLD, threshold)) and bool(mallopt(_M_TRIM_THRESHOLD, threshold))
-    _applied = _applied or ok
-    return ok
-
-
-def is_applied() -> bool:
-    """Whether :func:`reuse_freed_memory` has taken effect in this process."""
-    return _applied
+    return bool(mallopt(_M_MMAP_THRESHOLD, threshold)) and bool(
+        mallopt(_M_TRIM_THRESHOLD, threshold)
+    )

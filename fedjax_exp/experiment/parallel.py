@@ -25,6 +25,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from fedjax_exp.core.typing import BatchExample, Params, PRNGKey
+from fedjax_exp.experiment import pipeline
 
 DATA_AXIS = "data"
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
@@ -241,7 +242,9 @@ def resolve_speed_settings(
       would double it);
     - ``steps_per_dispatch``: 8 on accelerators (launch-bound small steps); on CPU 8 for
       models without convolutions and 1 with them (XLA:CPU ran a scanned Haiku CNN step 17x
-      slower) or when unknown;
+      slower) or when unknown; then lowered to a divisor of ``trainer``'s log/eval/checkpoint
+      intervals where one is close (:func:`~fedjax_exp.experiment.pipeline.even_steps_per_dispatch`:
+      every dispatch as long, so one program is compiled);
     - ``prefetch``: 0 on CPU (a prefetch thread competes with XLA's for the cores and cost
       the logistic loop 25% on 2 cores), 2 on accelerators (it overlaps host work with the
       device).
@@ -271,6 +274,8 @@ def resolve_speed_settings(
             spd = ACCELERATOR_STEPS_PER_DISPATCH
         else:
             spd = CPU_STEPS_PER_DISPATCH if uses_convolution is False else 1
+        intervals = [trainer.get(k, 0) for k in ("log_every", "eval_every", "checkpoint_every")]
+        spd = pipeline.even_steps_per_dispatch(spd, [int(i or 0) for i in intervals])
     prefetch = setting("prefetch")
     if prefetch is None:
         prefetch = 0 if cpu else 2

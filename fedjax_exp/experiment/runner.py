@@ -183,7 +183,6 @@ def run(cfg: DictConfig, output_dir: str | os.PathLike[str] | None = None) -> fl
         compilation_cache,
         loop,
         parallel,
-        pipeline,
         writers,
     )
     from fedjax_exp.experiment.checkpoints import Checkpointer
@@ -256,18 +255,13 @@ def run(cfg: DictConfig, output_dir: str | os.PathLike[str] | None = None) -> fl
         writer.close(1)
         raise
 
-    steps_per_dispatch = speed.steps_per_dispatch
-    if trainer.get("steps_per_dispatch", "auto") in ("auto", None):
-        # One compiled program: every dispatch as long, none cut short at a logging step.
-        intervals = (trainer["log_every"], trainer["eval_every"], trainer["checkpoint_every"])
-        steps_per_dispatch = pipeline.even_steps_per_dispatch(steps_per_dispatch, intervals)
     settings = loop.LoopSettings(
         steps=int(trainer["steps"]),
         log_every=int(trainer["log_every"]),
         eval_every=int(trainer["eval_every"]),
         checkpoint_every=int(trainer["checkpoint_every"]),
         progress_bar=bool(trainer["progress_bar"]),
-        steps_per_dispatch=steps_per_dispatch,
+        steps_per_dispatch=speed.steps_per_dispatch,
         prefetch=speed.prefetch,
     )
     step, final, exit_code, error = start_step, {}, 1, None

@@ -505,10 +505,6 @@ def run_sweep(
     # The engine's speed settings, on one device (a sweep is not data-parallel). No prefetch
     # thread: with device data (the default where it fits) the host only draws indices.
     speed = parallel.resolve_for_algorithm(training, trainer, num_devices=1)
-    steps_per_dispatch = speed.steps_per_dispatch
-    if trainer.get("steps_per_dispatch", "auto") in ("auto", None):
-        intervals = (trainer["log_every"], trainer["eval_every"], trainer["checkpoint_every"])
-        steps_per_dispatch = pipeline.even_steps_per_dispatch(steps_per_dispatch, intervals)
     if speed.device_data:
         try:
             training.enable_device_data()
@@ -570,7 +566,7 @@ def run_sweep(
         stream = training.data_stream(start_step) if steps > start_step else iter(())
         pending: dict[str, list[jax.Array]] = {}
         intervals = (log_every, eval_every, checkpoint_every)
-        for size in pipeline.chunk_sizes(step, steps, steps_per_dispatch, intervals):
+        for size in pipeline.chunk_sizes(step, steps, speed.steps_per_dispatch, intervals):
             items = list(itertools.islice(stream, size))
             states, scalars = training.run_steps(states, items, step + 1)
             for key, value in scalars.items():

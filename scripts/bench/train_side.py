@@ -29,48 +29,42 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     from bench import data, models, ours, reference
 
     lib: Any
-    model: Any = None  # fedjax_exp's side builds it from the run config in ours.train.
-    train_cols = data.load_tff_h5(args.train)
+    steps, warmup, windows = args.steps, args.warmup, args.windows
     if args.side == "fedjax":
         import fedjax
 
-        lib = fedjax
-        to_fd = data.fedjax_federated_data
+        lib, to_fd = fedjax, data.fedjax_federated_data
         model = models.reference_model(fedjax, args.model)
+        needs_rng = args.model in models.NEEDS_RNG
 
-        def train(fd: Any, seed: int) -> Any:
-            needs_rng = args.model in models.NEEDS_RNG
-            steps, warmup, windows = args.steps, args.warmup, args.windows
-            return reference.train(
+        def train(fd: Any, seed: int) -> tuple[Any, Any]:
+            run = reference.train(
                 fedjax, model, fd, args.batch_size, steps, warmup, windows, needs_rng, seed
             )
+            return model, run
 
     else:
-        lib = fedjax_exp
-        to_fd = data.ours_federated_data
+        lib, to_fd = fedjax_exp, data.ours_federated_data
 
-        def train(fd: Any, seed: int) -> Any:
-            nonlocal model
-            model, run = ours.train(
-                args.model, fd, args.batch_size, args.steps, args.warmup, args.windows, seed=seed
-            )
-            return run
+        def train(fd: Any, seed: int) -> tuple[Any, Any]:
+            # The model comes from the run config, as run.py builds it.
+            return ours.train(args.model, fd, args.batch_size, steps, warmup, windows, seed=seed)
 
-    train_fd = to_fd(train_cols)
+    train_fd = to_fd(data.load_tff_h5(args.train))
     test_batches = None
     if args.test:
         test_batches = reference.first_test_batches(lib, to_fd(data.load_tff_h5(args.test)))
-    runs, accuracies = [], []
+    timed, accuracies = None, []
     # Seed 0 is the timed run; the others only measure how much the accuracy varies by seed.
     for seed in range(args.seeds):
-        run = train(train_fd, seed)
-        runs.append(run)
+        model, run = train(train_fd, seed)
+        timed = timed or run
         if test_batches is not None:
             accuracies.append(reference.accuracy(lib, model, run.params, test_batches))
     return {
         "side": args.side,
-        "samples": list(runs[0].rate.samples),
-        "warmup_s": runs[0].warmup_s,
+        "samples": list(timed.rate.samples),
+        "warmup_s": timed.warmup_s,
         "accuracy": accuracies[0] if accuracies else None,
         "seed_accuracies": accuracies,
     }
