@@ -209,3 +209,18 @@ def test_cleanup_errors_never_hide_the_runs_own_error(caplog):
     with pytest.raises(OSError, match="W&B service gone"):
         _end_run([("closing W&B", broken), ("closing the file", lambda: done.append(2))], False)
     assert done == [1, 2]
+
+
+def test_diverged_survives_pickling_with_its_step_and_message():
+    # Parallel launchers (joblib, submitit) send a failed job's exception back pickled; the
+    # runner also rewrites the message to name the last good checkpoint.
+    import pickle
+
+    from fedjax_exp.experiment.loop import Diverged
+
+    error = Diverged("non-finite loss at step 7", 7)
+    error.args = (f"{error}; last good checkpoint: none",)
+    copy = pickle.loads(pickle.dumps(error))
+    assert type(copy) is Diverged
+    assert copy.step == 7
+    assert str(copy) == "non-finite loss at step 7; last good checkpoint: none"

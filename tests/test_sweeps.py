@@ -220,6 +220,25 @@ def test_joblib_launcher_three_jobs_three_wandb_runs(repo_root, tmp_path):
 
 
 @pytest.mark.slow
+def test_joblib_launcher_a_diverging_job_fails_alone(repo_root, tmp_path):
+    # The failed job's exception travels back to the sweep pickled; the other jobs still run.
+    sweep_dir = tmp_path / "sweep"
+    proc = run_sweep(
+        repo_root,
+        sweep_dir,
+        "hydra/launcher=joblib",
+        "hydra.launcher.n_jobs=2",
+        "logger=local",
+        "optimizer=sgd",
+        "optimizer.learning_rate=0.1,1e38,0.05",
+    )
+    assert proc.returncode != 0
+    assert "BrokenProcessPool" not in proc.stderr
+    statuses = [read_status(job)["status"] for job in job_dirs(sweep_dir)]
+    assert statuses == ["completed", "failed", "completed"]
+
+
+@pytest.mark.slow
 def test_submitit_local_two_jobs(repo_root, tmp_path):
     sweep_dir = tmp_path / "sweep"
     proc = run_sweep(

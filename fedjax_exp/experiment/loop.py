@@ -62,6 +62,11 @@ class Diverged(RunFailed):
         super().__init__(message)
         self.step = step
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Parallel launchers (joblib, submitit) pickle a failed job's exception back to the
+        # sweep; the default reduction would call __init__ with the message only.
+        return type(self), (str(self), self.step)
+
 
 class _PendingScalars:
     """Device-side step scalars since the last read-back."""
