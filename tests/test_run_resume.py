@@ -129,3 +129,25 @@ def test_resume_path_that_does_not_exist_fails_in_one_line(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]
     assert "trainer.resume='/no/such/run' does not exist" in proc.stderr
+
+
+def test_rerunning_a_dir_with_another_config_is_refused_and_changes_nothing(tmp_path, reference):
+    marker = tmp_path / "marker"
+    marker.write_text("no kill")
+    run_dir = tmp_path / "run"
+    first = run_cli("trainer.steps=8", run_dir=run_dir, marker=marker)
+    assert first.returncode == 0, first.stderr
+    before = {
+        name: (run_dir / name).read_bytes()
+        for name in ("metrics.jsonl", "status.json", "run_config.json")
+    }
+    proc = run_cli("seed=5", "optimizer.learning_rate=0.5", run_dir=run_dir, marker=marker)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]
+    assert "optimizer.learning_rate: 0.001 -> 0.5; seed: 0 -> 5" in proc.stderr
+    assert {name: (run_dir / name).read_bytes() for name in before} == before
+    assert steps_on_disk(run_dir) == [4, 8]
+    # Training longer is the same run: it resumes and ends like the uninterrupted 12 steps.
+    longer = run_cli(run_dir=run_dir, marker=marker)
+    assert longer.returncode == 0, longer.stderr
+    assert history(run_dir) == history(reference)

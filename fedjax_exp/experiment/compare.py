@@ -5,7 +5,7 @@ one or more run or sweep directories, :func:`find_runs` discovers every run belo
 :func:`write_report` renders
 
 * a table of the final and best value of each selected metric per run, next to the config
-  values that differ across the runs (flattened from ``.hydra/config.yaml``) and the command
+  values that differ across the runs (flattened from the run's recorded config) and the command
   line overrides, with failed and unfinished runs marked;
 * optionally, the same table grouped by one or more config keys (mean ± std over the runs of
   each group, e.g. over seeds);
@@ -17,8 +17,9 @@ Run layout read here (written by the runner and by Hydra)::
 
     <job dir>/metrics.jsonl          {"step": int, "time": float, "<ns>/<metric>": value, ...}
     <job dir>/status.json            {"status": "completed"|"failed", "step", "error", "final"}
-    <job dir>/.hydra/config.yaml     the composed config
-    <job dir>/.hydra/overrides.yaml  the command-line overrides
+    <job dir>/run_config.json        the config and overrides the run was started with
+    <job dir>/.hydra/config.yaml     the composed config (for runs without run_config.json)
+    <job dir>/.hydra/overrides.yaml  the command-line overrides (likewise)
     <job dir>/wandb/offline-run-*/   the offline W&B run, if W&B logging was on
 """
 
@@ -40,6 +41,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import yaml
+
+from fedjax_exp.experiment import run_record
+from fedjax_exp.experiment.errors import ConfigError
 
 METRICS_FILE = "metrics.jsonl"
 STATUS_FILE = "status.json"
@@ -179,7 +183,18 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def read_config(job_dir: pathlib.Path) -> tuple[dict[str, Any], list[str]]:
-    """Reads the job's Hydra config (flattened, interpolations resolved where possible)."""
+    """Reads the job's config (flattened) and command-line overrides.
+
+    From the runner's record of the run (``run_config.json``) where there is one: Hydra
+    rewrites ``.hydra/`` on every invocation, also one the runner then rejects. Else from
+    ``.hydra/`` (interpolations resolved where possible).
+    """
+    try:
+        record = run_record.read(job_dir)
+    except ConfigError as e:
+        raise CompareError(str(e)) from e
+    if record is not None:
+        return flatten(record["config"]), [str(o) for o in record.get("overrides") or []]
     from omegaconf import OmegaConf  # imported here: keeps `--help` fast
 
     config: dict[str, Any] = {}

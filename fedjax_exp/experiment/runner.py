@@ -14,6 +14,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
+from fedjax_exp.experiment import run_record
 from fedjax_exp.experiment.errors import ConfigError
 from fedjax_exp.experiment.validation import check_writable_dir, validate_config
 
@@ -37,6 +38,20 @@ def _hydra_job_info(cfg_task_name: str) -> tuple[str, str]:
     if hc.mode == RunMode.MULTIRUN:
         return name, f"{cfg_task_name}:{hc.sweep.dir}"
     return name, cfg_task_name
+
+
+def _hydra_overrides() -> list[str]:
+    """The job's command-line overrides (none outside a Hydra app)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return list(HydraConfig.get().overrides.task)
+    except (ImportError, ValueError):
+        return []
+
+
+def _same_dir(a: pathlib.Path, b: pathlib.Path) -> bool:
+    return a.resolve() == b.resolve()
 
 
 def _default_output_dir() -> str:
@@ -162,6 +177,8 @@ def run(cfg: DictConfig, output_dir: str | os.PathLike[str] | None = None) -> fl
     vectorize = _vectorize_spec(trainer)
     own_checkpoints = out / "checkpoints"
     source = _resume_source(trainer["resume"], own_checkpoints)
+    if source is not None and _same_dir(source[0], own_checkpoints):
+        run_record.check_resumable(out, container)
     wandb_settings = (container.get("logger") or {}).get("wandb")
     use_wandb = bool(wandb_settings) and wandb_settings.get("mode", "offline") != "disabled"
     if use_wandb:
@@ -196,7 +213,9 @@ def run(cfg: DictConfig, output_dir: str | os.PathLike[str] | None = None) -> fl
     if vectorize is not None:
         from fedjax_exp.experiment import vectorized
 
-        return vectorized.run_sweep(cfg, container, out, source, run_name=name)
+        return vectorized.run_sweep(
+            cfg, container, out, source, run_name=name, overrides=_hydra_overrides()
+        )
 
     model, train_model, train_data, test_data = builders.build_model_and_data(cfg)
     optimizer = builders.build_optimizer(cfg)
@@ -226,6 +245,7 @@ def run(cfg: DictConfig, output_dir: str | os.PathLike[str] | None = None) -> fl
         )
 
     # From here on the run writes files; every exit path records how it ended.
+    run_record.write(out, container, _hydra_overrides())
     clock = loop.Clock(elapsed)
     jsonl = writers.JsonlWriter(out, clock, resume_step=start_step if source else None)
     all_writers: list[Any] = [jsonl]

@@ -35,7 +35,7 @@ import numpy as np
 
 from fedjax_exp.core.dataclasses import dataclass
 from fedjax_exp.core.typing import Params, PRNGKey
-from fedjax_exp.experiment import algorithms, pipeline
+from fedjax_exp.experiment import algorithms, pipeline, run_record
 from fedjax_exp.experiment.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -474,6 +474,7 @@ def run_sweep(
     out: pathlib.Path,
     source: tuple[pathlib.Path, int | None] | None,
     run_name: str = "train",
+    overrides: Sequence[str] = (),
 ) -> float:
     """The runner's ``trainer.vectorize`` mode: trains every trial in one program.
 
@@ -533,6 +534,7 @@ def run_sweep(
         num_batches=dict(trainer["eval_batches"]),
     )
 
+    run_record.write(out, container, overrides)
     clock = loop.Clock(elapsed)
     trial_dirs = [out / TRIALS_DIR / t.name for t in trials]
     jsonls = []

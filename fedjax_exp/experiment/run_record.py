@@ -1,0 +1,136 @@
+"""The config a run dir was started with, so that re-running the dir resumes the same run.
+
+Re-running ``python run.py`` in a dir that holds checkpoints resumes them. That is only right
+when the command describes the same training: a checkpoint of another learning rate, seed,
+dataset or batch size has the right shapes, so the restore alone cannot tell. The runner
+writes ``run_config.json`` (the resolved config and the command-line overrides) once a run
+is validated and about to write anything else, and checks it before resuming its own dir.
+
+Only settings that do not change the training trajectory may differ on resume: how long to
+train (``trainer.steps``), logging, evaluation, checkpointing and the speed settings (which
+give the same results). ``trainer.resume=PATH`` from another dir is a deliberate fork (e.g.
+fine-tuning with a new learning rate) and is not checked.
+
+The record is also what ``fedjax-compare`` reads for a run's config: Hydra rewrites
+``.hydra/config.yaml`` on every invocation, including one that is then rejected.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from fedjax_exp.experiment.errors import ConfigError
+from fedjax_exp.experiment.writers import atomic_write_text
+
+RECORD_FILE = "run_config.json"
+
+# Dotted keys that may change between a run and its resumption (a key covers its subtree).
+RESUMABLE_CHANGES = frozenset(
+    {
+        "task_name",
+        "optimized_metric",
+        "logger",
+        "metrics",
+        "trainer.steps",
+        "trainer.log_every",
+        "trainer.eval_every",
+        "trainer.eval_batch_size",
+        "trainer.eval_batches",
+        "trainer.per_client_eval",
+        "trainer.per_client_max_clients",
+        "trainer.checkpoint_every",
+        "trainer.keep_checkpoints",
+        "trainer.resume",
+        "trainer.progress_bar",
+        "trainer.steps_per_dispatch",
+        "trainer.prefetch",
+        "trainer.device_data",
+        "trainer.data_parallel",
+        "trainer.reuse_host_memory",
+        "trainer.compilation_cache",
+    }
+)
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(tree, Mapping) or (prefix and not tree):
+        return {prefix: tree}
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        flat.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    return flat
+
+
+def _defining(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The flattened settings that define the training (all but :data:`RESUMABLE_CHANGES`)."""
+
+    def resumable(key: str) -> bool:
+        parts = key.split(".")
+        return any(".".join(parts[:i]) in RESUMABLE_CHANGES for i in range(1, len(parts) + 1))
+
+    return {k: v for k, v in _flatten(config).items() if not resumable(k)}
+
+
+def differences(recorded: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+    """``key: old -> new`` for each defining setting that differs (sorted by key)."""
+    old, new = _defining(recorded), _defining(current)
+    missing = object()
+    changed = []
+    for key in sorted(old.keys() | new.keys()):
+        a, b = old.get(key, missing), new.get(key, missing)
+        if a != b:
+            shown = ["(unset)" if v is missing else json.dumps(v) for v in (a, b)]
+            changed.append(f"{key}: {shown[0]} -> {shown[1]}")
+    return changed
+
+
+def read(run_dir: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The run's record ``{"config": ..., "overrides": [...]}``, or None when there is none.
+
+    Raises:
+        ConfigError: the file exists but is not a record (hand-edited or truncated).
+    """
+    path = pathlib.Path(run_dir) / RECORD_FILE
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"cannot read {path} ({e}): restore it or start a new run dir") from e
+    if not isinstance(record, dict) or not isinstance(record.get("config"), dict):
+        raise ConfigError(f"{path} is not a run record: restore it or start a new run dir")
+    return record
+
+
+def check_resumable(run_dir: str | os.PathLike[str], config: Mapping[str, Any]) -> None:
+    """Raises :class:`ConfigError` when ``config`` is not the run recorded in ``run_dir``.
+
+    A dir without a record (a run from before records were kept) passes.
+    """
+    record = read(run_dir)
+    if record is None:
+        return
+    changed = differences(record["config"], config)
+    if changed:
+        shown = "; ".join(changed[:4]) + (
+            f"; and {len(changed) - 4} more" if len(changed) > 4 else ""
+        )
+        raise ConfigError(
+            f"{run_dir} holds a run of another config ({shown}), and re-running a dir resumes "
+            "its run: use a new hydra.run.dir, or start one from this run's checkpoint with "
+            f"trainer.resume={run_dir}"
+        )
+
+
+def write(
+    run_dir: str | os.PathLike[str], config: Mapping[str, Any], overrides: Sequence[str]
+) -> None:
+    """Records ``config`` and ``overrides`` as the run of ``run_dir`` (atomically)."""
+    record = {"config": dict(config), "overrides": list(overrides)}
+    run_dir = pathlib.Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir / RECORD_FILE, json.dumps(record, indent=1) + "\n")
