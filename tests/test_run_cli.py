@@ -106,3 +106,37 @@ def test_unwritable_output_dir_is_reported_before_training(tmp_path):
     assert first.startswith("error: ")
     assert proc.returncode == 2
     assert blocker.read_text() == "not a dir"
+
+
+def test_a_second_run_in_a_busy_dir_stops_in_one_line(tmp_path):
+    # Another process holds the run dir's lock (as a run in progress does).
+    import sys
+
+    from fedjax_exp.experiment.runner import RUN_LOCK_FILE
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, filelock; lock = filelock.FileLock(sys.argv[1]); lock.acquire(); "
+            "print('held', flush=True); sys.stdin.read()",
+            str(run_dir / RUN_LOCK_FILE),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        busy = run_py([*TINY_RUN, f"hydra.run.dir={run_dir}"])
+    finally:
+        holder.communicate("")
+    assert busy.returncode == 2
+    assert busy.stderr.strip().splitlines() == [busy.stderr.strip()]
+    assert "another run is using" in busy.stderr
+    assert not (run_dir / "metrics.jsonl").exists()
+    # Once the other process is gone, the dir is free again.
+    free = run_py([*TINY_RUN, f"hydra.run.dir={run_dir}"])
+    assert free.returncode == 0, free.stderr

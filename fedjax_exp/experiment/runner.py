@@ -6,10 +6,11 @@ the first file of the run (metrics, status, checkpoints, W&B) is created.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import pathlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from omegaconf import DictConfig
@@ -19,6 +20,9 @@ from fedjax_exp.experiment.errors import ConfigError
 from fedjax_exp.experiment.validation import check_writable_dir, validate_config
 
 log = logging.getLogger(__name__)
+
+# Held by the run using a run dir (see _run_dir_lock).
+RUN_LOCK_FILE = ".run.lock"
 
 
 def _hydra_job_info(cfg_task_name: str) -> tuple[str, str]:
@@ -172,6 +176,33 @@ def run(cfg: DictConfig, output_dir: str | os.PathLike[str] | None = None) -> fl
     if problem is not None:
         raise ConfigError(f"cannot write the output dir {str(out)!r} ({problem}): choose another")
     container = validate_config(cfg)
+    with _run_dir_lock(out):
+        return _run_validated(cfg, container, out)
+
+
+@contextlib.contextmanager
+def _run_dir_lock(out: pathlib.Path) -> Iterator[None]:
+    """Holds an exclusive lock on the run dir (the OS drops it when the process ends, even by
+    SIGKILL), so that a second run started in the same dir stops at once instead of
+    interleaving its checkpoints and metrics with the first one's."""
+    from filelock import FileLock, Timeout
+
+    out.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(out / RUN_LOCK_FILE)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise ConfigError(
+            f"another run is using {out} (it holds {RUN_LOCK_FILE}): wait for it to end or "
+            "use a new hydra.run.dir"
+        ) from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _run_validated(cfg: DictConfig, container: dict[str, Any], out: pathlib.Path) -> float:
     trainer = container["trainer"]
     _check_speed_settings(trainer)
     vectorize = _vectorize_spec(trainer)
