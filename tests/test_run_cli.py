@@ -109,10 +109,8 @@ def test_unwritable_output_dir_is_reported_before_training(tmp_path):
 
 
 def test_a_second_run_in_a_busy_dir_stops_in_one_line(tmp_path):
-    # Another process holds the run dir's lock (as a run in progress does).
+    # Another process holds the run dir's lock, as a run in progress does.
     import sys
-
-    from fedjax_exp.experiment.runner import RUN_LOCK_FILE
 
     run_dir = tmp_path / "run"
     run_dir.mkdir()
@@ -120,9 +118,9 @@ def test_a_second_run_in_a_busy_dir_stops_in_one_line(tmp_path):
         [
             sys.executable,
             "-c",
-            "import sys, filelock; lock = filelock.FileLock(sys.argv[1]); lock.acquire(); "
-            "print('held', flush=True); sys.stdin.read()",
-            str(run_dir / RUN_LOCK_FILE),
+            "import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDONLY); "
+            "fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); sys.stdin.read()",
+            str(run_dir),
         ],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,

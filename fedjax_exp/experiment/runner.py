@@ -21,9 +21,6 @@ from fedjax_exp.experiment.validation import check_writable_dir, validate_config
 
 log = logging.getLogger(__name__)
 
-# Held by the run using a run dir (see _run_dir_lock).
-RUN_LOCK_FILE = ".run.lock"
-
 
 def _hydra_job_info(cfg_task_name: str) -> tuple[str, str]:
     """(run name, W&B group) from Hydra's runtime config, or ``cfg_task_name`` for both.
@@ -182,24 +179,27 @@ def run(cfg: DictConfig, output_dir: str | os.PathLike[str] | None = None) -> fl
 
 @contextlib.contextmanager
 def _run_dir_lock(out: pathlib.Path) -> Iterator[None]:
-    """Holds an exclusive lock on the run dir (the OS drops it when the process ends, even by
-    SIGKILL), so that a second run started in the same dir stops at once instead of
-    interleaving its checkpoints and metrics with the first one's."""
-    from filelock import FileLock, Timeout
-
+    """Holds an exclusive lock on the run dir itself (flock on the directory: no file is
+    written, and the OS drops the lock when the process ends, even by SIGKILL), so that a
+    second run started in the same dir stops at once instead of interleaving its checkpoints
+    and metrics with the first one's. Without ``fcntl`` (Windows) there is no lock."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
     out.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(out / RUN_LOCK_FILE)
+    fd = os.open(out, os.O_RDONLY)
     try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        raise ConfigError(
-            f"another run is using {out} (it holds {RUN_LOCK_FILE}): wait for it to end or "
-            "use a new hydra.run.dir"
-        ) from None
-    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConfigError(
+                f"another run is using {out}: wait for it to end or use a new hydra.run.dir"
+            ) from None
         yield
     finally:
-        lock.release()
+        os.close(fd)  # Releases the lock.
 
 
 def _run_validated(cfg: DictConfig, container: dict[str, Any], out: pathlib.Path) -> float:
