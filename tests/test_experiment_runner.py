@@ -224,3 +224,37 @@ def test_diverged_survives_pickling_with_its_step_and_message():
     assert type(copy) is Diverged
     assert copy.step == 7
     assert str(copy) == "non-finite loss at step 7; last good checkpoint: none"
+
+
+def _h5_with_an_empty_client(path: pathlib.Path, label: int = 3) -> str:
+    import h5py
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    with h5py.File(path, "w") as f:
+        for client, n in (("f0000_00", 20), ("f0001_00", 0), ("f0002_00", 12)):
+            group = f.create_group(f"examples/{client}")
+            group["pixels"] = rng.random((n, 28, 28), dtype=np.float32)
+            group["label"] = np.full((n,), label, dtype=np.int32)
+    return str(path)
+
+
+def test_empty_clients_stop_the_run_unless_dropped_as_the_message_says(tmp_path):
+    data = _h5_with_an_empty_client(tmp_path / "data.h5")
+    files = ["dataset=files", f"dataset.loader.train_path={data}"]
+    files.append(f"dataset.loader.test_path={data}")
+    with pytest.raises(ValueError, match="dataset.loader.empty_clients=drop"):
+        run(make_config(*files), output_dir=tmp_path / "refused")
+    run(make_config(*files, "dataset.loader.empty_clients=drop"), output_dir=tmp_path / "run")
+    status = json.loads((tmp_path / "run" / "status.json").read_text())
+    assert status["status"] == "completed"
+
+
+@pytest.mark.parametrize("label, needle", [(100, "set dataset.num_classes=101"), (-1, "non-negative")])
+def test_labels_outside_the_classes_fail_before_training(tmp_path, label, needle):
+    data = _h5_with_an_empty_client(tmp_path / "data.h5", label=label)
+    overrides = ["dataset=files", f"dataset.loader.train_path={data}"]
+    overrides += [f"dataset.loader.test_path={data}", "dataset.loader.empty_clients=drop"]
+    with pytest.raises(ConfigError, match=f"dataset.num_classes=62.*{needle}"):
+        run(make_config(*overrides), output_dir=tmp_path / "run")
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()

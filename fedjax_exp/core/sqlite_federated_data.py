@@ -380,7 +380,8 @@ def load_sqlite_columns(
         if empty and empty_clients == "error":
             raise ValueError(
                 f"{str(path)!r}: {len(empty)} client(s) have zero examples (first: "
-                f"{empty[0]!r}); pass empty_clients='drop' to leave them out"
+                f"{empty[0]!r}); pass empty_clients='drop' to leave them out (in run.py: "
+                "dataset.loader.empty_clients=drop)"
             )
         rows = [(bytes(cid), int(n)) for cid, n in rows if n > 0]
         client_ids = [cid for cid, _ in rows]

@@ -92,9 +92,10 @@ def load_federated_files(
     test_path: str | os.PathLike[str],
     preprocess: str = "auto",
     in_memory: bool = True,
+    empty_clients: str = "error",
 ) -> tuple[FederatedData, FederatedData]:
     """(train, test) from two files; see :func:`load_federated_file`."""
     return (
-        load_federated_file(train_path, preprocess, in_memory),
-        load_federated_file(test_path, preprocess, in_memory),
+        load_federated_file(train_path, preprocess, in_memory, empty_clients),
+        load_federated_file(test_path, preprocess, in_memory, empty_clients),
     )

@@ -138,7 +138,8 @@ def _read(
             if empty_clients == "error":
                 raise ValueError(
                     f"{str(path)!r}: client {name!r} has zero examples; pass "
-                    "empty_clients='drop' to leave such clients out"
+                    "empty_clients='drop' to leave such clients out (in run.py: "
+                    "dataset.loader.empty_clients=drop)"
                 )
             continue
         kept.append((name, n))

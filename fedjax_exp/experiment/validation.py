@@ -303,9 +303,10 @@ def _first_batch(fd: Any, batch_size: int) -> dict[str, Any] | None:
     return next(iter(padded_batch_federated_data(fd, batch_size=batch_size)), None)
 
 
-def _domain_ids(fd: Any, key: str, batch_size: int, scan_batches: int | None) -> Any:
-    """The domain ids of ``fd``: the whole column when the store holds it as a column (cheap),
-    else those of the real examples in the first ``scan_batches`` padded batches."""
+def _feature_values(fd: Any, key: str, batch_size: int, scan_batches: int | None) -> Any:
+    """Feature ``key`` of ``fd``'s examples: the whole column when the store holds it as a
+    column (cheap), else that of the real examples in the first ``scan_batches`` padded
+    batches."""
     import numpy as np
 
     from fedjax_exp.core.federated_data import padded_batch_federated_data
@@ -328,7 +329,7 @@ def _check_domains(
     import numpy as np
 
     key = metric.domain_id_key
-    ids = _domain_ids(fd, key, batch_size, scan_batches)
+    ids = _feature_values(fd, key, batch_size, scan_batches)
     if ids.size == 0:
         return
     if not np.issubdtype(ids.dtype, np.integer):
@@ -358,15 +359,36 @@ def _check_domains(
         )
 
 
+def _check_labels(
+    key: str, num_classes: int, fd: Any, split: str, batch_size: int, scan_batches: int | None
+) -> None:
+    import numpy as np
+
+    labels = _feature_values(fd, key, batch_size, scan_batches)
+    if labels.size == 0 or not np.issubdtype(labels.dtype, np.integer):
+        return  # Not class indices (e.g. one-hot or regression targets): nothing to check.
+    low, high = int(labels.min()), int(labels.max())
+    if low < 0 or high >= num_classes:
+        # Out-of-range labels train silently: the loss reads no logit for them.
+        raise ConfigError(
+            f"the {split} data has labels {low}..{high} (feature {key!r}) but "
+            f"dataset.num_classes={num_classes}: set dataset.num_classes={high + 1}"
+            + (" and use non-negative labels" if low < 0 else "")
+            + " or fix the data"
+        )
+
+
 def check_data_features(
     model: Any,
     datasets: Mapping[str, Any],
     *,
     batch_size: int = 16,
     scan_batches: int | None = 16,
+    num_classes: int | None = None,
 ) -> None:
     """Checks, before training, that the data has every feature the model's loss and metrics
-    read, and that per-domain metrics cover the data's domain ids.
+    read, that per-domain metrics cover the data's domain ids, and (given ``num_classes``)
+    that integer labels are class indices below it.
 
     Without this, a missing feature (e.g. ``domain_id`` for ``metrics=full``) surfaces only
     when the first evaluation runs, after training time was spent.
@@ -378,8 +400,11 @@ def check_data_features(
         is checked for the metrics' features (periodic evaluation covers train and test); the
         ``"train"`` split also for the training loss's ``target_key``.
       batch_size: Batch size of the padded batch whose features are inspected.
-      scan_batches: Domain ids come from the whole ``domain_id`` column of in-memory column
-        stores; for other stores, from the first ``scan_batches`` padded batches (None: all).
+      scan_batches: Domain ids and labels come from the whole column of in-memory column
+        stores; for other stores (or features made by preprocessing), from the first
+        ``scan_batches`` padded batches (None: all).
+      num_classes: The number of classes (``dataset.num_classes``); None skips the check of
+        the labels (the training loss's ``target_key``, default ``y``).
 
     Raises:
       ConfigError: one line naming the missing feature (or the uncovered domain ids) and the
@@ -422,3 +447,6 @@ def check_data_features(
         for name, metric in model.eval_metrics.items():
             if hasattr(metric, "num_domains") and hasattr(metric, "domain_id_key"):
                 _check_domains(f"metrics.{name}", metric, fd, split, batch_size, scan_batches)
+        label_key = _signature_target_key(model.train_loss) or "y"
+        if num_classes is not None and label_key in batch:
+            _check_labels(label_key, int(num_classes), fd, split, batch_size, scan_batches)
