@@ -250,7 +250,9 @@ def test_empty_clients_stop_the_run_unless_dropped_as_the_message_says(tmp_path)
     assert status["status"] == "completed"
 
 
-@pytest.mark.parametrize("label, needle", [(100, "set dataset.num_classes=101"), (-1, "non-negative")])
+@pytest.mark.parametrize(
+    "label, needle", [(100, "set dataset.num_classes=101"), (-1, "non-negative")]
+)
 def test_labels_outside_the_classes_fail_before_training(tmp_path, label, needle):
     data = _h5_with_an_empty_client(tmp_path / "data.h5", label=label)
     overrides = ["dataset=files", f"dataset.loader.train_path={data}"]

@@ -98,6 +98,19 @@ def test_unknown_key_fails_clearly(tmp_path):
     assert not run_dir.exists()
 
 
+def test_a_misspelled_key_names_the_nearest_one(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = run_cli(*TINY_RUN, "optimizer.learning_rat=0.1", run_dir=run_dir)
+    _assert_one_line_failure(proc, "did you mean 'optimizer.learning_rate'?")
+    assert not run_dir.exists()
+
+
+def test_an_added_key_that_nothing_reads_is_refused(tmp_path):
+    proc = run_cli(*TINY_RUN, "+trainer.stepz=3", run_dir=tmp_path / "run")
+    _assert_one_line_failure(proc, "trainer.stepz")
+    assert "trainer.steps" in proc.stderr
+
+
 def test_unwritable_output_dir_is_reported_before_training(tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a dir")

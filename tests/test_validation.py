@@ -9,7 +9,7 @@ import warnings
 
 import numpy as np
 import pytest
-from helpers import compose_config
+from helpers import CONF_DIR, compose_config
 
 from fedjax_exp.core.in_memory_federated_data import InMemoryFederatedData
 from fedjax_exp.experiment import builders
@@ -102,6 +102,8 @@ def test_the_default_config_passes_and_resolves():
             "final/test/accuracy, final/test/loss",
         ),
         (["optimized_metric=eval/test/accuracy"], "is not a final metric"),
+        (["+trainer.stepz=3"], "unknown key trainer.stepz (nothing reads it): did you mean"),
+        (["logger=wandb", "logger.wandb.mode=offlin"], "logger.wandb.mode must be one of"),
     ],
 )
 def test_each_rule_rejects_with_one_line(overrides, expected):
@@ -287,3 +289,12 @@ def test_synthetic_with_metrics_full_runs_end_to_end(tmp_path):
     assert ids.dtype == np.int32 and set(np.unique(ids)) == {0, 1}
     sizes = [n for _, n in test.client_sizes()]
     np.testing.assert_array_equal(ids, np.repeat(np.arange(len(sizes)) % 2, sizes))
+
+
+def test_trainer_keys_are_those_of_the_default_trainer():
+    import yaml
+
+    from fedjax_exp.experiment.validation import TRAINER_KEYS
+
+    default = yaml.safe_load((CONF_DIR / "trainer" / "default.yaml").read_text())
+    assert set(default) == TRAINER_KEYS

@@ -13,6 +13,7 @@ Nothing here writes files except a probe file in the output dir (removed at once
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import importlib
 import inspect
 import itertools
@@ -139,10 +140,45 @@ def _select(cfg: dict[str, Any], key: str) -> Any:
     return node
 
 
+# Every key of conf/trainer/default.yaml (a test keeps the two equal): the runner reads these
+# and nothing else, so a key added with +trainer.KEY would be silently ignored.
+TRAINER_KEYS = frozenset(
+    {
+        "steps",
+        "batch_size",
+        "client_buffer_size",
+        "example_buffer_size",
+        "log_every",
+        "eval_every",
+        "eval_batch_size",
+        "eval_batches",
+        "per_client_eval",
+        "per_client_max_clients",
+        "checkpoint_every",
+        "keep_checkpoints",
+        "resume",
+        "progress_bar",
+        "steps_per_dispatch",
+        "prefetch",
+        "device_data",
+        "data_parallel",
+        "reuse_host_memory",
+        "compilation_cache",
+        "compute_dtype",
+        "vectorize",
+    }
+)
+WANDB_MODES = ("offline", "online", "disabled", "shared")
+
+
 def check_trainer(cfg: dict[str, Any]) -> None:
-    """Step counts, batch sizes and intervals are integers in range."""
+    """Only known trainer keys; step counts, batch sizes and intervals are integers in range."""
     if not isinstance(cfg.get("trainer"), dict):
         raise ConfigError("the config has no trainer section: add trainer=default")
+    for key in sorted(set(cfg["trainer"]) - TRAINER_KEYS):
+        near = difflib.get_close_matches(key, sorted(TRAINER_KEYS), n=1, cutoff=0.6)
+        hint = f"did you mean trainer.{near[0]}?" if near else f"known: {sorted(TRAINER_KEYS)}"
+        raise ConfigError(f"unknown key trainer.{key} (nothing reads it): {hint}")
     _require_int(cfg, "trainer.steps", 0)
     for key in ("batch_size", "client_buffer_size", "example_buffer_size", "eval_batch_size"):
         _require_int(cfg, f"trainer.{key}", 1)
@@ -155,6 +191,16 @@ def check_trainer(cfg: dict[str, Any]) -> None:
     _require_int(cfg, "trainer.per_client_max_clients", 1, optional=True)
     # Non-negative: NumPy's generators (data shuffling, synthetic data) reject negative seeds.
     _require_int(cfg, "seed", 0)
+
+
+def check_logger(cfg: dict[str, Any]) -> None:
+    """A W&B mode W&B knows (W&B itself only warns and turns logging off)."""
+    mode = _select(cfg, "logger.wandb.mode")
+    if mode is not None and mode not in WANDB_MODES:
+        raise ConfigError(
+            f"logger.wandb.mode must be one of {list(WANDB_MODES)}, got {mode!r}: e.g. "
+            "logger.wandb.mode=offline (or logger=local for no W&B)"
+        )
 
 
 def check_learning_rate(cfg: dict[str, Any]) -> None:
@@ -250,6 +296,7 @@ def validate_config(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
     """Runs every check; returns the resolved plain config. Raises ConfigError."""
     container = resolved_container(cfg) if isinstance(cfg, (DictConfig, ListConfig)) else cfg
     check_trainer(container)
+    check_logger(container)
     check_learning_rate(container)
     check_schedule(container)
     check_paths(container)
