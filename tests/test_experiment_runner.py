@@ -260,3 +260,16 @@ def test_labels_outside_the_classes_fail_before_training(tmp_path, label, needle
     with pytest.raises(ConfigError, match=f"dataset.num_classes=62.*{needle}"):
         run(make_config(*overrides), output_dir=tmp_path / "run")
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_the_readme_form_swaps_the_haiku_modules_kwargs(tmp_path):
+    # README: model=haiku model.module=... '~model.module_kwargs' '+model.module_kwargs={...}'
+    cfg = make_config(
+        "model=haiku",
+        "model.module=haiku.nets.MLP",
+        "~model.module_kwargs",
+        "+model.module_kwargs={output_sizes:[16,62],activate_final:false}",
+    )
+    assert dict(cfg.model.module_kwargs) == {"output_sizes": [16, 62], "activate_final": False}
+    run(cfg, output_dir=tmp_path)
+    assert json.loads((tmp_path / "status.json").read_text())["status"] == "completed"
