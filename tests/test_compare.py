@@ -190,14 +190,15 @@ def test_differing_keys_and_group_stats(sweep):
     runs = compare.find_runs([sweep])
     assert compare.differing_keys(runs) == ["optimizer.learning_rate", "seed"]
     groups = compare.group_runs(runs, ["optimizer.learning_rate"])
-    assert {k: [r.name for r in v] for k, v in groups.items()} == {
-        ("0.1",): ["12-00-00/0", "12-00-00/1"],
-        ("0.01",): ["12-00-00/2", "12-00-00/3"],
-    }
+    # Groups in ascending order of the value (the sweep ran 0.1 first).
+    assert [(k, [r.name for r in v]) for k, v in groups.items()] == [
+        (("0.01",), ["12-00-00/2", "12-00-00/3"]),
+        (("0.1",), ["12-00-00/0", "12-00-00/1"]),
+    ]
     table = compare.grouped_table(groups, ["optimizer.learning_rate"], ["final/test/accuracy"])
     assert table.header == ["optimizer.learning_rate", "runs", "failed", "final/test/accuracy"]
     # (0.75 + 0.85) / 2 = 0.8, population std 0.05; the failed run has no final metric.
-    assert table.rows == [["0.1", "2", "0", "0.8 ± 0.05"], ["0.01", "2", "1", "0.35 ± 0 (n=1)"]]
+    assert table.rows == [["0.01", "2", "1", "0.35 ± 0 (n=1)"], ["0.1", "2", "0", "0.8 ± 0.05"]]
     assert compare.mean_std([1.0, None, float("nan"), 3.0]) == (2.0, 1.0, 2)
     assert compare.mean_std([None]) is None
 

@@ -355,7 +355,8 @@ def summarize(run: Run, metrics: Sequence[str]) -> dict[str, float | None]:
 
 
 def group_runs(runs: Sequence[Run], keys: Sequence[str]) -> dict[tuple[Any, ...], list[Run]]:
-    """Runs grouped by their values of the config ``keys``, in first-seen order."""
+    """Runs grouped by their values of the config ``keys``, groups in ascending order of the
+    values (numbers by value, e.g. learning rates 1e-4 < 1e-3 < 0.01)."""
     known = {k for run in runs for k in run.config}
     unknown = [k for k in keys if k not in known]
     if unknown:
@@ -365,10 +366,20 @@ def group_runs(runs: Sequence[Run], keys: Sequence[str]) -> dict[tuple[Any, ...]
             f"across these runs: {hint}"
         )
     groups: dict[tuple[Any, ...], list[Run]] = {}
+    order: dict[tuple[Any, ...], tuple[Any, ...]] = {}
     for run in runs:
-        value = tuple(_format_value(run.config.get(k, "<missing>")) for k in keys)
+        raw = [run.config.get(k, "<missing>") for k in keys]
+        value = tuple(_format_value(v) for v in raw)
         groups.setdefault(value, []).append(run)
-    return groups
+        order.setdefault(value, tuple(_sort_key(v) for v in raw))
+    return {value: groups[value] for value in sorted(groups, key=order.__getitem__)}
+
+
+def _sort_key(value: Any) -> tuple[int, Any]:
+    # Numbers before other values, each kind in its own natural order.
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return (0, value)
+    return (1, str(value))
 
 
 def mean_std(values: Iterable[float | None]) -> tuple[float, float, int] | None:
