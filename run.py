@@ -46,7 +46,9 @@ def main(cfg: DictConfig) -> float:
         if _in_multirun():
             kind = "config error" if isinstance(e, ConfigError) else "run failed"
             log.error("%s: %s", kind, e)
-            raise  # Hydra records the job as failed; the other jobs of the sweep still run.
+            # Hydra records the job as failed (the other jobs still run) and prints the
+            # traceback: cut to this frame, as the message already says what to fix.
+            raise e.with_traceback(None)  # noqa: B904 - the same exception, re-raised.
         # A single run: one line on stderr instead of a traceback, and a non-zero exit.
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2 if isinstance(e, ConfigError) else 1) from None

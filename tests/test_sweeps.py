@@ -207,6 +207,11 @@ def test_failing_jobs_do_not_stop_the_others(repo_root, tmp_path):
     md = (out / "report.md").read_text()
     assert "3 run(s): 2 completed, 1 failed" in md
     assert "| **sweep/1** ✗ | failed: Diverged: " in md
+    # The rejected job is listed with the error it logged.
+    assert (
+        "1 job(s) never started (rejected, or starting): sweep/2 (config error: "
+        "optimizer.learning_rate must be a positive number, got -1" in md
+    )
 
 
 @pytest.mark.slow

@@ -285,6 +285,42 @@ def find_runs(paths: Sequence[str | os.PathLike]) -> list[Run]:
     return runs
 
 
+@dataclasses.dataclass(frozen=True)
+class NotStarted:
+    """A Hydra job dir without metrics: its config was rejected, or it is still starting."""
+
+    name: str
+    path: pathlib.Path
+    error: str | None  # The last error its run.log records, if any.
+
+
+def find_not_started(paths: Sequence[str | os.PathLike]) -> list[NotStarted]:
+    """Hydra job dirs (with ``.hydra/``) at or below ``paths`` that hold no metrics.jsonl:
+    e.g. a sweep job whose config the runner rejected (it writes nothing but Hydra's files)."""
+    found: list[NotStarted] = []
+    for given in paths:
+        root = pathlib.Path(given)
+        if not root.is_dir():
+            continue
+        hydra_dirs = sorted({p.parent.parent for p in root.rglob(".hydra/config.yaml")})
+        for job_dir in sorted(hydra_dirs, key=_natural_key):
+            if (job_dir / METRICS_FILE).exists() or (job_dir / "trials").is_dir():
+                continue
+            rel = job_dir.relative_to(root).as_posix()
+            label = root.name if rel == "." else f"{root.name}/{rel}"
+            found.append(NotStarted(label, job_dir, _last_logged_error(job_dir / "run.log")))
+    return found
+
+
+def _last_logged_error(log_file: pathlib.Path) -> str | None:
+    try:
+        lines = log_file.read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError:
+        return None
+    errors = [line.split("[ERROR] - ", 1)[1] for line in lines if "[ERROR] - " in line]
+    return errors[-1] if errors else None
+
+
 # ---------------------------------------------------------------------------------------------
 # Summarizing
 
@@ -592,6 +628,7 @@ def write_report(
     metrics: Sequence[str] | None = None,
     formats: Sequence[str] = FORMATS,
     title: str = "Run comparison",
+    not_started: Sequence[NotStarted] = (),
 ) -> list[pathlib.Path]:
     """Writes the comparison report of ``runs`` into ``out_dir``; returns the files written.
 
@@ -602,6 +639,8 @@ def write_report(
       metrics: glob patterns selecting metrics (default: final/*, eval/* and train/loss).
       formats: any of ``"md"`` and ``"html"``.
       title: the report's heading.
+      not_started: job dirs without metrics (see :func:`find_not_started`), listed with
+        their logged error.
     """
     if not runs:
         raise CompareError("no runs to compare")
@@ -631,6 +670,11 @@ def write_report(
     n_incomplete = sum(run.status == "incomplete" for run in runs)
     counts = f"{len(runs)} run(s): {len(runs) - n_failed - n_incomplete} completed"
     counts += f", {n_failed} failed, {n_incomplete} without a status file (killed or running)"
+    if not_started:
+        listed = "; ".join(
+            f"{job.name} ({job.error})" if job.error else job.name for job in not_started
+        )
+        counts += f"; {len(not_started)} job(s) never started (rejected, or starting): {listed}"
     sources = sorted({str(run.path.parent) for run in runs})
     written = []
 
@@ -745,6 +789,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             metrics=args.metrics,
             formats=formats,
             title=args.title,
+            not_started=find_not_started(args.paths),
         )
     except (CompareError, OSError) as e:
         print(f"fedjax-compare: error: {e}", file=sys.stderr)
