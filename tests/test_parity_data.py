@@ -156,6 +156,44 @@ def test_buffered_shuffle_batching_identical():
     )
 
 
+def test_buffered_shuffle_keeps_ragged_and_bytes_features_as_fedjax():
+    # Object arrays of ragged sequences and fixed-width bytes (as in text datasets) batch
+    # with their dtypes intact, example for example as FedJAX.
+    tokens = np.empty(5, dtype=object)
+    tokens[:] = [np.arange(n) for n in (2, 3, 1, 4, 2)]
+    data = {"tokens": tokens, "word": np.array([b"ab", b"cde", b"f", b"ghij", b"k"], "S5")}
+    ours = [cd.ClientDataset(dict(data)), cd.ClientDataset({k: v[:3] for k, v in data.items()})]
+    theirs = [
+        fedjax.ClientDataset(dict(data)),
+        fedjax.ClientDataset({k: v[:3] for k, v in data.items()}),
+    ]
+    a = list(cd.buffered_shuffle_batch_client_datasets(ours, 3, 4, np.random.RandomState(1)))
+    b = list(
+        fedjax_client_datasets.buffered_shuffle_batch_client_datasets(
+            theirs, 3, 4, np.random.RandomState(1)
+        )
+    )
+    assert len(a) == len(b) == 3
+    for x, y in zip(a, b, strict=True):
+        assert x["word"].dtype == y["word"].dtype == np.dtype("S5")
+        np.testing.assert_array_equal(x["word"], y["word"])
+        assert x["tokens"].dtype == y["tokens"].dtype == object
+        assert [list(t) for t in x["tokens"]] == [list(t) for t in y["tokens"]]
+
+
+def test_client_sizes_count_after_the_client_preprocessor(pair):
+    ours, theirs = pair
+
+    def keep_two(client_id, examples):
+        return {k: v[:2] for k, v in examples.items()}
+
+    ours, theirs = ours.preprocess_client(keep_two), theirs.preprocess_client(keep_two)
+    assert list(ours.client_sizes()) == list(theirs.client_sizes())
+    assert all(size <= 2 for _, size in ours.client_sizes())
+    some = next(iter(theirs.client_ids()))
+    assert ours.client_size(some) == theirs.client_size(some)
+
+
 def test_shuffled_clients_identical(pair):
     ours, theirs = pair
     a = [cid for cid, _ in itertools.islice(ours.shuffled_clients(4, seed=9), 25)]

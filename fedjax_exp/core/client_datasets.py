@@ -529,7 +529,9 @@ def buffered_shuffle_batch_client_datasets(
 
     def gather(picked: Sequence[tuple[Examples, int]]) -> Examples:
         features = picked[0][0].keys()
-        batch = {k: np.stack([raw[k][i] for raw, i in picked]) for k in features}
+        # One-row slices joined, not rows stacked: keeps every dtype (object arrays of
+        # ragged sequences, fixed-width bytes) exactly as FedJAX does.
+        batch = {k: np.concatenate([raw[k][i : i + 1] for raw, i in picked]) for k in features}
         return schema.preprocessor(batch)
 
     picked: list[tuple[Examples, int]] = []

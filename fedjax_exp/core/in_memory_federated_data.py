@@ -755,6 +755,9 @@ class InMemoryFederatedData(FederatedData):
         return iter(self._ids)
 
     def client_sizes(self) -> Iterator[tuple[ClientId, int]]:
+        if self._preprocess_client.fns:
+            # Sizes after the client preprocessor (which may drop or add examples), as FedJAX.
+            return ((client_id, len(dataset)) for client_id, dataset in self.clients())
         return zip(self._ids, np.diff(self._offsets).tolist(), strict=True)
 
     def _index(self, client_id: ClientId) -> int:
@@ -768,6 +771,8 @@ class InMemoryFederatedData(FederatedData):
 
     def client_size(self, client_id: ClientId) -> int:
         i = self._index(client_id)
+        if self._preprocess_client.fns:
+            return len(self._client_dataset(i))
         return int(self._offsets[i + 1] - self._offsets[i])
 
     def clients(self) -> Iterator[tuple[ClientId, ClientDataset]]:
