@@ -226,7 +226,7 @@ def test_diverged_survives_pickling_with_its_step_and_message():
     assert str(copy) == "non-finite loss at step 7; last good checkpoint: none"
 
 
-def _h5_with_an_empty_client(path: pathlib.Path, label: int = 3) -> str:
+def _h5_with_an_empty_client(path: pathlib.Path, label: int = 3, side: int = 28) -> str:
     import h5py
     import numpy as np
 
@@ -234,7 +234,7 @@ def _h5_with_an_empty_client(path: pathlib.Path, label: int = 3) -> str:
     with h5py.File(path, "w") as f:
         for client, n in (("f0000_00", 20), ("f0001_00", 0), ("f0002_00", 12)):
             group = f.create_group(f"examples/{client}")
-            group["pixels"] = rng.random((n, 28, 28), dtype=np.float32)
+            group["pixels"] = rng.random((n, side, side), dtype=np.float32)
             group["label"] = np.full((n,), label, dtype=np.int32)
     return str(path)
 
@@ -273,3 +273,11 @@ def test_the_readme_form_swaps_the_haiku_modules_kwargs(tmp_path):
     assert dict(cfg.model.module_kwargs) == {"output_sizes": [16, 62], "activate_final": False}
     run(cfg, output_dir=tmp_path)
     assert json.loads((tmp_path / "status.json").read_text())["status"] == "completed"
+
+
+def test_examples_of_another_shape_fail_before_training_naming_the_setting(tmp_path):
+    data = _h5_with_an_empty_client(tmp_path / "data.h5", side=32)
+    overrides = ["dataset=files", f"dataset.loader.train_path={data}"]
+    overrides += [f"dataset.loader.test_path={data}", "dataset.loader.empty_clients=drop"]
+    with pytest.raises(ConfigError, match=r"shape \[32, 32, 1\].*input_shape=\[28, 28, 1\]"):
+        run(make_config(*overrides), output_dir=tmp_path / "run")

@@ -94,6 +94,7 @@ def build_model_and_data(cfg: DictConfig) -> tuple[Any, Any, Any, Any]:
         {"train": train_data, "test": test_data},
         batch_size=int(trainer.eval_batch_size),
         num_classes=cfg.dataset.get("num_classes"),
+        input_shape=cfg.dataset.get("input_shape"),
     )
     train_model = with_compute_dtype(model, trainer.get("compute_dtype", "float32"))
     return model, train_model, train_data, test_data

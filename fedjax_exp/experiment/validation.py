@@ -21,7 +21,7 @@ import os
 import pathlib
 import tempfile
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from numbers import Real
 from typing import Any
 
@@ -432,10 +432,12 @@ def check_data_features(
     batch_size: int = 16,
     scan_batches: int | None = 16,
     num_classes: int | None = None,
+    input_shape: Sequence[int] | None = None,
 ) -> None:
     """Checks, before training, that the data has every feature the model's loss and metrics
-    read, that per-domain metrics cover the data's domain ids, and (given ``num_classes``)
-    that integer labels are class indices below it.
+    read, that per-domain metrics cover the data's domain ids, and (given ``num_classes`` and
+    ``input_shape``) that integer labels are class indices below it and that the examples'
+    ``x`` has the configured shape.
 
     Without this, a missing feature (e.g. ``domain_id`` for ``metrics=full``) surfaces only
     when the first evaluation runs, after training time was spent.
@@ -452,6 +454,7 @@ def check_data_features(
         ``scan_batches`` padded batches (None: all).
       num_classes: The number of classes (``dataset.num_classes``); None skips the check of
         the labels (the training loss's ``target_key``, default ``y``).
+      input_shape: One example's ``x`` shape (``dataset.input_shape``); None skips it.
 
     Raises:
       ConfigError: one line naming the missing feature (or the uncovered domain ids) and the
@@ -469,6 +472,16 @@ def check_data_features(
         if batch is None or not np.any(batch.get(EXAMPLE_MASK_KEY, True)):
             raise ConfigError(f"the {split} data has no examples: check the dataset settings")
         features = sorted(k for k in batch if k != EXAMPLE_MASK_KEY)
+        if input_shape is not None and "x" in batch:
+            shape = tuple(np.shape(batch["x"])[1:])
+            if shape != tuple(input_shape):
+                # Else the model fails inside its first call, naming a weight's shape.
+                raise ConfigError(
+                    f"the {split} data's examples have shape {list(shape)} (feature 'x') but "
+                    f"dataset.input_shape={list(input_shape)}: set dataset.input_shape="
+                    f"{list(shape)} and pick a model for that shape (the EMNIST models take "
+                    "[28, 28, 1])"
+                )
         needed = [
             (attribute, key)
             for name, metric in model.eval_metrics.items()
