@@ -226,7 +226,9 @@ def test_diverged_survives_pickling_with_its_step_and_message():
     assert str(copy) == "non-finite loss at step 7; last good checkpoint: none"
 
 
-def _h5_with_an_empty_client(path: pathlib.Path, label: int = 3, side: int = 28) -> str:
+def _h5_with_an_empty_client(
+    path: pathlib.Path, label: int = 3, side: int = 28, nan_at: int | None = None
+) -> str:
     import h5py
     import numpy as np
 
@@ -234,7 +236,10 @@ def _h5_with_an_empty_client(path: pathlib.Path, label: int = 3, side: int = 28)
     with h5py.File(path, "w") as f:
         for client, n in (("f0000_00", 20), ("f0001_00", 0), ("f0002_00", 12)):
             group = f.create_group(f"examples/{client}")
-            group["pixels"] = rng.random((n, side, side), dtype=np.float32)
+            pixels = rng.random((n, side, side), dtype=np.float32)
+            if nan_at is not None and n:
+                pixels[nan_at, 3, 4] = np.nan
+            group["pixels"] = pixels
             group["label"] = np.full((n,), label, dtype=np.int32)
     return str(path)
 
@@ -280,4 +285,12 @@ def test_examples_of_another_shape_fail_before_training_naming_the_setting(tmp_p
     overrides = ["dataset=files", f"dataset.loader.train_path={data}"]
     overrides += [f"dataset.loader.test_path={data}", "dataset.loader.empty_clients=drop"]
     with pytest.raises(ConfigError, match=r"shape \[32, 32, 1\].*input_shape=\[28, 28, 1\]"):
+        run(make_config(*overrides), output_dir=tmp_path / "run")
+
+
+def test_nan_in_the_data_fails_before_training_naming_the_feature(tmp_path):
+    data = _h5_with_an_empty_client(tmp_path / "data.h5", nan_at=5)
+    overrides = ["dataset=files", f"dataset.loader.train_path={data}"]
+    overrides += [f"dataset.loader.test_path={data}", "dataset.loader.empty_clients=drop"]
+    with pytest.raises(ConfigError, match="NaN or infinite values in feature 'x'"):
         run(make_config(*overrides), output_dir=tmp_path / "run")

@@ -406,6 +406,33 @@ def _check_domains(
         )
 
 
+def _check_finite(
+    fd: Any, batch: Mapping[str, Any], split: str, batch_size: int, scan_batches: int | None
+) -> None:
+    import numpy as np
+
+    for key, value in batch.items():
+        if not np.issubdtype(np.asarray(value).dtype, np.floating):
+            continue
+        values = _feature_values(fd, key, batch_size, scan_batches)
+        rows = values.reshape(len(values), -1)
+        chunk = 1 << 14  # Rows per pass: bounds the temporary mask for full-size columns.
+        bad = np.concatenate(
+            [
+                start + np.flatnonzero(~np.isfinite(rows[start : start + chunk]).all(axis=1))
+                for start in range(0, len(rows), chunk)
+            ]
+            or [np.zeros(0, np.int64)]
+        )
+        if bad.size:
+            # Else the loss turns NaN at the first step and the run stops as "diverged",
+            # which points at the learning rate rather than at the data.
+            raise ConfigError(
+                f"the {split} data has NaN or infinite values in feature {key!r} ({bad.size} "
+                f"example(s), the first at row {int(bad[0])}): clean or filter the data"
+            )
+
+
 def _check_labels(
     key: str, num_classes: int, fd: Any, split: str, batch_size: int, scan_batches: int | None
 ) -> None:
@@ -507,6 +534,7 @@ def check_data_features(
         for name, metric in model.eval_metrics.items():
             if hasattr(metric, "num_domains") and hasattr(metric, "domain_id_key"):
                 _check_domains(f"metrics.{name}", metric, fd, split, batch_size, scan_batches)
+        _check_finite(fd, batch, split, batch_size, scan_batches)
         label_key = _signature_target_key(model.train_loss) or "y"
         if num_classes is not None and label_key in batch:
             _check_labels(label_key, int(num_classes), fd, split, batch_size, scan_batches)
