@@ -36,6 +36,31 @@ def _in_multirun() -> bool:
     return HydraConfig.get().mode == RunMode.MULTIRUN
 
 
+def _remove_hydra_only_dir() -> None:
+    """Removes the job dir of a rejected single run when it holds only what Hydra wrote
+    before the run was rejected (``.hydra/`` and the job log): a bad command leaves no trace.
+    A dir with anything else (an earlier run's files) is left as it is."""
+    import shutil
+
+    from hydra.core.hydra_config import HydraConfig
+
+    hc = HydraConfig.get()
+    out = pathlib.Path(hc.runtime.output_dir)
+    hydra_files = {f"{hc.job.name}.log", hc.output_subdir}
+    try:
+        entries = {p.name for p in out.iterdir()}
+        if not entries <= hydra_files:
+            return
+        subdir = out / str(hc.output_subdir)
+        if subdir.is_dir() and any(not p.name.endswith(".yaml") for p in subdir.iterdir()):
+            return
+        shutil.rmtree(subdir, ignore_errors=True)
+        (out / f"{hc.job.name}.log").unlink(missing_ok=True)
+        out.rmdir()
+    except OSError:
+        pass  # Best effort: the error line was printed already.
+
+
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float:
     from fedjax_exp.experiment import run
@@ -51,6 +76,8 @@ def main(cfg: DictConfig) -> float:
             raise e.with_traceback(None)  # noqa: B904 - the same exception, re-raised.
         # A single run: one line on stderr instead of a traceback, and a non-zero exit.
         print(f"error: {e}", file=sys.stderr)
+        if isinstance(e, ConfigError):
+            _remove_hydra_only_dir()
         raise SystemExit(2 if isinstance(e, ConfigError) else 1) from None
     except Exception as e:
         if _in_multirun() or os.environ.get("HYDRA_FULL_ERROR") == "1":

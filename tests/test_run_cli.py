@@ -53,9 +53,17 @@ def _assert_one_line_failure(proc: subprocess.CompletedProcess[str], *needles: s
 
 
 def _assert_nothing_written(run_dir: pathlib.Path) -> None:
-    if run_dir.exists():
-        written = {p.name for p in run_dir.iterdir()}
-        assert not written & {"metrics.jsonl", "status.json", "checkpoints", "wandb"}, written
+    # Not even Hydra's .hydra/ and run.log: the rejected run's fresh dir is removed.
+    assert not run_dir.exists(), sorted(p.name for p in run_dir.rglob("*"))
+
+
+def test_a_rejected_run_in_an_existing_dir_leaves_its_files(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "notes.txt").write_text("mine")
+    proc = run_cli(*TINY_RUN, "trainer.steps=-1", run_dir=run_dir)
+    assert proc.returncode == 2
+    assert (run_dir / "notes.txt").read_text() == "mine"
 
 
 @pytest.mark.parametrize(
