@@ -92,6 +92,6 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
-    # Bad overrides of a single run fail here in one line, before Hydra creates the run dir.
+    # Bad overrides fail here in one line, before Hydra creates the run (or sweep) dir.
     precheck_overrides(str(CONFIG_DIR), "config", sys.argv[1:])
     main()

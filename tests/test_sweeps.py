@@ -224,6 +224,26 @@ def test_joblib_launcher_three_jobs_three_wandb_runs(repo_root, tmp_path):
     check_completed_jobs(sweep_dir, seeds=[0, 1, 2])
 
 
+@pytest.mark.parametrize(
+    "overrides, needle",
+    [
+        (["model=logistic,cnnn"], "Could not find 'model/cnnn'; available options: cnn,"),
+        (
+            ["trainer.stepz=1,2"],
+            "unknown config key 'trainer.stepz'; did you mean 'trainer.steps'?",
+        ),
+    ],
+    ids=["group-option", "key"],
+)
+def test_a_typo_in_a_sweep_fails_in_one_line_before_any_job(repo_root, tmp_path, overrides, needle):
+    sweep_dir = tmp_path / "sweep"
+    proc = run_sweep(repo_root, sweep_dir, *overrides)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()], proc.stderr
+    assert needle in proc.stderr
+    assert not sweep_dir.exists()
+
+
 @pytest.mark.slow
 def test_joblib_launcher_a_diverging_job_fails_alone(repo_root, tmp_path):
     # The failed job's exception travels back to the sweep pickled; the other jobs still run.

@@ -1,14 +1,16 @@
 """Command-line helpers for ``run.py``: one-line reports of config composition errors.
 
 Hydra reports a bad override (unknown group option, unknown key) as a multi-line message with
-the config search path. For a single run, ``precheck_overrides`` composes the config first
-with Hydra's public compose API and turns such an error into one line that still names the
-problem and the options. Multiruns (sweep syntax) are left to Hydra.
+the config search path. ``precheck_overrides`` composes the config first with Hydra's public
+compose API (for a multirun, once per option of each swept group) and turns such an error
+into one line that still names the problem and the options.
 """
 
 from __future__ import annotations
 
+import contextlib
 import difflib
+import pathlib
 import re
 import sys
 from collections.abc import Sequence
@@ -37,12 +39,69 @@ def one_line(error: BaseException) -> str:
     return text
 
 
+MULTIRUN_FLAGS = ("-m", "--multirun")
+
+
 def precheck_overrides(config_dir: str, config_name: str, argv: Sequence[str]) -> None:
-    """Composes ``config_name`` with the command-line overrides of a single run; on a
-    composition error prints one line to stderr and exits with status 1."""
-    if any(arg.startswith("-") for arg in argv):
-        return  # -m/--multirun, --cfg, --help, ...: Hydra's own handling.
-    overrides = [a for a in argv if not a.lstrip("+~").startswith(("hydra.", "hydra/"))]
+    """Composes ``config_name`` with the command-line overrides; on a composition error
+    prints one line to stderr and exits with status 1.
+
+    A multirun (``-m``) is checked with one composition per option of each swept config
+    group (``model=mlp,cnnn``) and with every swept key present (its values are the
+    sweeper's business), before Hydra creates the sweep dir.
+    """
+    flags = [arg for arg in argv if arg.startswith("-")]
+    if any(flag not in MULTIRUN_FLAGS for flag in flags):
+        return  # --cfg, --help, --info, ...: Hydra's own handling.
+    overrides = [a for a in argv if not a.startswith("-")]
+    overrides = [a for a in overrides if not a.lstrip("+~").startswith(("hydra.", "hydra/"))]
+    variants = _sweep_variants(config_dir, overrides) if flags else [overrides]
+    for variant in variants:
+        _compose_or_exit(config_dir, config_name, variant)
+
+
+def _sweep_variants(config_dir: str, overrides: list[str]) -> list[list[str]]:
+    """The override lists that together try every option of each swept config group, with
+    other swept keys set to null (which any key accepts: only its existence is checked)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except HydraException as e:
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        raise SystemExit(1) from None
+    base: list[str] = []
+    groups: list[tuple[int, str, list[str]]] = []
+    for override in parsed:
+        if not override.is_sweep_override():
+            base.append(override.input_line)
+            continue
+        key = override.get_key_element()
+        if (pathlib.Path(config_dir) / override.key_or_group).is_dir():
+            # A sweep the sweeper samples (e.g. Optuna's interval) has no list to try.
+            with contextlib.suppress(HydraException):
+                groups.append((len(base), key, list(override.sweep_string_iterator())))
+            base.append("")  # Filled in per variant below.
+        else:
+            base.append(f"{key}=null")
+    variants = []
+    for position, key, options in groups:
+        for option in options:
+            variant = list(base)
+            variant[position] = f"{key}={option}"
+            variants.append(variant)
+    if not variants:
+        variants.append(base)
+    # Groups not being varied take their first option.
+    for variant in variants:
+        for position, key, options in groups:
+            if not variant[position] and options:
+                variant[position] = f"{key}={options[0]}"
+    return [[o for o in variant if o] for variant in variants]
+
+
+def _compose_or_exit(config_dir: str, config_name: str, overrides: list[str]) -> None:
     from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
