@@ -164,9 +164,11 @@ def run(cfg: DictConfig, output_dir: str | os.PathLike[str] | None = None) -> fl
     """Trains and evaluates the experiment ``cfg``; returns ``cfg.optimized_metric``.
 
     Writes into ``output_dir`` (default: Hydra's job dir): ``metrics.jsonl``, ``status.json``,
-    ``checkpoints/`` and ``wandb/``. Rerunning with the same output dir resumes from its
-    checkpoints. Raises :class:`ConfigError` (before writing anything) for a bad config and
-    :class:`RunFailed` when training fails.
+    ``run_config.json``, ``checkpoints/`` and ``wandb/``. Rerunning with the same output dir
+    resumes from its checkpoints (when the config defines the same training, see
+    :mod:`~fedjax_exp.experiment.run_record`). Raises :class:`ConfigError` (before writing
+    anything) for a bad config, for a dir another run is using, and :class:`RunFailed` when
+    training fails.
     """
     out = pathlib.Path(output_dir if output_dir is not None else _default_output_dir())
     problem = check_writable_dir(out)
@@ -203,6 +205,7 @@ def _run_dir_lock(out: pathlib.Path) -> Iterator[None]:
 
 
 def _run_validated(cfg: DictConfig, container: dict[str, Any], out: pathlib.Path) -> float:
+    """:func:`run` once the config is validated and the run dir is this process's."""
     trainer = container["trainer"]
     _check_speed_settings(trainer)
     vectorize = _vectorize_spec(trainer)
