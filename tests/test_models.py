@@ -323,10 +323,31 @@ def test_evaluate_model_joined_forward_pass(params, monkeypatch, on_device):
     monkeypatch.setattr(models, "_joined_forward_is_exact", lambda *args: True)
     models._PLANS.clear()
     got = models.evaluate_model(_linear_model(), params, batches)
-    assert dispatched == [(8, True), (2, True), (1, False), (1, False)]
+    # The last 3 padded batches are filled up to a block of 8 with all-padding batches.
+    assert dispatched == [(8, True), (8, True), (1, False)]
     want = _float64_reference(params, batches)
     np.testing.assert_allclose(float(got["loss"]), want["loss"], rtol=1e-5)
     assert float(got["accuracy"]) == pytest.approx(want["accuracy"], abs=1e-6)
+    models._PLANS.clear()
+
+
+@pytest.mark.parametrize("on_device", [False, True])
+def test_padding_filler_in_the_last_block_is_bit_for_bit_invisible(params, monkeypatch, on_device):
+    # A model whose outputs never depend on the batching (no reduction across examples or
+    # features), so the probe allows the joined pass and results can be compared bit for bit
+    # with batch-by-batch evaluation.
+    model = _linear_model().replace(
+        apply_for_eval=lambda p, b: jnp.tanh(b["x"][:, :NUM_CLASSES] * p["w"][0] + p["b"])
+    )
+    batches = _stream(on_device)[:11]
+    dispatched = _count_dispatches(monkeypatch)
+    models._PLANS.clear()
+    filled = models.evaluate_model(model, params, batches)
+    assert dispatched == [(8, True), (8, True)]  # 8 real, then 3 real + 5 all-padding.
+    _per_batch_only(monkeypatch)
+    single = models.evaluate_model(model, params, batches)
+    for key in ("accuracy", "loss"):
+        assert np.asarray(filled[key]).tobytes() == np.asarray(single[key]).tobytes()
     models._PLANS.clear()
 
 

@@ -613,11 +613,15 @@ def _params_signature(params: Params) -> Any:
 def _blocks(
     model: Model, params: Params, batches: Iterable[BatchExample]
 ) -> Iterator[tuple[tuple[BatchExample, ...], bool]]:
-    """Groups consecutive same-shape batches into blocks of a power-of-two length.
+    """Groups consecutive same-shape batches into blocks of the planned length.
 
-    Yields ``(block, joined_forward)``. Powers of two bound the number of compiled block
-    lengths per batch shape. A shape is planned only when a second batch of it follows the
-    first, so a lone batch (a client's short final batch) costs no probe.
+    Yields ``(block, joined_forward)``. With a joined forward pass, padded batches (with
+    ``EXAMPLE_MASK_KEY``) always make full blocks: the last one is filled with all-padding
+    batches, which add exact zeros to every statistic, so a batch shape compiles one block
+    program instead of one per remainder length (~0.2-0.4 s each on the 2-core CPU); the
+    filler costs little, as blocks are planned to be cheap. Other blocks end in power-of-two
+    lengths. A shape is planned only when a second batch of it follows the first, so a lone
+    batch (a client's short final batch) costs no probe.
     """
     pending: list[BatchExample] = []
     pending_signature = None
@@ -627,7 +631,12 @@ def _blocks(
     def flush() -> Iterator[tuple[tuple[BatchExample, ...], bool]]:
         start = 0
         while start < len(pending):
-            length = _pow2_floor(len(pending) - start)
+            rest = len(pending) - start
+            if joined_forward and rest < limit and EXAMPLE_MASK_KEY in pending[start]:
+                filler = (_all_padding(pending[start]),) * (limit - rest)
+                yield tuple(pending[start:]) + filler, joined_forward
+                break
+            length = _pow2_floor(rest)
             yield tuple(pending[start : start + length]), joined_forward and length > 1
             start += length
         pending.clear()
@@ -654,6 +663,13 @@ def _blocks(
         if len(pending) == limit:
             yield from flush()
     yield from flush()
+
+
+def _all_padding(batch: BatchExample) -> BatchExample:
+    """A batch shaped like ``batch`` whose examples are all padding (zeros, mask False)."""
+    return jax.tree_util.tree_map(
+        lambda leaf: np.zeros(np.shape(leaf), np.result_type(leaf)), batch
+    )
 
 
 @jax.jit
