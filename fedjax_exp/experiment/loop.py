@@ -80,21 +80,28 @@ class _PendingScalars:
 
     def pop_means(self) -> dict[str, float]:
         """Means over the pending steps (the host sync), then forgets them."""
-        # Values are per-step scalars or, from a multi-step dispatch, vectors of them.
-        means = {
-            k: float(jnp.mean(jnp.concatenate([jnp.ravel(x) for x in v])))
-            for k, v in self._values.items()
-            if v
-        }
+        # Values are per-step scalars or, from a multi-step dispatch, vectors of them. One
+        # transfer, then NumPy: eager jnp ops here would compile a program per count of
+        # pending values and cost a dispatch each, at every logging step.
+        pending = jax.device_get({k: v for k, v in self._values.items() if v})
         self._values = {}
-        return means
+        return {
+            k: float(np.mean(np.concatenate([np.ravel(x) for x in v]), dtype=np.float64))
+            for k, v in pending.items()
+        }
+
+
+@jax.jit
+def _leaves_finite(leaves: list[jax.Array]) -> jax.Array:
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
 
 
 def _all_finite(tree: Any) -> bool:
     leaves = [x for x in jax.tree_util.tree_leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
     if not leaves:
         return True
-    return bool(jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])))
+    # One compiled program for the whole state (eagerly: several per leaf shape).
+    return bool(_leaves_finite(leaves))
 
 
 def train(

@@ -327,9 +327,10 @@ class VectorizedTraining:
 def _pop_trial_means(pending: dict[str, list[jax.Array]]) -> dict[str, np.ndarray]:
     """Per-trial means ``{name: (T,)}`` of the pending ``(steps, T)`` step scalars (the host
     sync); empties ``pending``."""
-    means = {k: np.asarray(jnp.mean(jnp.concatenate(v), axis=0)) for k, v in pending.items()}
+    # One transfer, then NumPy (eager jnp ops would compile per count of pending values).
+    host = jax.device_get({k: v for k, v in pending.items() if v})
     pending.clear()
-    return means
+    return {k: np.mean(np.concatenate(v), axis=0, dtype=np.float64) for k, v in host.items()}
 
 
 def train_steps(
