@@ -159,3 +159,20 @@ def test_a_second_run_in_a_busy_dir_stops_in_one_line(tmp_path):
     # Once the other process is gone, the dir is free again.
     free = run_py([*TINY_RUN, f"hydra.run.dir={run_dir}"])
     assert free.returncode == 0, free.stderr
+
+
+def test_a_file_system_without_flock_runs_unlocked(tmp_path, monkeypatch, caplog):
+    import fcntl
+
+    from helpers import compose_config
+
+    from fedjax_exp.experiment import run
+
+    def no_flock(fd, operation):
+        raise OSError(95, "Operation not supported")
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    # No compilation cache: its file locks would hit the patched flock too.
+    run(compose_config([*TINY_RUN, "trainer.compilation_cache=null"]), output_dir=tmp_path / "run")
+    assert (tmp_path / "run" / "status.json").exists()
+    assert "running without the lock" in caplog.text

@@ -199,6 +199,8 @@ def _run_dir_lock(out: pathlib.Path) -> Iterator[None]:
             raise ConfigError(
                 f"another run is using {out}: wait for it to end or use a new hydra.run.dir"
             ) from None
+        except OSError as e:  # A file system without flock: run unlocked rather than not.
+            log.warning("cannot lock the run dir %s (%s); running without the lock", out, e)
         yield
     finally:
         os.close(fd)  # Releases the lock.
