@@ -168,11 +168,18 @@ def test_a_file_system_without_flock_runs_unlocked(tmp_path, monkeypatch, caplog
 
     from fedjax_exp.experiment import run
 
-    def no_flock(fd, operation):
-        raise OSError(95, "Operation not supported")
+    import os
+    import stat
 
-    monkeypatch.setattr(fcntl, "flock", no_flock)
-    # No compilation cache: its file locks would hit the patched flock too.
-    run(compose_config([*TINY_RUN, "trainer.compilation_cache=null"]), output_dir=tmp_path / "run")
+    flock = fcntl.flock
+
+    def no_flock_on_dirs(fd, operation):
+        # Only the run dir's lock fails; file locks (the compilation cache's) still work.
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise OSError(95, "Operation not supported")
+        return flock(fd, operation)
+
+    monkeypatch.setattr(fcntl, "flock", no_flock_on_dirs)
+    run(compose_config(TINY_RUN), output_dir=tmp_path / "run")
     assert (tmp_path / "run" / "status.json").exists()
     assert "running without the lock" in caplog.text
