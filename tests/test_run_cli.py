@@ -163,13 +163,12 @@ def test_a_second_run_in_a_busy_dir_stops_in_one_line(tmp_path):
 
 def test_a_file_system_without_flock_runs_unlocked(tmp_path, monkeypatch, caplog):
     import fcntl
+    import os
+    import stat
 
     from helpers import compose_config
 
     from fedjax_exp.experiment import run
-
-    import os
-    import stat
 
     flock = fcntl.flock
 
