@@ -18,7 +18,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from fedjax_exp.experiment import ConfigError, RunFailed
-from fedjax_exp.experiment.cli import precheck_overrides
+from fedjax_exp.experiment.cli import precheck_overrides, run_then_exit_without_teardown
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parent / "conf"
 
@@ -94,4 +94,4 @@ def main(cfg: DictConfig) -> float:
 if __name__ == "__main__":
     # Bad overrides fail here in one line, before Hydra creates the run (or sweep) dir.
     precheck_overrides(str(CONFIG_DIR), "config", sys.argv[1:])
-    main()
+    run_then_exit_without_teardown(main)

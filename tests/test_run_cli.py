@@ -182,3 +182,51 @@ def test_a_file_system_without_flock_runs_unlocked(tmp_path, monkeypatch, caplog
     run(compose_config(TINY_RUN), output_dir=tmp_path / "run")
     assert (tmp_path / "run" / "status.json").exists()
     assert "running without the lock" in caplog.text
+
+
+_EXIT_SCRIPT = """
+import atexit, sys
+from fedjax_exp.experiment.cli import run_then_exit_without_teardown
+
+class Teardown:
+    def __del__(self):
+        print("interpreter teardown", flush=True)
+
+keep = Teardown()
+
+def main():
+    atexit.register(lambda: print("library exit handler", flush=True))
+    print("main", flush=True)
+    if sys.argv[1] == "raise":
+        raise RuntimeError("boom")
+    raise SystemExit(int(sys.argv[1]))
+
+run_then_exit_without_teardown(main)
+"""
+
+
+@pytest.mark.parametrize("status", [0, 2])
+def test_exit_skips_only_the_interpreter_teardown(tmp_path, status):
+    import sys
+
+    script = tmp_path / "script.py"
+    script.write_text(_EXIT_SCRIPT)
+    proc = subprocess.run(
+        [sys.executable, str(script), str(status)], capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == status
+    # The libraries' exit handlers run; the module teardown after them does not.
+    assert proc.stdout.splitlines() == ["main", "library exit handler"]
+
+
+def test_an_uncaught_exception_exits_the_normal_way(tmp_path):
+    import sys
+
+    script = tmp_path / "script.py"
+    script.write_text(_EXIT_SCRIPT)
+    proc = subprocess.run(
+        [sys.executable, str(script), "raise"], capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 1
+    assert "RuntimeError: boom" in proc.stderr
+    assert proc.stdout.splitlines() == ["main", "library exit handler", "interpreter teardown"]

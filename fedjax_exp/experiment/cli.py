@@ -8,12 +8,15 @@ into one line that still names the problem and the options.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import difflib
+import logging
+import os
 import pathlib
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 
 def one_line(error: BaseException) -> str:
@@ -150,3 +153,35 @@ def _dotted_keys(tree: object, prefix: str = "") -> list[str]:
     for name, value in tree.items():
         keys.extend(_dotted_keys(value, f"{prefix}.{name}" if prefix else str(name)))
     return keys
+
+
+def run_then_exit_without_teardown(main: Callable[[], object]) -> None:
+    """Runs a script's ``main`` and then ends the process without the interpreter's teardown.
+
+    Once ``main`` has returned or raised ``SystemExit`` with an exit status, every output is
+    written and closed (metrics, status, checkpoints, the W&B run), and the exit handlers
+    that the run's libraries registered (W&B's, JAX's, orbax's) still run as usual. What is
+    skipped is the module and object teardown after them, ~0.4 s of a short run's wall time
+    with JAX and the experiment stack loaded. Any other end (an uncaught exception, Ctrl-C)
+    exits the normal way.
+    """
+    status: list[int | None] = [None]
+
+    def exit_now() -> None:
+        if status[0] is None:
+            return
+        logging.shutdown()  # Its handler was registered before this one, so would run after.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status[0])
+
+    # Registered before the run imports its libraries: handlers run last-registered first, so
+    # this one runs after all of theirs.
+    atexit.register(exit_now)
+    try:
+        main()
+        status[0] = 0
+    except SystemExit as e:
+        if e.code is None or isinstance(e.code, int):
+            status[0] = e.code or 0
+        raise
