@@ -99,17 +99,19 @@ def test_unknown_group_option_fails_clearly(tmp_path):
     assert not run_dir.exists()
 
 
-def test_unknown_key_fails_clearly(tmp_path):
+@pytest.mark.parametrize(
+    ("override", "needle"),
+    [
+        ("trainer.no_such_key=3", "trainer.no_such_key"),
+        # A misspelled key names the nearest real one.
+        ("optimizer.learning_rat=0.1", "did you mean 'optimizer.learning_rate'?"),
+    ],
+    ids=["unknown", "misspelled"],
+)
+def test_unknown_key_fails_clearly(tmp_path, override, needle):
     run_dir = tmp_path / "run"
-    proc = run_cli(*TINY_RUN, "trainer.no_such_key=3", run_dir=run_dir)
-    _assert_one_line_failure(proc, "trainer.no_such_key")
-    assert not run_dir.exists()
-
-
-def test_a_misspelled_key_names_the_nearest_one(tmp_path):
-    run_dir = tmp_path / "run"
-    proc = run_cli(*TINY_RUN, "optimizer.learning_rat=0.1", run_dir=run_dir)
-    _assert_one_line_failure(proc, "did you mean 'optimizer.learning_rate'?")
+    proc = run_cli(*TINY_RUN, override, run_dir=run_dir)
+    _assert_one_line_failure(proc, needle)
     assert not run_dir.exists()
 
 

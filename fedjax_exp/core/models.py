@@ -378,18 +378,8 @@ def _zero_stats(model: Model) -> Stats:
     return {name: metric.zero() for name, metric in model.eval_metrics.items()}
 
 
-def _evaluate_block_from_zero(
-    model: Model,
-    num_batches: int,
-    joined_forward: bool,
-    params: Params,
-    parts: tuple[BatchExample, ...],
-) -> Stats:
-    return _evaluate_block(model, num_batches, joined_forward, params, parts, _zero_stats(model))
-
-
 # Only ever traced (for the stats' shapes and dtypes), never compiled; jit caches the trace.
-_block_stats_shapes = jax.jit(_evaluate_block_from_zero, static_argnums=(0, 1, 2)).eval_shape
+_block_stats_shapes = jax.jit(_evaluate_block, static_argnums=(0, 1, 2)).eval_shape
 
 
 def _initial_stats(
@@ -404,9 +394,10 @@ def _initial_stats(
     Starting from Python-float zeros instead would make the first block a second program to
     compile (~0.2-0.4 s on the 2-core CPU) only because its input dtypes differ.
     """
-    shapes = _block_stats_shapes(model, num_batches, joined_forward, params, parts)
+    zeros = _zero_stats(model)
+    shapes = _block_stats_shapes(model, num_batches, joined_forward, params, parts, zeros)
     return jax.tree_util.tree_map(
-        lambda z, s: jnp.broadcast_to(jnp.asarray(z, s.dtype), s.shape), _zero_stats(model), shapes
+        lambda z, s: jnp.broadcast_to(jnp.asarray(z, s.dtype), s.shape), zeros, shapes
     )
 
 

@@ -9,7 +9,6 @@ into one line that still names the problem and the options.
 from __future__ import annotations
 
 import atexit
-import contextlib
 import difflib
 import logging
 import os
@@ -74,34 +73,32 @@ def _sweep_variants(config_dir: str, overrides: list[str]) -> list[list[str]]:
     except HydraException as e:
         print(f"error: {one_line(e)}", file=sys.stderr)
         raise SystemExit(1) from None
+    # Every swept group at its first option, every swept key at null; then each other option
+    # of each swept group once.
     base: list[str] = []
-    groups: list[tuple[int, str, list[str]]] = []
+    others: list[tuple[int, str, list[str]]] = []
     for override in parsed:
         if not override.is_sweep_override():
             base.append(override.input_line)
             continue
         key = override.get_key_element()
-        if (pathlib.Path(config_dir) / override.key_or_group).is_dir():
-            # A sweep the sweeper samples (e.g. Optuna's interval) has no list to try.
-            with contextlib.suppress(HydraException):
-                groups.append((len(base), key, list(override.sweep_string_iterator())))
-            base.append("")  # Filled in per variant below.
-        else:
+        if not (pathlib.Path(config_dir) / override.key_or_group).is_dir():
             base.append(f"{key}=null")
-    variants = []
-    for position, key, options in groups:
+            continue
+        try:
+            options = list(override.sweep_string_iterator())
+        except HydraException:  # A sweep the sweeper samples (e.g. Optuna's): no list to try.
+            continue
+        if options:
+            others.append((len(base), key, options[1:]))
+            base.append(f"{key}={options[0]}")
+    variants = [base]
+    for position, key, options in others:
         for option in options:
             variant = list(base)
             variant[position] = f"{key}={option}"
             variants.append(variant)
-    if not variants:
-        variants.append(base)
-    # Groups not being varied take their first option.
-    for variant in variants:
-        for position, key, options in groups:
-            if not variant[position] and options:
-                variant[position] = f"{key}={options[0]}"
-    return [[o for o in variant if o] for variant in variants]
+    return variants
 
 
 def _compose_or_exit(config_dir: str, config_name: str, overrides: list[str]) -> None:
@@ -139,20 +136,15 @@ def _nearest_key_hint(config_dir: str, config_name: str, overrides: Sequence[str
             cfg = compose(config_name=config_name, overrides=list(overrides))
     except Exception:  # noqa: BLE001 - only a hint: another error will be reported anyway.
         return fallback
-    keys = _dotted_keys(OmegaConf.to_container(cfg, resolve=False))
+    from fedjax_exp.experiment.run_record import flatten
+
+    leaves = flatten(OmegaConf.to_container(cfg, resolve=False))
+    # Every key, inner nodes included (a typo may be in a group name such as trainer.eval_*).
+    keys = sorted({".".join(k.split(".")[:i]) for k in leaves for i in range(1, k.count(".") + 2)})
     parent = key.rpartition(".")[0]
     siblings = [k for k in keys if k.rpartition(".")[0] == parent] or keys
     match = difflib.get_close_matches(key, siblings, n=1, cutoff=0.6)
     return f"; did you mean {match[0]!r}?" if match else fallback
-
-
-def _dotted_keys(tree: object, prefix: str = "") -> list[str]:
-    if not isinstance(tree, dict):
-        return [prefix] if prefix else []
-    keys = [prefix] if prefix else []
-    for name, value in tree.items():
-        keys.extend(_dotted_keys(value, f"{prefix}.{name}" if prefix else str(name)))
-    return keys
 
 
 def run_then_exit_without_teardown(main: Callable[[], object]) -> None:

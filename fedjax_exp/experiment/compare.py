@@ -44,6 +44,7 @@ import yaml
 
 from fedjax_exp.experiment import run_record
 from fedjax_exp.experiment.errors import ConfigError
+from fedjax_exp.experiment.run_record import flatten
 
 METRICS_FILE = "metrics.jsonl"
 STATUS_FILE = "status.json"
@@ -166,20 +167,6 @@ def read_status(job_dir: pathlib.Path) -> tuple[str, str | None, dict[str, float
             name = key if key.startswith(FINAL_PREFIX) else FINAL_PREFIX + key
             final[name] = number
     return str(status.get("status", "incomplete")), status.get("error"), final
-
-
-def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    """Flattens nested mappings to dotted keys; lists are kept as leaf values."""
-    if not isinstance(tree, Mapping):
-        return {prefix: tree} if prefix else {}
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        name = f"{prefix}.{key}" if prefix else str(key)
-        if isinstance(value, Mapping) and value:
-            flat.update(flatten(value, name))
-        else:
-            flat[name] = value
-    return flat
 
 
 def read_config(job_dir: pathlib.Path) -> tuple[dict[str, Any], list[str]]:

@@ -56,12 +56,17 @@ RESUMABLE_CHANGES = frozenset(
 )
 
 
-def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(tree, Mapping) or (prefix and not tree):
-        return {prefix: tree}
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """Flattens nested mappings to dotted keys; lists and empty mappings are leaf values."""
+    if not isinstance(tree, Mapping):
+        return {prefix: tree} if prefix else {}
     flat: dict[str, Any] = {}
     for key, value in tree.items():
-        flat.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+        name = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, Mapping) and value:
+            flat.update(flatten(value, name))
+        else:
+            flat[name] = value
     return flat
 
 
@@ -72,7 +77,7 @@ def _defining(config: Mapping[str, Any]) -> dict[str, Any]:
         parts = key.split(".")
         return any(".".join(parts[:i]) in RESUMABLE_CHANGES for i in range(1, len(parts) + 1))
 
-    return {k: v for k, v in _flatten(config).items() if not resumable(k)}
+    return {k: v for k, v in flatten(config).items() if not resumable(k)}
 
 
 def differences(recorded: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:

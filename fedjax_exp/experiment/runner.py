@@ -51,10 +51,6 @@ def _hydra_overrides() -> list[str]:
         return []
 
 
-def _same_dir(a: pathlib.Path, b: pathlib.Path) -> bool:
-    return a.resolve() == b.resolve()
-
-
 def _default_output_dir() -> str:
     try:
         from hydra.core.hydra_config import HydraConfig
@@ -213,7 +209,7 @@ def _run_validated(cfg: DictConfig, container: dict[str, Any], out: pathlib.Path
     vectorize = _vectorize_spec(trainer)
     own_checkpoints = out / "checkpoints"
     source = _resume_source(trainer["resume"], own_checkpoints)
-    if source is not None and _same_dir(source[0], own_checkpoints):
+    if source is not None and source[0].resolve() == own_checkpoints.resolve():
         run_record.check_resumable(out, container)
     wandb_settings = (container.get("logger") or {}).get("wandb")
     use_wandb = bool(wandb_settings) and wandb_settings.get("mode", "offline") != "disabled"

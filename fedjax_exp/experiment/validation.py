@@ -350,33 +350,48 @@ def _first_batch(fd: Any, batch_size: int) -> dict[str, Any] | None:
     return next(iter(padded_batch_federated_data(fd, batch_size=batch_size)), None)
 
 
-def _feature_values(fd: Any, key: str, batch_size: int, scan_batches: int | None) -> Any:
-    """Feature ``key`` of ``fd``'s examples: the whole column when the store holds it as a
-    column (cheap), else that of the real examples in the first ``scan_batches`` padded
-    batches."""
-    import numpy as np
+class _FeatureValues:
+    """One split's feature values for the data checks: a feature's whole column when the
+    store holds it as a column (cheap), else that of the real examples in the first
+    ``scan_batches`` padded batches, read once for all the checks of the split."""
 
-    from fedjax_exp.core.federated_data import padded_batch_federated_data
-    from fedjax_exp.core.typing import EXAMPLE_MASK_KEY
+    def __init__(self, fd: Any, batch_size: int, scan_batches: int | None):
+        self._fd = fd
+        self._batch_size = batch_size
+        self._scan_batches = scan_batches
+        self._scanned: dict[str, Any] | None = None
 
-    columns = getattr(fd, "columns", None)
-    if isinstance(columns, Mapping) and key in columns:
-        return np.asarray(columns[key])
-    batches = padded_batch_federated_data(fd, batch_size=batch_size)
-    ids = [
-        np.asarray(b[key])[np.asarray(b.get(EXAMPLE_MASK_KEY, np.ones(len(b[key]), bool)))]
-        for b in itertools.islice(batches, scan_batches)
-    ]
-    return np.concatenate(ids) if ids else np.zeros(0, np.int32)
+    def __call__(self, key: str) -> Any:
+        import numpy as np
+
+        columns = getattr(self._fd, "columns", None)
+        if isinstance(columns, Mapping) and key in columns:
+            return np.asarray(columns[key])
+        if self._scanned is None:
+            self._scanned = self._scan()
+        return self._scanned.get(key, np.zeros(0, np.int32))
+
+    def _scan(self) -> dict[str, Any]:
+        import numpy as np
+
+        from fedjax_exp.core.federated_data import padded_batch_federated_data
+        from fedjax_exp.core.typing import EXAMPLE_MASK_KEY
+
+        batches = padded_batch_federated_data(self._fd, batch_size=self._batch_size)
+        real: dict[str, list[Any]] = {}
+        for batch in itertools.islice(batches, self._scan_batches):
+            mask = np.asarray(batch.get(EXAMPLE_MASK_KEY, True), bool)
+            for key, value in batch.items():
+                value = np.asarray(value)
+                real.setdefault(key, []).append(value[np.broadcast_to(mask, value.shape[:1])])
+        return {key: np.concatenate(parts) for key, parts in real.items()}
 
 
-def _check_domains(
-    path: str, metric: Any, fd: Any, split: str, batch_size: int, scan_batches: int | None
-) -> None:
+def _check_domains(path: str, metric: Any, values: _FeatureValues, split: str) -> None:
     import numpy as np
 
     key = metric.domain_id_key
-    ids = _feature_values(fd, key, batch_size, scan_batches)
+    ids = values(key)
     if ids.size == 0:
         return
     if not np.issubdtype(ids.dtype, np.integer):
@@ -406,16 +421,14 @@ def _check_domains(
         )
 
 
-def _check_finite(
-    fd: Any, batch: Mapping[str, Any], split: str, batch_size: int, scan_batches: int | None
-) -> None:
+def _check_finite(values: _FeatureValues, batch: Mapping[str, Any], split: str) -> None:
     import numpy as np
 
     for key, value in batch.items():
         if not np.issubdtype(np.asarray(value).dtype, np.floating):
             continue
-        values = _feature_values(fd, key, batch_size, scan_batches)
-        rows = values.reshape(len(values), -1)
+        column = values(key)
+        rows = column.reshape(len(column), -1)
         chunk = 1 << 14  # Rows per pass: bounds the temporary mask for full-size columns.
         bad = np.concatenate(
             [
@@ -433,12 +446,10 @@ def _check_finite(
             )
 
 
-def _check_labels(
-    key: str, num_classes: int, fd: Any, split: str, batch_size: int, scan_batches: int | None
-) -> None:
+def _check_labels(key: str, num_classes: int, values: _FeatureValues, split: str) -> None:
     import numpy as np
 
-    labels = _feature_values(fd, key, batch_size, scan_batches)
+    labels = values(key)
     if labels.size == 0 or not np.issubdtype(labels.dtype, np.integer):
         return  # Not class indices (e.g. one-hot or regression targets): nothing to check.
     low, high = int(labels.min()), int(labels.max())
@@ -499,6 +510,7 @@ def check_data_features(
         if batch is None or not np.any(batch.get(EXAMPLE_MASK_KEY, True)):
             raise ConfigError(f"the {split} data has no examples: check the dataset settings")
         features = sorted(k for k in batch if k != EXAMPLE_MASK_KEY)
+        values = _FeatureValues(fd, batch_size, scan_batches)
         if input_shape is not None and "x" in batch:
             shape = tuple(np.shape(batch["x"])[1:])
             if shape != tuple(input_shape):
@@ -533,8 +545,8 @@ def check_data_features(
             )
         for name, metric in model.eval_metrics.items():
             if hasattr(metric, "num_domains") and hasattr(metric, "domain_id_key"):
-                _check_domains(f"metrics.{name}", metric, fd, split, batch_size, scan_batches)
-        _check_finite(fd, batch, split, batch_size, scan_batches)
+                _check_domains(f"metrics.{name}", metric, values, split)
+        _check_finite(values, batch, split)
         label_key = _signature_target_key(model.train_loss) or "y"
         if num_classes is not None and label_key in batch:
-            _check_labels(label_key, int(num_classes), fd, split, batch_size, scan_batches)
+            _check_labels(label_key, int(num_classes), values, split)
