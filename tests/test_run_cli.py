@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+import re
 import subprocess
 
 import pytest
@@ -40,6 +41,17 @@ def test_cnn_with_hinge_loss_trains_and_writes_metrics(tmp_path):
         "2",
         "4",
     ]
+    # The run's log says what was trained and what it reached.
+    log = (run_dir / "run.log").read_text().splitlines()
+    assert len(log) == 2, log
+    assert "training model=cnn loss=hinge optimizer=adam dataset=sample" in log[0]
+    assert "seed=0: steps 1-4, batch 8; cpu backend" in log[0]
+    expected_end = (
+        f"finished step 4 after [0-9.]+ s of training: "
+        f"final/test/accuracy={final[0]['final/test/accuracy']:.4g}, "
+        f"final/test/loss={final[0]['final/test/loss']:.4g}$"
+    )
+    assert re.search(expected_end, log[1]), log[1]
 
 
 def _assert_one_line_failure(proc: subprocess.CompletedProcess[str], *needles: str) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import jax
 import jax.numpy as jnp
@@ -229,11 +230,13 @@ def _run_sweep(cfg, out):
     return vectorized.run_sweep(cfg, container, out, None)
 
 
-def test_run_sweep_logs_each_trial_like_a_lone_run(tmp_path):
+def test_run_sweep_logs_each_trial_like_a_lone_run(tmp_path, caplog):
     from fedjax_exp.experiment import run
 
     cfg = _config("trainer.vectorize.learning_rates=[0.001,0.01]")
-    best = _run_sweep(cfg, tmp_path / "sweep")
+    with caplog.at_level(logging.INFO, logger=vectorized.__name__):
+        best = _run_sweep(cfg, tmp_path / "sweep")
+    sweep_log = [r.getMessage() for r in caplog.records if r.name == vectorized.__name__]
     status = json.loads((tmp_path / "sweep" / "status.json").read_text())
     assert status["status"] == "completed"
     assert [t["name"] for t in status["trials"]] == ["lr=0.001", "lr=0.01"]
@@ -253,12 +256,18 @@ def test_run_sweep_logs_each_trial_like_a_lone_run(tmp_path):
         trial_status = json.loads((trial_dir / "status.json").read_text())
         assert trial_status["status"] == "completed"
         finals.append(trial_status["final"]["final/test/accuracy"])
+        assert (
+            f"  trial {name}: final/test/accuracy={finals[-1]:.4g}, "
+            f"final/test/loss={trial_status['final']['final/test/loss']:.4g}"
+        ) in sweep_log
         import yaml
 
         trial_cfg = yaml.safe_load((trial_dir / ".hydra" / "config.yaml").read_text())
         assert trial_cfg["optimizer"]["learning_rate"] == lr
         assert "vectorize" not in trial_cfg["trainer"]
     assert best == max(finals)
+    assert "steps 1-4, batch 4; cpu backend" in sweep_log[0]
+    assert "2 trials in one program (lr=0.001, lr=0.01)" in sweep_log[0]
 
 
 def test_seed_sweep_rejects_seed_dependent_data(tmp_path):

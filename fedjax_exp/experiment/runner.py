@@ -15,7 +15,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from fedjax_exp.experiment import run_record
+from fedjax_exp.experiment import run_log, run_record
 from fedjax_exp.experiment.errors import ConfigError
 from fedjax_exp.experiment.validation import check_writable_dir, validate_config
 
@@ -276,6 +276,12 @@ def _run_validated(cfg: DictConfig, container: dict[str, Any], out: pathlib.Path
             "raise trainer.steps or start a new run dir"
         )
 
+    log.info(
+        "%s; %s parameters; writing to %s",
+        run_log.describe(container, start_step, speed.steps_per_dispatch),
+        f"{run_log.count_parameters(algorithm.eval_params(state)):,}",
+        out,
+    )
     # From here on the run writes files; every exit path records how it ended.
     run_record.write(out, container, _hydra_overrides())
     clock = loop.Clock(elapsed)
@@ -347,6 +353,12 @@ def _run_validated(cfg: DictConfig, container: dict[str, Any], out: pathlib.Path
         writer.write_scalars(step, final)
         writer.write_summary(final)
         exit_code = 0
+        log.info(
+            "finished step %d after %.1f s of training: %s",
+            step,
+            clock(),
+            run_log.format_metrics(final),
+        )
     except BaseException as e:
         error = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
         if isinstance(e, loop.Diverged):

@@ -35,7 +35,7 @@ import numpy as np
 
 from fedjax_exp.core.dataclasses import dataclass
 from fedjax_exp.core.typing import Params, PRNGKey
-from fedjax_exp.experiment import algorithms, pipeline, run_record
+from fedjax_exp.experiment import algorithms, pipeline, run_log, run_record
 from fedjax_exp.experiment.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -535,6 +535,13 @@ def run_sweep(
         num_batches=dict(trainer["eval_batches"]),
     )
 
+    log.info(
+        "%s; %d trials in one program (%s); writing to %s",
+        run_log.describe(container, start_step, speed.steps_per_dispatch),
+        len(trials),
+        ", ".join(t.name for t in trials),
+        out,
+    )
     run_record.write(out, container, overrides)
     clock = loop.Clock(elapsed)
     trial_dirs = [out / TRIALS_DIR / t.name for t in trials]
@@ -596,6 +603,10 @@ def run_sweep(
             w.write_scalars(step, finals[i])
             w.write_summary(finals[i])
         exit_code = 0
+        log.info("finished step %d after %.1f s of training", step, clock())
+        for i, trial in enumerate(trials):
+            ended = f" (diverged by step {diverged[i]})" if i in diverged else ""
+            log.info("  trial %s%s: %s", trial.name, ended, run_log.format_metrics(finals[i]))
     except BaseException as e:
         error = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
         for j in jsonls:
