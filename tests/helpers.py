@@ -112,3 +112,28 @@ class RecordingWriter:
 
     def close(self, exit_code: int) -> None:
         pass
+
+
+def dropout_logistic_model(num_classes: int = 10):
+    """A logistic model with dropout (rate 0.5) on its inputs in training: unlike the zoo's
+    logistic model it consumes ``apply_for_train``'s rng, so equality tests with it also check
+    that every code path gives each step the same key."""
+    import haiku as hk
+    import jax.numpy as jnp
+
+    from fedjax_exp.core import metrics, models
+
+    def forward(batch, is_train=True):
+        x = hk.Flatten()(batch["x"])
+        if is_train:
+            x = hk.dropout(hk.next_rng_key(), 0.5, x)
+        return hk.Linear(num_classes)(x)
+
+    return models.create_model_from_haiku(
+        transformed_forward_pass=hk.transform(forward),
+        sample_batch={"x": jnp.zeros((1, 28, 28, 1)), "y": jnp.zeros((1,), jnp.int32)},
+        train_loss=lambda batch, logits: metrics.unreduced_cross_entropy_loss(batch["y"], logits),
+        eval_metrics={"loss": metrics.CrossEntropyLoss(), "accuracy": metrics.Accuracy()},
+        train_kwargs={"is_train": True},
+        eval_kwargs={"is_train": False},
+    )

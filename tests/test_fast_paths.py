@@ -9,7 +9,12 @@ import threading
 import jax
 import numpy as np
 import pytest
-from helpers import RecordingWriter, compose_config, random_image_clients
+from helpers import (
+    RecordingWriter,
+    compose_config,
+    dropout_logistic_model,
+    random_image_clients,
+)
 
 from fedjax_exp.core import optimizers
 from fedjax_exp.experiment import ConfigError, algorithms, loop, parallel, run
@@ -87,6 +92,19 @@ def data():
     return random_image_clients(num_clients=5, examples=9)
 
 
+# The logistic model ignores the step's rng; the dropout model draws its masks from it, so
+# equality with it also checks that every path gives step k the key fold_in(rng, k).
+MODELS = {
+    "logistic": lambda: emnist.create_logistic_model(only_digits=True),
+    "dropout": dropout_logistic_model,
+}
+
+
+@pytest.fixture(scope="module", params=sorted(MODELS))
+def model(request):
+    return MODELS[request.param]()
+
+
 class _StepOnly:
     """Hides the fast path: the loop's generic one-step-per-dispatch path."""
 
@@ -106,8 +124,8 @@ class _StepOnly:
         return self._a.eval_params(state)
 
 
-def _train(data, steps=8, log_every=4, wrap=None, device_data=False, **settings):
-    model = emnist.create_logistic_model(only_digits=True)
+def _train(data, model=None, steps=8, log_every=4, wrap=None, device_data=False, **settings):
+    model = model or emnist.create_logistic_model(only_digits=True)
     alg = algorithms.CentralizedTraining(model, optimizers.adam(1e-2), data, 4, 2, 8)
     if device_data:
         alg.enable_device_data()
@@ -153,14 +171,41 @@ def _assert_same(a, b, exact=True):
             assert x[k] == (y[k] if exact else pytest.approx(y[k], rel=1e-5))
 
 
-def test_fast_path_one_step_per_dispatch_is_bitwise_the_generic_loop(data):
-    _assert_same(_train(data, wrap=_StepOnly), _train(data, steps_per_dispatch=1))
+def test_fast_path_one_step_per_dispatch_is_bitwise_the_generic_loop(data, model):
+    _assert_same(_train(data, model, wrap=_StepOnly), _train(data, model, steps_per_dispatch=1))
+
+
+def test_step_k_uses_the_key_fold_in_rng_k(data):
+    # The reference: the algorithm's step by hand, step k with fold_in(train_rng, k).
+    model = dropout_logistic_model()
+    alg = algorithms.CentralizedTraining(model, optimizers.adam(1e-2), data, 4, 2, 8)
+    init_rng, train_rng = jax.random.split(jax.random.PRNGKey(0))
+    state, stream, losses = alg.init(init_rng), alg.data_stream(0, 0), []
+    for k in range(1, 9):
+        state, scalars = alg.step(state, next(stream), jax.random.fold_in(train_rng, k))
+        losses.append(float(scalars["loss"]))
+    for per_dispatch in (1, 4):
+        params, logs = _train(data, model, steps_per_dispatch=per_dispatch)
+        for a, b in zip(params, jax.tree_util.tree_leaves(alg.eval_params(state)), strict=True):
+            np.testing.assert_array_equal(a, np.asarray(b))
+        assert [s for s, _ in logs] == [4, 8]
+        assert logs[0][1]["train/loss"] == pytest.approx(np.mean(losses[:4]), rel=1e-6)
+        assert logs[1][1]["train/loss"] == pytest.approx(np.mean(losses[4:]), rel=1e-6)
+    # The masks do depend on the key: another train rng trains differently.
+    state_b = alg.step(alg.init(init_rng), next(alg.data_stream(0, 0)), jax.random.PRNGKey(7))[0]
+    state_a = alg.step(
+        alg.init(init_rng), next(alg.data_stream(0, 0)), jax.random.fold_in(train_rng, 1)
+    )[0]
+    assert not np.array_equal(
+        np.asarray(jax.tree_util.tree_leaves(state_a.params)[0]),
+        np.asarray(jax.tree_util.tree_leaves(state_b.params)[0]),
+    )
 
 
 @pytest.mark.parametrize("per_dispatch", [2, 3, 8])
-def test_several_steps_per_dispatch_equal_single_steps(data, per_dispatch):
-    single = _train(data, steps_per_dispatch=1)
-    multi = _train(data, steps_per_dispatch=per_dispatch)
+def test_several_steps_per_dispatch_equal_single_steps(data, model, per_dispatch):
+    single = _train(data, model, steps_per_dispatch=1)
+    multi = _train(data, model, steps_per_dispatch=per_dispatch)
     # lax.scan compiles the same arithmetic; on XLA:CPU the results are bit for bit equal.
     _assert_same(single, multi)
 
@@ -174,9 +219,9 @@ def test_prefetch_does_not_change_results(data):
 
 
 @pytest.mark.parametrize("per_dispatch", [1, 4])
-def test_device_resident_data_equals_host_batches(data, per_dispatch):
-    host = _train(data, steps_per_dispatch=per_dispatch)
-    device = _train(data, steps_per_dispatch=per_dispatch, device_data=True)
+def test_device_resident_data_equals_host_batches(data, model, per_dispatch):
+    host = _train(data, model, steps_per_dispatch=per_dispatch)
+    device = _train(data, model, steps_per_dispatch=per_dispatch, device_data=True)
     _assert_same(host, device)
 
 

@@ -117,3 +117,41 @@ def test_l2_regularizer_matches_fedjax(monkeypatch):
     ours = regularizers.l2_regularizer(0.3, center)(params)
     theirs = fedjax.regularizers.l2_regularizer(0.3, center)(params)
     np.testing.assert_array_equal(ours, theirs)
+
+
+def test_per_example_loss_metric_is_the_masked_mean_hinge(batch):
+    from fedjax_exp.core import metrics
+    from fedjax_exp.experiment.loss_metrics import PerExampleLossMetric
+
+    y, logits = batch
+    mask = np.array([True, True, False, True, True, False, True])
+    metric = PerExampleLossMetric(losses.get_train_loss("hinge"))
+    stat = metrics.evaluate_batch(metric, {"y": jnp.asarray(y)}, jnp.asarray(logits), mask)
+    expected = _np_hinge(y, logits)[mask].mean()
+    assert float(stat.result()) == pytest.approx(expected, rel=1e-6)
+
+
+def test_loss_hinge_config_trains_and_evaluates_the_hinge_loss(batch):
+    from helpers import compose_config
+
+    from fedjax_exp.core import models
+    from fedjax_exp.experiment import builders
+
+    y, logits = batch
+    model = builders.build_model(compose_config(["loss=hinge"]))
+    np.testing.assert_allclose(
+        model.train_loss({"y": jnp.asarray(y)}, jnp.asarray(logits)),
+        _np_hinge(y, logits),
+        rtol=1e-6,
+        atol=1e-6,
+    )
+    # evaluate_model's "loss" is the mean hinge loss of the model's own outputs.
+    rng = np.random.default_rng(1)
+    eval_batch = {
+        "x": rng.random((6, 28, 28, 1), dtype=np.float32),
+        "y": rng.integers(0, 62, 6).astype(np.int32),
+    }
+    params = model.init(jax.random.PRNGKey(0))
+    outputs = np.asarray(model.apply_for_eval(params, eval_batch))
+    got = models.evaluate_model(model, params, [eval_batch])
+    assert float(got["loss"]) == pytest.approx(_np_hinge(eval_batch["y"], outputs).mean(), rel=1e-5)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import pathlib
 import subprocess
 import sys
 import textwrap
@@ -66,7 +67,52 @@ _SHARDED_VS_SINGLE = textwrap.dedent(
         error = None
     except ValueError as e:
         error = str(e)
+    # The loop's fast paths (K steps per dispatch, device-resident data) on the mesh, with a
+    # model that draws dropout masks from each step's key: as on one device.
+    import sys
+    sys.path.insert(0, TESTS_DIR)
+    from helpers import RecordingWriter, dropout_logistic_model
+    from fedjax_exp.experiment import loop
+
+    dropout_model = dropout_logistic_model(62)
+
+    def loop_train(alg, per_dispatch, device_data):
+        if device_data:
+            alg.enable_device_data()
+        init_rng, train_rng = jax.random.split(jax.random.PRNGKey(0))
+        writer = RecordingWriter()
+        settings = loop.LoopSettings(
+            steps=8, log_every=4, eval_every=0, checkpoint_every=0, progress_bar=False,
+            steps_per_dispatch=per_dispatch, prefetch=2,
+        )
+        state, _ = loop.train(
+            alg, alg.init(init_rng), start_step=0, seed=0, rng=train_rng, settings=settings,
+            writer=writer, evaluator=None, checkpointer=None, clock=loop.Clock(),
+        )
+        leaves = [np.asarray(x) for x in jax.tree_util.tree_leaves(alg.eval_params(state))]
+        return leaves, [r[1]["train/loss"] for r in writer.records]
+
+    def make_dropout():
+        return algorithms.CentralizedTraining(
+            dropout_model, optimizers.adam(1e-2), data, 8, 2, 16
+        )
+
+    fast_paths = {}
+    for per_dispatch, device_data in [(4, False), (4, True), (1, True)]:
+        single_leaves, single_logged = loop_train(make_dropout(), per_dispatch, device_data)
+        dp_leaves, dp_logged = loop_train(
+            parallel.DataParallelTraining(make_dropout()), per_dispatch, device_data
+        )
+        fast_paths[f"{per_dispatch}-{device_data}"] = {
+            "max_diff": max(
+                float(np.max(np.abs(a - b))) for a, b in zip(single_leaves, dp_leaves)
+            ),
+            "single_losses": single_logged,
+            "sharded_losses": dp_logged,
+        }
+
     print(json.dumps({
+        "fast_paths": fast_paths,
         "devices": jax.device_count(),
         "mesh": int(dp.mesh.devices.size),
         "param_devices": len(leaf.sharding.device_set),
@@ -86,8 +132,9 @@ _SHARDED_VS_SINGLE = textwrap.dedent(
 def four_devices():
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
     env["JAX_PLATFORMS"] = "cpu"
+    tests_dir = str(pathlib.Path(__file__).resolve().parent)
     result = subprocess.run(
-        [sys.executable, "-c", _SHARDED_VS_SINGLE],
+        [sys.executable, "-c", f"TESTS_DIR = {tests_dir!r}\n{_SHARDED_VS_SINGLE}"],
         env=env,
         capture_output=True,
         text=True,
@@ -103,6 +150,17 @@ def test_sharded_training_matches_single_device(four_devices):
     assert four_devices["max_diff"] < 1e-6
     np.testing.assert_allclose(
         four_devices["sharded_losses"], four_devices["single_losses"], rtol=1e-6, atol=1e-7
+    )
+
+
+@pytest.mark.parametrize("path", ["4-False", "4-True", "1-True"])
+def test_sharded_fast_paths_match_single_device(four_devices, path):
+    # K steps per dispatch and device-resident data, with per-step dropout keys.
+    result = four_devices["fast_paths"][path]
+    assert len(result["single_losses"]) == 2
+    assert result["max_diff"] < 1e-6
+    np.testing.assert_allclose(
+        result["sharded_losses"], result["single_losses"], rtol=1e-6, atol=1e-7
     )
 
 

@@ -30,7 +30,7 @@ def test_cnn_with_hinge_loss_trains_and_writes_metrics(tmp_path):
     assert len(final) == 1 and final[0]["step"] == 4
     assert set(final[0]) >= {"final/test/accuracy", "final/test/loss", "time", "step"}
     assert 0.0 <= final[0]["final/test/accuracy"] <= 1.0
-    # The hinge loss is >= 0, and is what is reported as the loss.
+    # The hinge loss is >= 0 (its values: test_losses.py).
     assert all(r["train/loss"] >= 0 for r in records if "train/loss" in r)
     status = json.loads((run_dir / "status.json").read_text())
     assert status["status"] == "completed" and status["step"] == 4 and status["error"] is None

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import compose_config, random_image_clients
+from helpers import compose_config, dropout_logistic_model, random_image_clients
 
 from fedjax_exp.core import optimizers
 from fedjax_exp.experiment import ConfigError, algorithms, vectorized
@@ -23,8 +23,11 @@ def data():
     return random_image_clients(num_clients=5, examples=12)
 
 
-@pytest.fixture(scope="module")
-def model():
+# The dropout model consumes each step's rng: equality with it also checks the trials' keys.
+@pytest.fixture(scope="module", params=["logistic", "dropout"])
+def model(request):
+    if request.param == "dropout":
+        return dropout_logistic_model()
     return emnist.create_logistic_model(only_digits=True)
 
 
@@ -268,6 +271,31 @@ def test_run_sweep_logs_each_trial_like_a_lone_run(tmp_path, caplog):
     assert best == max(finals)
     assert "steps 1-4, batch 4; cpu backend" in sweep_log[0]
     assert "2 trials in one program (lr=0.001, lr=0.01)" in sweep_log[0]
+
+
+def test_an_interrupted_sweep_resumes_to_the_uninterrupted_results(tmp_path):
+    from fedjax_exp.experiment import run
+
+    sweep = ("trainer.vectorize.learning_rates=[0.001,0.01]", "trainer.checkpoint_every=2")
+    run(_config(*sweep), output_dir=tmp_path / "whole")
+    run(_config(*sweep, "trainer.steps=2"), output_dir=tmp_path / "resumed")
+    assert sorted(p.name for p in (tmp_path / "resumed" / "checkpoints").iterdir()) == ["2"]
+    run(_config(*sweep), output_dir=tmp_path / "resumed")  # Picks up at step 2.
+    for name in ("lr=0.001", "lr=0.01"):
+        whole, resumed = (tmp_path / d / "trials" / name for d in ("whole", "resumed"))
+        expected = [
+            {k: v for k, v in r.items() if k != "time"}
+            for r in read_metrics(whole / "metrics.jsonl")
+        ]
+        got = [
+            {k: v for k, v in r.items() if k != "time"}
+            for r in read_metrics(resumed / "metrics.jsonl")
+        ]
+        assert [r["step"] for r in expected] == [2, 4, 4, 4]  # Train logs, eval, final.
+        assert got == expected  # Bit for bit: the same programs from the same state.
+        status = json.loads((resumed / "status.json").read_text())
+        assert status["status"] == "completed" and status["step"] == 4
+        assert status["final"] == json.loads((whole / "status.json").read_text())["final"]
 
 
 def test_seed_sweep_rejects_seed_dependent_data(tmp_path):
