@@ -36,7 +36,10 @@ KILL_AT_CALL = 7  # During step 7: after the step-4 checkpoint, before the step-
 
 def create_killing_model(only_digits: bool = False):
     """A small MLP whose training forward pass SIGKILLs the process on call KILL_AT_CALL,
-    unless the marker file named by $KILL_MARKER exists (then it behaves normally)."""
+    unless the marker file named by $KILL_MARKER exists (then it behaves normally).
+
+    Its training outputs carry noise drawn from the step's rng, so a resumed run matches the
+    uninterrupted one only if it restores the key stream too."""
     import jax
 
     from fedjax_exp.experiment.haiku_model import create_model_from_module
@@ -55,7 +58,8 @@ def create_killing_model(only_digits: bool = False):
 
     def apply_for_train(params, batch, rng=None):
         jax.debug.callback(maybe_kill)
-        return model.apply_for_train(params, batch, rng)
+        logits = model.apply_for_train(params, batch, rng)
+        return logits + 0.1 * jax.random.normal(rng, logits.shape)
 
     return model.replace(apply_for_train=apply_for_train)
 
