@@ -50,10 +50,20 @@ def test_a_buffer_jax_uses_in_place_is_not_handed_out(aligned):
 def test_keys_shapes_and_dtypes_get_their_own_buffers():
     pool = BufferPool()
     a = pool.get("a", SHAPE, np.float32)
-    del a
-    assert pool.get("b", SHAPE, np.float32).dtype == np.float32
-    assert pool.get("a", (2, 3), np.float32).shape == (2, 3)
-    assert pool.get("a", SHAPE, np.int32).dtype == np.int32
+    address = a.ctypes.data
+    del a  # Free for reuse, but only by the same key, shape and dtype.
+    others = [
+        pool.get("b", SHAPE, np.float32),
+        pool.get("a", (2, 3), np.float32),
+        pool.get("a", SHAPE, np.int32),
+    ]
+    assert [(x.shape, x.dtype) for x in others] == [
+        (SHAPE, np.float32),
+        ((2, 3), np.float32),
+        (SHAPE, np.int32),
+    ]
+    assert all(x.ctypes.data != address for x in others)
+    assert pool.get("a", SHAPE, np.float32).ctypes.data == address
 
 
 def test_aligned_empty_is_aligned():

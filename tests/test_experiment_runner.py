@@ -276,6 +276,13 @@ def test_the_readme_form_swaps_the_haiku_modules_kwargs(tmp_path):
         "+model.module_kwargs={output_sizes:[16,62],activate_final:false}",
     )
     assert dict(cfg.model.module_kwargs) == {"output_sizes": [16, 62], "activate_final": False}
+    import jax
+
+    from fedjax_exp.experiment import builders
+
+    params = builders.build_model(cfg).init(jax.random.PRNGKey(0))
+    shapes = sorted(tuple(x.shape) for x in jax.tree_util.tree_leaves(params))
+    assert shapes == [(16,), (16, 62), (62,), (784, 16)]  # The swapped-in MLP's layers.
     run(cfg, output_dir=tmp_path)
     assert json.loads((tmp_path / "status.json").read_text())["status"] == "completed"
 
