@@ -152,7 +152,11 @@ def test_dirichlet_partition_coverage_and_skew(centralized):
 def test_dirichlet_deterministic_and_no_empty_clients(centralized):
     a = partition.partition_dirichlet(centralized, 50, alpha=0.01, seed=5)
     b = partition.partition_dirichlet(centralized, 50, alpha=0.01, seed=5)
+    c = partition.partition_dirichlet(centralized, 50, alpha=0.01, seed=6)
     assert list(a.client_sizes()) == list(b.client_sizes())
+    for key in ("x", "y"):  # The same rows for the same clients, not only the same sizes.
+        np.testing.assert_array_equal(_all_rows(a, key), _all_rows(b, key))
+    assert list(a.client_sizes()) != list(c.client_sizes())  # The seed matters.
     assert a.num_clients() == 50 and min(n for _, n in a.client_sizes()) >= 1
 
 
