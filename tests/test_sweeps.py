@@ -152,6 +152,21 @@ def test_basic_launcher_three_jobs_three_wandb_runs(basic_sweep):
     assert len(set(losses)) == 3, (losses, finals)
 
 
+def test_a_job_of_the_shared_process_equals_the_same_run_alone(basic_sweep, tmp_path):
+    # The basic launcher runs every job in one process: nothing may leak from job 0 and 1
+    # (compiled programs, RNG, writers) into job 2.
+    alone = tmp_path / "alone"
+    check_ok(run_py([*TINY, "seed=2", f"hydra.run.dir={alone}"]))
+
+    def history(run_dir):
+        return [
+            {k: v for k, v in json.loads(line).items() if k != "time"}
+            for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+        ]
+
+    assert history(job_dirs(basic_sweep)[2]) == history(alone)
+
+
 def test_compare_report_renders_from_sweep(basic_sweep, tmp_path):
     out = tmp_path / "report"
     code = compare.main([str(basic_sweep), "--out", str(out), "--group-by", "model._target_"])
