@@ -5,8 +5,9 @@
 Measures the train step alone (Adam, batch 8, random data already on the device) so the
 figure isolates dispatch: K=1 dispatches one donated jitted step per step; K>1 dispatches one
 jitted ``lax.scan`` over K stacked batches. Compilation is excluded (one warm-up call per K).
-Prints steps/s per model and K as JSON; the runner's default ``trainer.steps_per_dispatch``
-per backend is chosen from these figures.
+Host memory is set up as the runner sets it (``trainer.reuse_host_memory``), so the figures
+are the runner's. Prints steps/s per model and K as JSON; the runner's default
+``trainer.steps_per_dispatch`` per backend is chosen from these figures.
 """
 
 from __future__ import annotations
@@ -85,6 +86,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=8)
     args = parser.parse_args()
+    from fedjax_exp.experiment import parallel
+
+    # As the runner does: without it, a big step's temporaries are page-faulted in every call
+    # (the stax CNN's K=1 step measured ~1.5x slower), which is not what a run sees.
+    parallel.configure_host_memory({}, jax.default_backend())
     ks = [int(k) for k in args.k.split(",")]
     results = {"backend": jax.default_backend(), "batch_size": args.batch_size, "steps_per_s": {}}
     for name in args.models.split(","):

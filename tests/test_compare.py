@@ -349,3 +349,29 @@ def test_nan_values_plot_without_error(tmp_path):
     assert (tmp_path / "p.png").read_bytes().startswith(PNG_MAGIC)
     assert not compare.plot_metric(runs, "eval/test/accuracy", tmp_path / "q.png")
     assert not (tmp_path / "q.png").exists()
+
+
+def _png_size(path: pathlib.Path) -> tuple[int, int]:
+    header = path.read_bytes()[16:24]  # The IHDR chunk: width, height.
+    return int.from_bytes(header[:4], "big"), int.from_bytes(header[4:], "big")
+
+
+def test_many_runs_plot_a_legend_beside_the_axes_then_none(tmp_path):
+    import warnings
+
+    runs = compare.find_runs(
+        [
+            make_job(tmp_path / f"j{i}", [{"step": s, "train/loss": i + 1 / s} for s in (1, 2)])
+            for i in range(45)
+        ]
+    )
+    sizes = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # E.g. matplotlib's "Tight layout not applied".
+        for n in (3, 15, 45):
+            path = tmp_path / f"plot{n}.png"
+            assert compare.plot_metric(runs[:n], "train/loss", path)
+            sizes[n] = _png_size(path)
+    # 15 runs: the legend goes beside the axes, widening the image; 45: no legend at all.
+    assert sizes[15][0] > sizes[3][0]
+    assert sizes[45][0] <= sizes[3][0] + 10

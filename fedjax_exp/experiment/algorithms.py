@@ -139,8 +139,9 @@ def gather_rows(columns: Mapping[str, jax.Array], indices: jax.Array) -> dict[st
     return {k: jnp.take(v, indices, axis=0) for k, v in columns.items()}
 
 
-# Primitives after which XLA:CPU runs a step much slower inside a lax.scan (measured: a Haiku
-# CNN 17x slower scanned than stepped; see scripts/bench_dispatch.py).
+# Primitives after which XLA:CPU may run a step much slower inside a lax.scan (measured with
+# scripts/bench_dispatch.py: the Haiku CNN's step 13x slower scanned than stepped, also when
+# unrolled; the stax CNN's about as fast), so the CPU default is one step per dispatch.
 CONVOLUTION_PRIMITIVES = frozenset({"conv_general_dilated"})
 
 

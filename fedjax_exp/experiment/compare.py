@@ -423,6 +423,12 @@ def _slug(metric: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", metric).strip("_") or "metric"
 
 
+# Legends: inside the axes up to this many lines, beside them up to LEGEND_MAX, and beyond
+# that none (a legend of more runs covers the plot; grouping is the readable view).
+LEGEND_INSIDE_MAX = 10
+LEGEND_MAX = 40
+
+
 def plot_metric(
     runs: Sequence[Run],
     metric: str,
@@ -474,12 +480,25 @@ def plot_metric(
         return False
     ax.set_xlabel("step")
     ax.set_ylabel(metric)
-    ax.set_title(metric)
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize="small", loc="best")
-    fig.tight_layout()
+    lines = len(ax.get_legend_handles_labels()[1])
+    if lines <= LEGEND_INSIDE_MAX:
+        ax.set_title(metric)
+        ax.legend(fontsize="small", loc="best")
+    elif lines <= LEGEND_MAX:
+        # Beside the axes, in columns of at most 20 entries, so no line is hidden under it.
+        ax.set_title(metric)
+        ax.legend(
+            fontsize="x-small",
+            loc="upper left",
+            bbox_to_anchor=(1.01, 1.0),
+            ncol=math.ceil(lines / 20),
+        )
+    else:
+        ax.set_title(f"{metric} ({lines} runs; --group-by draws one line per group)")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png")
+    # "tight" grows the image to hold a legend beside the axes.
+    fig.savefig(path, format="png", bbox_inches="tight")
     return True
 
 

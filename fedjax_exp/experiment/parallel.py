@@ -241,7 +241,7 @@ def resolve_speed_settings(
       memory on accelerators, 1 GiB on CPU, where the "device" is host memory and a copy
       would double it);
     - ``steps_per_dispatch``: 8 on accelerators (launch-bound small steps); on CPU 8 for
-      models without convolutions and 1 with them (XLA:CPU ran a scanned Haiku CNN step 17x
+      models without convolutions and 1 with them (XLA:CPU ran a scanned Haiku CNN step 13x
       slower) or when unknown; then lowered to a divisor of ``trainer``'s log/eval/checkpoint
       intervals where one is close (:func:`~fedjax_exp.experiment.pipeline.even_steps_per_dispatch`:
       every dispatch as long, so one program is compiled);
