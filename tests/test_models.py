@@ -260,6 +260,22 @@ def test_evaluate_model_compiles_once_per_model_and_shape(params):
     assert float(first["loss"]) == float(second["loss"]) == float(again["loss"])
 
 
+def test_evaluate_model_builds_the_first_blocks_stats_once_per_shape(params, monkeypatch):
+    built = []
+    shapes_of = models._block_stats_shapes
+    monkeypatch.setattr(
+        models, "_block_stats_shapes", lambda *args: built.append(1) or shapes_of(*args)
+    )
+    model = _linear_model()
+    batches = [_pad(_batch(3, seed=s), 4) for s in range(3)]
+    first = models.evaluate_model(model, params, batches)
+    assert models.evaluate_model(model, params, batches) == first
+    assert len(built) == 1  # Only the first block starts from them; the second call reuses.
+    other = [_pad(_batch(5, seed=s), 6) for s in range(2)]  # Another batch shape.
+    models.evaluate_model(model, params, other)
+    assert len(built) == 2
+
+
 def _per_batch_only(monkeypatch):
     """Forces one batch per dispatch: no joined pass, no block reaches the FLOPs target."""
     monkeypatch.setattr(models, "_joined_forward_is_exact", lambda *args: False)
