@@ -199,9 +199,11 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         f"- Datasets: {', '.join(d['name'] + ' (' + format(d['clients'], ',') + ' clients, ' + format(d['examples'], ',') + ' examples)' for d in result['datasets'])}."  # noqa: E501
         " Both libraries get the same arrays (`x = 1 - pixels[..., None]`, `y = label`).",
-        f"- Data: each timed window draws {s['stream_batches']} batches; shuffled streams "
-        "continue one iterator after a warm-up, padded passes start fresh each window "
-        "(creation included). Client buffer 16, example buffer 1024, seed 0.",
+        f"- Data: each timed window draws {s['stream_batches']} batches (shuffled: at least "
+        f"{s.get('stream_examples', 0):,} examples, so that a window holds epoch boundaries "
+        "in proportion); shuffled streams continue one iterator after a warm-up, padded "
+        "passes start fresh each window (creation included). Client buffer 16, example "
+        "buffer 1024, seed 0.",
         f"- evaluate_model: padded batches of 128 materialised first (at most "
         f"{s['eval_max_batches']}), one untimed call to compile, then timed calls; the same "
         "metrics (accuracy, cross-entropy) on both sides.",
