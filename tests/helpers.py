@@ -137,3 +137,39 @@ def dropout_logistic_model(num_classes: int = 10):
         train_kwargs={"is_train": True},
         eval_kwargs={"is_train": False},
     )
+
+
+def train_with_loop(algorithm, steps: int = 8, log_every: int = 4, **settings):
+    """Trains ``algorithm`` with the experiment loop from ``split(PRNGKey(0))`` keys, no
+    evaluation or checkpoints; returns (parameter leaves as NumPy, logged records).
+
+    ``settings``: more ``loop.LoopSettings`` fields (steps_per_dispatch, prefetch).
+    """
+    import jax
+
+    from fedjax_exp.experiment import loop
+
+    init_rng, train_rng = jax.random.split(jax.random.PRNGKey(0))
+    writer = RecordingWriter()
+    state, last = loop.train(
+        algorithm,
+        algorithm.init(init_rng),
+        start_step=0,
+        seed=0,
+        rng=train_rng,
+        settings=loop.LoopSettings(
+            steps=steps,
+            log_every=log_every,
+            eval_every=0,
+            checkpoint_every=0,
+            progress_bar=False,
+            **settings,
+        ),
+        writer=writer,
+        evaluator=None,
+        checkpointer=None,
+        clock=loop.Clock(),
+    )
+    assert last == steps
+    leaves = [np.asarray(x) for x in jax.tree_util.tree_leaves(algorithm.eval_params(state))]
+    return leaves, writer.records

@@ -10,14 +10,14 @@ import jax
 import numpy as np
 import pytest
 from helpers import (
-    RecordingWriter,
     compose_config,
     dropout_logistic_model,
     random_image_clients,
+    train_with_loop,
 )
 
 from fedjax_exp.core import optimizers
-from fedjax_exp.experiment import ConfigError, algorithms, loop, parallel, run
+from fedjax_exp.experiment import ConfigError, algorithms, parallel, run
 from fedjax_exp.experiment.pipeline import (
     Prefetcher,
     chunk_sizes,
@@ -131,30 +131,7 @@ def _train(data, model=None, steps=8, log_every=4, wrap=None, device_data=False,
         alg.enable_device_data()
     if wrap is not None:
         alg = wrap(alg)
-    init_rng, train_rng = jax.random.split(jax.random.PRNGKey(0))
-    writer = RecordingWriter()
-    state, last = loop.train(
-        alg,
-        alg.init(init_rng),
-        start_step=0,
-        seed=0,
-        rng=train_rng,
-        settings=loop.LoopSettings(
-            steps=steps,
-            log_every=log_every,
-            eval_every=0,
-            checkpoint_every=0,
-            progress_bar=False,
-            **settings,
-        ),
-        writer=writer,
-        evaluator=None,
-        checkpointer=None,
-        clock=loop.Clock(),
-    )
-    assert last == steps
-    leaves = [np.asarray(x) for x in jax.tree_util.tree_leaves(alg.eval_params(state))]
-    return leaves, writer.records
+    return train_with_loop(alg, steps, log_every, **settings)
 
 
 def _assert_same(a, b, exact=True):

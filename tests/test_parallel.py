@@ -71,26 +71,15 @@ _SHARDED_VS_SINGLE = textwrap.dedent(
     # model that draws dropout masks from each step's key: as on one device.
     import sys
     sys.path.insert(0, TESTS_DIR)
-    from helpers import RecordingWriter, dropout_logistic_model
-    from fedjax_exp.experiment import loop
+    from helpers import dropout_logistic_model, train_with_loop
 
     dropout_model = dropout_logistic_model(62)
 
     def loop_train(alg, per_dispatch, device_data):
         if device_data:
             alg.enable_device_data()
-        init_rng, train_rng = jax.random.split(jax.random.PRNGKey(0))
-        writer = RecordingWriter()
-        settings = loop.LoopSettings(
-            steps=8, log_every=4, eval_every=0, checkpoint_every=0, progress_bar=False,
-            steps_per_dispatch=per_dispatch, prefetch=2,
-        )
-        state, _ = loop.train(
-            alg, alg.init(init_rng), start_step=0, seed=0, rng=train_rng, settings=settings,
-            writer=writer, evaluator=None, checkpointer=None, clock=loop.Clock(),
-        )
-        leaves = [np.asarray(x) for x in jax.tree_util.tree_leaves(alg.eval_params(state))]
-        return leaves, [r[1]["train/loss"] for r in writer.records]
+        leaves, records = train_with_loop(alg, steps_per_dispatch=per_dispatch, prefetch=2)
+        return leaves, [r[1]["train/loss"] for r in records]
 
     def make_dropout():
         return algorithms.CentralizedTraining(

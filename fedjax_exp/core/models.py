@@ -392,6 +392,7 @@ def _initial_stats(
     num_batches: int,
     joined_forward: bool,
     params: Params,
+    params_signature: Any,
     parts: tuple[BatchExample, ...],
 ) -> Stats:
     """Each metric's zero, with the shapes and dtypes :func:`_evaluate_block_into` returns.
@@ -406,8 +407,8 @@ def _initial_stats(
             model,
             num_batches,
             joined_forward,
-            _params_signature(params),
-            _params_signature(parts),
+            params_signature,
+            _tree_signature(parts),
         )
         cached = _INITIAL_STATS.get(key)
     except TypeError:  # An unhashable model: build them each time.
@@ -628,13 +629,14 @@ def _pow2_floor(n: int) -> int:
     return 1 << (max(n, 1).bit_length() - 1)
 
 
-def _params_signature(params: Params) -> Any:
-    leaves, treedef = jax.tree_util.tree_flatten(params)
+def _tree_signature(tree: Any) -> Any:
+    """``(treedef, ((shape, dtype) per leaf))``: what a jitted call is specialised on."""
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
     return treedef, tuple((tuple(np.shape(x)), _dtype(x)) for x in leaves)
 
 
 def _blocks(
-    model: Model, params: Params, batches: Iterable[BatchExample]
+    model: Model, params: Params, params_signature: Any, batches: Iterable[BatchExample]
 ) -> Iterator[tuple[tuple[BatchExample, ...], bool]]:
     """Groups consecutive same-shape batches into blocks of the planned length.
 
@@ -648,7 +650,6 @@ def _blocks(
     """
     pending: list[BatchExample] = []
     pending_signature = None
-    params_signature = None
     limit, joined_forward = 0, False  # 0: not planned yet.
 
     def flush() -> Iterator[tuple[tuple[BatchExample, ...], bool]]:
@@ -675,8 +676,6 @@ def _blocks(
                 continue
         elif limit == 0:  # The second batch of this shape: blocks may pay, plan them.
             try:
-                if params_signature is None:
-                    params_signature = _params_signature(params)
                 limit, joined_forward = _block_plan(model, params, params_signature, signature)
             except TypeError:  # Unhashable model or params: no cache, no blocks.
                 limit, joined_forward = 1, False
@@ -706,10 +705,14 @@ def _evaluate_batches(
     model: Model, params: Params, batches: Iterable[BatchExample], caller: str
 ) -> dict[str, np.ndarray]:
     stats = None
-    for block, joined_forward in _blocks(model, params, batches):
+    # Once per call: both the block plan and the first block's stats are cached by it.
+    params_signature = _tree_signature(params)
+    for block, joined_forward in _blocks(model, params, params_signature, batches):
         parts = _block_parts(block)
         if stats is None:
-            stats = _initial_stats(model, len(block), joined_forward, params, parts)
+            stats = _initial_stats(
+                model, len(block), joined_forward, params, params_signature, parts
+            )
         # No host sync here: the stats stay on device and blocks are dispatched asynchronously.
         stats = _evaluate_block_into(model, len(block), joined_forward, params, parts, stats)
     if stats is None:
