@@ -185,11 +185,21 @@ def _connect_read_only(path: pathlib.Path) -> sqlite3.Connection:
     return connection
 
 
-def _decode_row(client_id: ClientId, data: bytes, parse: Callable[[bytes], Examples]) -> Examples:
+def _decode_row(
+    client_id: ClientId, data: bytes, parse: Callable[[bytes], Examples], path: str
+) -> Examples:
     try:
         return parse(data)
     except (zlib.error, ValueError, TypeError, msgpack.UnpackException) as exc:
-        raise ValueError(f"corrupt data for client {client_id!r}: {exc}") from exc
+        raise ValueError(
+            f"corrupt data for client {client_id!r} in {path!r}: {exc}; re-download or "
+            "rebuild that file"
+        ) from exc
+
+
+def _database_path(connection: sqlite3.Connection) -> str:
+    """The file behind ``connection`` (for error messages; the connection knows it)."""
+    return connection.execute("PRAGMA database_list;").fetchone()[2]
 
 
 # --------------------------------------------------------------------------------------------
@@ -327,7 +337,9 @@ class SQLiteFederatedData(FederatedData):
         return self._client_dataset(client_id, self._lookup(client_id, "data"))
 
     def _client_dataset(self, client_id: ClientId, data: bytes) -> ClientDataset:
-        examples = _decode_row(client_id, data, self._parse_examples)
+        examples = _decode_row(
+            client_id, data, self._parse_examples, _database_path(self._connection)
+        )
         return ClientDataset(self._preprocess_client(client_id, examples), self._preprocess_batch)
 
     def close(self) -> None:
@@ -397,7 +409,7 @@ def load_sqlite_columns(
         try:
             for client_id, data in cursor:
                 client_id = bytes(client_id)
-                examples = _decode_row(client_id, data, deserialize_examples)
+                examples = _decode_row(client_id, data, deserialize_examples, str(path))
                 if columns is None:
                     keep = list(examples) if features is None else list(features)
                     columns = _allocate(examples, keep, int(offsets[-1]), client_id)
