@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from fedjax_exp.experiment import ConfigError, compare, run_record
+from fedjax_exp.experiment import ConfigError, compare, run_files, run_record
 
 CONFIG = {
     "seed": 0,
@@ -63,7 +63,7 @@ def test_check_resumable_names_the_differences_and_the_ways_out(tmp_path):
 
 
 def test_a_broken_record_is_one_clear_error(tmp_path):
-    (tmp_path / run_record.RECORD_FILE).write_text('{"config": ')
+    (tmp_path / run_files.RUN_CONFIG_FILE).write_text('{"config": ')
     with pytest.raises(ConfigError, match="cannot read .*run_config.json"):
         run_record.check_resumable(tmp_path, CONFIG)
 

@@ -6,12 +6,14 @@ from __future__ import annotations
 import json
 import math
 import os
+import pathlib
+import re
 import warnings
 
 import numpy as np
 import pytest
 
-from fedjax_exp.experiment import writers
+from fedjax_exp.experiment import run_files, writers
 
 
 class FakeClock:
@@ -105,10 +107,20 @@ def test_failed_event_line(tmp_path):
     }
 
 
-def test_read_metrics_skips_lines_that_are_not_json(tmp_path):
+def test_read_metrics_skips_blank_lines_and_a_partial_last_line(tmp_path):
     path = tmp_path / "m.jsonl"
     path.write_text('{"step": 1}\n\n{"step": 2, "a": null}\n{"step": 3, "a"')
     assert writers.read_metrics(path) == [{"step": 1}, {"step": 2, "a": None}]
+
+
+def test_read_metrics_rejects_a_malformed_line_inside_with_its_location(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "a": 1}\nnot json\n{"step": 2, "a": 2}\n')
+    with pytest.raises(run_files.MetricsFileError, match=re.escape(f"{path}:2: not a JSON")):
+        writers.read_metrics(path)
+    path.write_text('{"time": 1.0, "a": 1}\n{"step": 2}\n')
+    with pytest.raises(run_files.MetricsFileError, match=f'{path}:1: .*integer "step"'):
+        writers.read_metrics(path)
 
 
 def test_write_status_is_atomic_and_strict_json(tmp_path, monkeypatch):
@@ -241,7 +253,8 @@ def test_wandb_init_gets_the_settings_and_defaults(tmp_path, monkeypatch):
     assert seen["name"] == "model=cnn" and seen["group"] == "train"  # Defaults fill nulls.
     assert seen["dir"] == str(tmp_path) and seen["config"] == {"seed": 0}
     assert seen["id"] == "abc123" and seen["resume"] == "allow"
-    assert seen["reinit"] == "finish_previous"
+    # Each writer its own live run: a vectorized sweep keeps one per trial open at once.
+    assert seen["reinit"] == "create_new"
 
 
 def test_wandb_disabled_never_calls_init(tmp_path, monkeypatch):
@@ -283,57 +296,25 @@ def test_started_wandb_run_stores_its_id_for_a_resume(tmp_path, monkeypatch):
     assert seen[1] == seen[0]
 
 
-def _background(tmp_path, settings=None):
-    return writers.BackgroundWandbWriter(
-        settings or {"mode": "offline"},
-        directory=tmp_path,
-        config={"seed": 0},
-        default_name="model=cnn",
-        default_group="train",
-    )
-
-
-def test_background_wandb_writer_replays_calls_made_before_the_run_started(tmp_path, monkeypatch):
-    import threading
-
+def test_wandb_older_than_the_writer_needs_falls_back_naming_the_version(tmp_path, monkeypatch):
     wandb = pytest.importorskip("wandb")
-    run = FakeRun()
-    release = threading.Event()
-
-    def slow_init(**kwargs):
-        assert release.wait(30)  # The run starts only once the first calls were made.
-        return run
-
-    monkeypatch.setattr(wandb, "init", slow_init)
-    w = _background(tmp_path)
-    w.write_scalars(1, {"train/loss": np.float32(2.5)})
-    w.write_scalars(2, {"train/loss": 1.5})
-    assert not w.started and run.logged == []
-    release.set()
-    w.write_summary({"final/test/accuracy": 0.75})
-    w.write_scalars(3, {"train/loss": 0.5})
-    w.close(0)
-    assert run.logged == [
-        ({"train/loss": 2.5}, 1),
-        ({"train/loss": 1.5}, 2),
-        ({"train/loss": 0.5}, 3),
-    ]
-    assert run.summary == {"final/test/accuracy": 0.75} and run.exit_code == 0
-    assert (tmp_path / writers.WANDB_ID_FILE).exists()
+    monkeypatch.setattr(wandb, "__version__", "0.19.9")
+    monkeypatch.setattr(wandb, "init", lambda **kwargs: pytest.fail("init called"))
+    with pytest.warns(RuntimeWarning, match=r"wandb 0\.19\.9 is too old.*>= 0\.19\.10"):
+        assert _create(tmp_path, {"mode": "offline"}) is None
 
 
-def test_background_wandb_writer_falls_back_with_one_warning(tmp_path, monkeypatch):
+def _pyproject_wandb_lower_bound() -> str:
+    text = (pathlib.Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
+    (bound,) = re.findall(r'^\s*"wandb>=([0-9.]+)', text, flags=re.M)
+    return bound
+
+
+def test_every_wandb_pyproject_allows_starts_a_run(tmp_path, monkeypatch):
+    # The oldest wandb an install may get must be one the writer can use (reinit="create_new").
     wandb = pytest.importorskip("wandb")
-
-    def broken_init(**kwargs):
-        raise RuntimeError("no API key")
-
-    monkeypatch.setattr(wandb, "init", broken_init)
-    w = _background(tmp_path)
-    with pytest.warns(RuntimeWarning, match=r"W&B failed to start \(RuntimeError: no API key\)"):
-        w.write_scalars(1, {"x": 1.0})
-        w.close(1)
+    monkeypatch.setattr(wandb, "__version__", _pyproject_wandb_lower_bound())
+    monkeypatch.setattr(wandb, "init", lambda **kwargs: FakeRun())
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # Reported once, not at every later call.
-        w.write_scalars(2, {"x": 2.0})
-    assert not (tmp_path / writers.WANDB_ID_FILE).exists()
+        warnings.simplefilter("error")
+        assert isinstance(_create(tmp_path, {"mode": "offline"}), writers.WandbWriter)

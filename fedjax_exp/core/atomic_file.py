@@ -3,7 +3,7 @@
 Readers of ``target`` see either nothing (or the previous file) or the complete new file,
 never a half-written one: ``os.replace`` within one directory is atomic on POSIX, and a failed
 or interrupted write (including Ctrl-C) deletes the temporary file. Used by every writer of
-dataset files (SQLite, TFF h5, downloads).
+dataset files (SQLite, TFF h5, downloads) and of a run's small JSON files (status, record).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import pathlib
 import tempfile
 from typing import Any
 
-__all__ = ["AtomicFile"]
+__all__ = ["AtomicFile", "atomic_write_text"]
 
 
 class AtomicFile:
@@ -74,3 +74,9 @@ def _chmod_like_new_file(path: pathlib.Path) -> None:
     umask = os.umask(0)  # The only portable way to read the umask is to set it...
     os.umask(umask)  # ...and put it straight back.
     os.chmod(path, 0o666 & ~umask)
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
+    """Writes ``text`` (UTF-8) to ``path`` atomically: readers see the old file or all of it."""
+    with AtomicFile(path) as out:
+        out.tmp.write_text(text, encoding="utf-8")

@@ -23,10 +23,9 @@ import pathlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from fedjax_exp.core.atomic_file import atomic_write_text
 from fedjax_exp.experiment.errors import ConfigError
-from fedjax_exp.experiment.writers import atomic_write_text
-
-RECORD_FILE = "run_config.json"
+from fedjax_exp.experiment.run_files import RUN_CONFIG_FILE
 
 # Dotted keys that may change between a run and its resumption (a key covers its subtree).
 RESUMABLE_CHANGES = frozenset(
@@ -99,7 +98,7 @@ def read(run_dir: str | os.PathLike[str]) -> dict[str, Any] | None:
     Raises:
         ConfigError: the file exists but is not a record (hand-edited or truncated).
     """
-    path = pathlib.Path(run_dir) / RECORD_FILE
+    path = pathlib.Path(run_dir) / RUN_CONFIG_FILE
     if not path.is_file():
         return None
     try:
@@ -138,4 +137,4 @@ def write(
     record = {"config": dict(config), "overrides": list(overrides)}
     run_dir = pathlib.Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / RECORD_FILE, json.dumps(record, indent=1) + "\n")
+    atomic_write_text(run_dir / RUN_CONFIG_FILE, json.dumps(record, indent=1) + "\n")
