@@ -116,3 +116,39 @@ def test_non_finite_loss_fails_the_run_everywhere_and_keeps_a_good_checkpoint(tm
     checkpointer.close()
     leaves = item["default"]["state"] if "default" in item else item["state"]
     assert leaves and all(np.all(np.isfinite(np.asarray(x))) for x in leaves), path
+
+
+def test_two_writers_live_at_once_each_keep_their_own_offline_run(tmp_path, monkeypatch):
+    # A vectorized sweep logs each trial as its own live W&B run from one process.
+    from fedjax_exp.experiment import writers
+
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    dirs = [tmp_path / "lr=0.1", tmp_path / "lr=0.01"]
+    opened = []
+    for d in dirs:
+        d.mkdir()
+        opened.append(
+            writers.create_wandb_writer(
+                {"mode": "offline", "project": "p"},
+                directory=d,
+                config={"lr": d.name},
+                default_name=d.name,
+                default_group="sweep",
+            )
+        )
+    assert all(isinstance(w, writers.WandbWriter) for w in opened)
+    for step in (1, 2):  # Interleaved, as the sweep logs them.
+        for i, w in enumerate(opened):
+            w.write_scalars(step, {"train/loss": 10.0 * i + step})
+    opened[0].close(0)
+    opened[1].close(1)
+
+    for i, d in enumerate(dirs):
+        records = wandb_records(d)
+        (run,) = of_type(records, "run")
+        assert run["display_name"] == d.name and run["config"]["update"]["lr"] == d.name
+        history = {h["step"]["num"]: h["item"]["train/loss"] for h in of_type(records, "history")}
+        assert history == {1: 10.0 * i + 1, 2: 10.0 * i + 2}
+        (exit_record,) = of_type(records, "exit")
+        assert exit_record.get("exit_code", 0) == i
