@@ -9,6 +9,7 @@ Returns the optimized metric (``optimized_metric``) so Optuna sweeps can maximis
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import pathlib
@@ -18,7 +19,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from fedjax_exp.experiment import ConfigError, RunFailed
-from fedjax_exp.experiment.cli import precheck_overrides, run_then_exit_without_teardown
+from fedjax_exp.experiment.cli import precheck_overrides
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parent / "conf"
 
@@ -36,29 +37,26 @@ def _in_multirun() -> bool:
     return HydraConfig.get().mode == RunMode.MULTIRUN
 
 
-def _remove_hydra_only_dir() -> None:
-    """Removes the job dir of a rejected single run when it holds only what Hydra wrote
-    before the run was rejected (``.hydra/`` and the job log): a bad command leaves no trace.
-    A dir with anything else (an earlier run's files) is left as it is."""
-    import shutil
-
+def _after_rejection(cfg: DictConfig, error: ConfigError) -> None:
+    """A rejected run writes nothing into a dir that holds a run (see ``save_hydra_files``).
+    A fresh dir: a single run's is removed (it holds at most Hydra's job log); a sweep job's
+    keeps Hydra's files so that the comparison report lists the job as rejected."""
     from hydra.core.hydra_config import HydraConfig
+
+    from fedjax_exp.experiment.run_files import RUN_CONFIG_FILE
+    from fedjax_exp.experiment.runner import RunDirBusy, save_hydra_files
 
     hc = HydraConfig.get()
     out = pathlib.Path(hc.runtime.output_dir)
-    hydra_files = {f"{hc.job.name}.log", hc.output_subdir}
-    try:
-        entries = {p.name for p in out.iterdir()}
-        if not entries <= hydra_files:
-            return
-        subdir = out / str(hc.output_subdir)
-        if subdir.is_dir() and any(not p.name.endswith(".yaml") for p in subdir.iterdir()):
-            return
-        shutil.rmtree(subdir, ignore_errors=True)
-        (out / f"{hc.job.name}.log").unlink(missing_ok=True)
-        out.rmdir()
-    except OSError:
-        pass  # Best effort: the error line was printed already.
+    if isinstance(error, RunDirBusy) or (out / RUN_CONFIG_FILE).exists():
+        return
+    if _in_multirun():
+        save_hydra_files(out, cfg)
+        return
+    with contextlib.suppress(OSError):  # Best effort: the error line was printed already.
+        if {p.name for p in out.iterdir()} <= {f"{hc.job.name}.log"}:
+            (out / f"{hc.job.name}.log").unlink(missing_ok=True)
+            out.rmdir()
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
@@ -68,6 +66,8 @@ def main(cfg: DictConfig) -> float:
     try:
         return run(cfg)
     except (ConfigError, RunFailed) as e:
+        if isinstance(e, ConfigError):
+            _after_rejection(cfg, e)
         if _in_multirun():
             kind = "config error" if isinstance(e, ConfigError) else "run failed"
             log.error("%s: %s", kind, e)
@@ -76,8 +76,6 @@ def main(cfg: DictConfig) -> float:
             raise e.with_traceback(None)  # noqa: B904 - the same exception, re-raised.
         # A single run: one line on stderr instead of a traceback, and a non-zero exit.
         print(f"error: {e}", file=sys.stderr)
-        if isinstance(e, ConfigError):
-            _remove_hydra_only_dir()
         raise SystemExit(2 if isinstance(e, ConfigError) else 1) from None
     except Exception as e:
         if _in_multirun() or os.environ.get("HYDRA_FULL_ERROR") == "1":
@@ -94,4 +92,4 @@ def main(cfg: DictConfig) -> float:
 if __name__ == "__main__":
     # Bad overrides fail here in one line, before Hydra creates the run (or sweep) dir.
     precheck_overrides(str(CONFIG_DIR), "config", sys.argv[1:])
-    run_then_exit_without_teardown(main)
+    main()

@@ -71,60 +71,61 @@ def _block(tree):
     jax.tree_util.tree_map(lambda x: x.block_until_ready(), tree)
 
 
+def time_loop(alg, init_rng, train_rng, steps) -> tuple[float, float]:
+    """(wall time, wall time after the first ``WARMUP_STEPS``) of ``loop.train`` over ``alg``
+    with the runner's speed settings (``parallel.speed_up``: device data, steps/dispatch)."""
+    import dataclasses
+
+    from fedjax_exp.experiment import loop, parallel
+
+    speed = parallel.speed_up(alg, {})
+    state = alg.init(init_rng)
+    _block(state)
+    settings = loop.LoopSettings(
+        steps=WARMUP_STEPS,
+        log_every=50,
+        eval_every=0,
+        checkpoint_every=0,
+        progress_bar=False,
+        steps_per_dispatch=speed.steps_per_dispatch,
+    )
+    kwargs = dict(
+        seed=0,
+        rng=train_rng,
+        writers=[_NullWriter()] * alg.num_trials,
+        evaluator=None,
+        checkpointer=None,
+        clock=loop.Clock(),
+    )
+    t0 = time.perf_counter()
+    state, _, _ = loop.train(alg, state, start_step=0, settings=settings, **kwargs)
+    _block(state)
+    t1 = time.perf_counter()
+    settings = dataclasses.replace(settings, steps=steps)
+    state, _, _ = loop.train(alg, state, start_step=WARMUP_STEPS, settings=settings, **kwargs)
+    _block(state)
+    t2 = time.perf_counter()
+    return t2 - t0, t2 - t1
+
+
 def run_separate(model, train, lrs, steps, batch_size):
     from fedjax_exp.core import optimizers
-    from fedjax_exp.experiment import algorithms, loop, parallel
-    from fedjax_exp.experiment.vectorized import trial_keys
+    from fedjax_exp.experiment import algorithms
 
-    total = first = 0.0
+    total = steady = 0.0
     for lr in lrs:
         alg = algorithms.CentralizedTraining(
             model, optimizers.adam(lr), train, batch_size, 16, 1024
         )
-        # The engine's speed settings, as run.py resolves them (device data, K steps/dispatch).
-        alg, speed = parallel.speed_up(alg, {})
-        init_rng, train_rng = trial_keys(0)
-        state = alg.init(init_rng)
-        _block(state)
-        settings = loop.LoopSettings(
-            steps=WARMUP_STEPS,
-            log_every=50,
-            eval_every=0,
-            checkpoint_every=0,
-            progress_bar=False,
-            steps_per_dispatch=speed.steps_per_dispatch,
-            prefetch=speed.prefetch,
-        )
-        kwargs = dict(
-            seed=0,
-            rng=train_rng,
-            writer=_NullWriter(),
-            evaluator=None,
-            checkpointer=None,
-            clock=loop.Clock(),
-        )
-        t0 = time.perf_counter()
-        state, _ = loop.train(alg, state, start_step=0, settings=settings, **kwargs)
-        _block(state)
-        t1 = time.perf_counter()
-        settings = dataclasses_replace(settings, steps=steps)
-        state, _ = loop.train(alg, state, start_step=WARMUP_STEPS, settings=settings, **kwargs)
-        _block(state)
-        t2 = time.perf_counter()
-        first += t1 - t0
-        total += t2 - t0
-    return total, total - first
-
-
-def dataclasses_replace(obj, **changes):
-    import dataclasses
-
-    return dataclasses.replace(obj, **changes)
+        init_rng, train_rng = jax.random.split(jax.random.PRNGKey(0))
+        wall, after_warmup = time_loop(alg, init_rng, train_rng, steps)
+        total, steady = total + wall, steady + after_warmup
+    return total, steady
 
 
 def run_vectorized(model, train, lrs, steps, batch_size):
     from fedjax_exp.core import optimizers
-    from fedjax_exp.experiment import algorithms, parallel, vectorized
+    from fedjax_exp.experiment import algorithms, vectorized
 
     trials = vectorized.expand_trials(lrs, None, None, 0)
     training = vectorized.VectorizedTraining(
@@ -132,36 +133,7 @@ def run_vectorized(model, train, lrs, steps, batch_size):
         optimizers.adam,
         trials,
     )
-    speed = parallel.resolve_for_algorithm(training, {}, num_devices=1)
-    if speed.device_data:
-        training.enable_device_data()
-    k = speed.steps_per_dispatch
-    states = training.init()
-    _block(states)
-    t0 = time.perf_counter()
-    states = vectorized.train_steps(
-        training,
-        states,
-        0,
-        WARMUP_STEPS,
-        on_log=lambda s, m: None,
-        log_every=50,
-        steps_per_dispatch=k,
-    )
-    _block(states)
-    t1 = time.perf_counter()
-    states = vectorized.train_steps(
-        training,
-        states,
-        WARMUP_STEPS,
-        steps,
-        on_log=lambda s, m: None,
-        log_every=50,
-        steps_per_dispatch=k,
-    )
-    _block(states)
-    t2 = time.perf_counter()
-    return t2 - t0, t2 - t1
+    return time_loop(training, *vectorized.trial_keys(trials), steps)
 
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]

@@ -143,7 +143,7 @@ def train_with_loop(algorithm, steps: int = 8, log_every: int = 4, **settings):
     """Trains ``algorithm`` with the experiment loop from ``split(PRNGKey(0))`` keys, no
     evaluation or checkpoints; returns (parameter leaves as NumPy, logged records).
 
-    ``settings``: more ``loop.LoopSettings`` fields (steps_per_dispatch, prefetch).
+    ``settings``: more ``loop.LoopSettings`` fields (steps_per_dispatch).
     """
     import jax
 
@@ -151,7 +151,7 @@ def train_with_loop(algorithm, steps: int = 8, log_every: int = 4, **settings):
 
     init_rng, train_rng = jax.random.split(jax.random.PRNGKey(0))
     writer = RecordingWriter()
-    state, last = loop.train(
+    state, last, _ = loop.train(
         algorithm,
         algorithm.init(init_rng),
         start_step=0,
@@ -165,7 +165,7 @@ def train_with_loop(algorithm, steps: int = 8, log_every: int = 4, **settings):
             progress_bar=False,
             **settings,
         ),
-        writer=writer,
+        writers=[writer],
         evaluator=None,
         checkpointer=None,
         clock=loop.Clock(),

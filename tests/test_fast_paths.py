@@ -4,7 +4,6 @@ prefetching, device-resident data, resuming, and the speed settings through the 
 from __future__ import annotations
 
 import json
-import threading
 
 import jax
 import numpy as np
@@ -17,13 +16,7 @@ from helpers import (
 )
 
 from fedjax_exp.core import optimizers
-from fedjax_exp.experiment import ConfigError, algorithms, parallel, run
-from fedjax_exp.experiment.pipeline import (
-    Prefetcher,
-    chunk_sizes,
-    even_steps_per_dispatch,
-    prepared_chunks,
-)
+from fedjax_exp.experiment import ConfigError, algorithms, loop, parallel, run
 from fedjax_exp.experiment.writers import read_metrics
 from fedjax_exp.models import emnist
 
@@ -31,57 +24,18 @@ from fedjax_exp.models import emnist
 
 
 def test_even_steps_per_dispatch_divides_the_intervals_when_it_can():
-    assert even_steps_per_dispatch(8, [50, 500, 500]) == 5  # One program instead of 8 and 2.
-    assert even_steps_per_dispatch(8, [40, 0]) == 8
-    assert even_steps_per_dispatch(8, [7]) == 7  # 7 >= 4: ...
-    assert even_steps_per_dispatch(8, [9]) == 8  # ... but 3 < 4 would cost more dispatches.
-    assert even_steps_per_dispatch(8, [0]) == 8
-    assert even_steps_per_dispatch(1, [50]) == 1
+    assert parallel.even_steps_per_dispatch(8, [50, 500, 500]) == 5
+    assert parallel.even_steps_per_dispatch(8, [64]) == 8
+    assert parallel.even_steps_per_dispatch(8, [7]) == 7
+    assert parallel.even_steps_per_dispatch(8, [3]) == 8  # 3 < 8 / 2: keep 8.
+    assert parallel.even_steps_per_dispatch(8, []) == 8
 
 
 def test_chunk_sizes_stop_at_every_interval():
-    assert chunk_sizes(0, 10, 4, [5]) == [4, 1, 4, 1]
-    assert chunk_sizes(0, 10, 1, [5]) == [1] * 10
-    assert chunk_sizes(3, 12, 8, [4, 0, 6]) == [1, 2, 2, 4]  # Stops at 4, 6, 8, 12.
-    assert chunk_sizes(5, 5, 4, [2]) == []
-    with pytest.raises(ValueError, match="steps_per_dispatch must be a positive integer"):
-        chunk_sizes(0, 4, 0, [])
-
-
-def test_prepared_chunks_group_the_stream():
-    chunks = prepared_chunks(iter(range(10)), [3, 1, 2], lambda items: tuple(items))
-    assert list(chunks) == [(0, 1, 2), (3,), (4, 5)]
-    with pytest.raises(RuntimeError, match="ended early"):
-        list(prepared_chunks(iter(range(2)), [3], list))
-
-
-@pytest.mark.parametrize("depth", [0, 1, 3])
-def test_prefetcher_keeps_order_and_ends(depth):
-    with Prefetcher(iter(range(20)), depth=depth) as p:
-        assert list(p) == list(range(20))
-
-
-def test_prefetcher_runs_the_source_on_another_thread_and_reraises():
-    threads = []
-
-    def source():
-        threads.append(threading.current_thread())
-        yield 1
-        raise KeyError("boom")
-
-    p = Prefetcher(source(), depth=2)
-    assert next(p) == 1
-    with pytest.raises(KeyError, match="boom"):
-        next(p)
-    p.close()
-    assert threads[0] is not threading.main_thread()
-
-
-def test_prefetcher_close_stops_an_endless_source():
-    p = Prefetcher(iter(int, 1), depth=2)  # Endless zeros.
-    assert next(p) == 0
-    p.close()
-    assert not p._thread.is_alive()
+    assert loop.chunk_sizes(0, 10, 4, [5]) == [4, 1, 4, 1]
+    assert loop.chunk_sizes(3, 10, 8, [0, 4]) == [1, 4, 2]
+    with pytest.raises(ValueError, match="positive integer"):
+        loop.chunk_sizes(0, 4, 0, [])
 
 
 # --- training equality ------------------------------------------------------------------------
@@ -105,32 +59,11 @@ def model(request):
     return MODELS[request.param]()
 
 
-class _StepOnly:
-    """Hides the fast path: the loop's generic one-step-per-dispatch path."""
-
-    def __init__(self, algorithm):
-        self._a = algorithm
-
-    def init(self, rng):
-        return self._a.init(rng)
-
-    def data_stream(self, seed, start):
-        return self._a.data_stream(seed, start)
-
-    def step(self, state, inputs, rng):
-        return self._a.step(state, inputs, rng)
-
-    def eval_params(self, state):
-        return self._a.eval_params(state)
-
-
-def _train(data, model=None, steps=8, log_every=4, wrap=None, device_data=False, **settings):
+def _train(data, model=None, steps=8, log_every=4, device_data=False, **settings):
     model = model or emnist.create_logistic_model(only_digits=True)
     alg = algorithms.CentralizedTraining(model, optimizers.adam(1e-2), data, 4, 2, 8)
     if device_data:
         alg.enable_device_data()
-    if wrap is not None:
-        alg = wrap(alg)
     return train_with_loop(alg, steps, log_every, **settings)
 
 
@@ -148,12 +81,8 @@ def _assert_same(a, b, exact=True):
             assert x[k] == (y[k] if exact else pytest.approx(y[k], rel=1e-5))
 
 
-def test_fast_path_one_step_per_dispatch_is_bitwise_the_generic_loop(data, model):
-    _assert_same(_train(data, model, wrap=_StepOnly), _train(data, model, steps_per_dispatch=1))
-
-
 def test_step_k_uses_the_key_fold_in_rng_k(data):
-    # The reference: the algorithm's step by hand, step k with fold_in(train_rng, k).
+    # The reference: the plain jitted step by hand, step k with fold_in(train_rng, k).
     model = dropout_logistic_model()
     alg = algorithms.CentralizedTraining(model, optimizers.adam(1e-2), data, 4, 2, 8)
     init_rng, train_rng = jax.random.split(jax.random.PRNGKey(0))
@@ -187,14 +116,6 @@ def test_several_steps_per_dispatch_equal_single_steps(data, model, per_dispatch
     _assert_same(single, multi)
 
 
-def test_prefetch_does_not_change_results(data):
-    _assert_same(_train(data, prefetch=0), _train(data, prefetch=4))
-    _assert_same(
-        _train(data, prefetch=0, steps_per_dispatch=4),
-        _train(data, prefetch=3, steps_per_dispatch=4),
-    )
-
-
 @pytest.mark.parametrize("per_dispatch", [1, 4])
 def test_device_resident_data_equals_host_batches(data, model, per_dispatch):
     host = _train(data, model, steps_per_dispatch=per_dispatch)
@@ -211,7 +132,7 @@ def test_device_data_stream_yields_int32_indices_and_step_gathers(data):
     host = algorithms.CentralizedTraining(model, optimizers.sgd(0.1), data, 4, 2, 8)
     batch = next(host.data_stream(0, 1))
     np.testing.assert_array_equal(data.gather(idx)["x"], batch["x"])
-    state_a = alg.step(alg.init(jax.random.PRNGKey(0)), idx, jax.random.PRNGKey(1))[0]
+    state_a = alg.step(alg.init(jax.random.PRNGKey(0)), data.gather(idx), jax.random.PRNGKey(1))[0]
     state_b = host.step(host.init(jax.random.PRNGKey(0)), batch, jax.random.PRNGKey(1))[0]
     for a, b in zip(
         jax.tree_util.tree_leaves(state_a), jax.tree_util.tree_leaves(state_b), strict=True
@@ -231,7 +152,7 @@ def test_device_data_refuses_client_preprocessed_data(data):
     model = emnist.create_logistic_model(only_digits=True)
     pre = data.preprocess_client(lambda client_id, examples: examples)
     alg = algorithms.CentralizedTraining(model, optimizers.sgd(0.1), pre, 4, 2, 8)
-    assert not alg.device_data_supported()
+    assert alg.device_data_bytes() is None
     with pytest.raises(ValueError, match="set trainer.device_data=false"):
         alg.enable_device_data()
 
@@ -261,20 +182,20 @@ def test_convolution_detection_sees_nested_jits():
 def _resolve(trainer, backend="cpu", **kw):
     args = dict(
         num_devices=1,
-        device_data_supported=True,
         data_bytes=100 << 20,
         device_bytes=None,
         uses_convolution=False,
     )
     args.update(kw)
+    conv = args["uses_convolution"]
+    args["uses_convolution"] = lambda: conv
     return parallel.resolve_speed_settings(trainer, backend, **args)
 
 
 def test_auto_speed_settings_on_cpu_follow_the_model():
     dense = _resolve({})
     assert dense == parallel.SpeedSettings(
-        steps_per_dispatch=parallel.CPU_STEPS_PER_DISPATCH,
-        prefetch=0,
+        steps_per_dispatch=parallel.STEPS_PER_DISPATCH,
         device_data=True,
         data_parallel=False,
     )
@@ -282,31 +203,28 @@ def test_auto_speed_settings_on_cpu_follow_the_model():
     assert _resolve({}, uses_convolution=None).steps_per_dispatch == 1
     # Host memory is the CPU device: a big train set stays on the host path.
     assert not _resolve({}, data_bytes=parallel.CPU_DEVICE_DATA_BYTES + 1).device_data
-    assert not _resolve({}, device_data_supported=False).device_data
+    assert not _resolve({}, data_bytes=None).device_data  # Not an in-memory column store.
     assert _resolve({}, num_devices=2).data_parallel
 
 
 def test_auto_speed_settings_on_accelerators_and_explicit_values_win():
     gpu = _resolve({}, "gpu", device_bytes=1000 << 20, uses_convolution=True)
-    assert gpu.steps_per_dispatch == parallel.ACCELERATOR_STEPS_PER_DISPATCH
-    assert gpu.prefetch == 2 and gpu.device_data
+    assert gpu.steps_per_dispatch == parallel.STEPS_PER_DISPATCH and gpu.device_data
     assert not _resolve({}, "gpu", device_bytes=300 << 20).device_data  # > a quarter
     explicit = {
         "steps_per_dispatch": 3,
-        "prefetch": 5,
         "device_data": False,
         "data_parallel": False,
     }
-    assert _resolve(explicit, num_devices=4) == parallel.SpeedSettings(3, 5, False, False)
-    assert _resolve({"steps_per_dispatch": None, "prefetch": "auto"}).prefetch == 0
+    assert _resolve(explicit, num_devices=4) == parallel.SpeedSettings(3, False, False)
 
 
 def test_speed_up_applies_device_data_and_the_loop_gives_host_results(data):
     model = emnist.create_logistic_model(only_digits=True)
     alg = algorithms.CentralizedTraining(model, optimizers.adam(1e-2), data, 4, 2, 8)
-    fast, speed = parallel.speed_up(alg, {})
-    assert fast is alg and alg.device_columns is not None
-    assert speed.steps_per_dispatch == parallel.CPU_STEPS_PER_DISPATCH and speed.prefetch == 0
+    speed = parallel.speed_up(alg, {})
+    assert alg.device_columns is not None
+    assert speed.steps_per_dispatch == parallel.STEPS_PER_DISPATCH
     _assert_same(
         _train(data, steps=10, log_every=5),
         _train(
@@ -315,7 +233,6 @@ def test_speed_up_applies_device_data_and_the_loop_gives_host_results(data):
             log_every=5,
             device_data=True,
             steps_per_dispatch=speed.steps_per_dispatch,
-            prefetch=speed.prefetch,
         ),
     )
 
@@ -351,7 +268,7 @@ def test_resume_with_several_steps_per_dispatch_is_identical(tmp_path):
     run(_config(*common, "trainer.steps=8"), output_dir=tmp_path / "split")
     assert _final_and_losses(tmp_path / "whole") == _final_and_losses(tmp_path / "split")
     single = ["trainer.steps_per_dispatch=1", "trainer.checkpoint_every=4", "trainer.steps=8"]
-    run(_config(*single, "trainer.prefetch=0"), output_dir=tmp_path / "single")
+    run(_config(*single), output_dir=tmp_path / "single")
     assert _final_and_losses(tmp_path / "single") == _final_and_losses(tmp_path / "whole")
 
 
@@ -376,7 +293,6 @@ def test_runner_speed_options_run(tmp_path):
     ("override", "message"),
     [
         ("trainer.steps_per_dispatch=0", "steps_per_dispatch must be a positive integer or auto"),
-        ("trainer.prefetch=-1", "prefetch must be a non-negative integer"),
         ("trainer.device_data=sometimes", "device_data must be true, false or auto"),
         ("trainer.reuse_host_memory=maybe", "reuse_host_memory must be true, false or auto"),
         ("trainer.compilation_cache=5", "compilation_cache must be a directory path or null"),

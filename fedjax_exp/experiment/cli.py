@@ -8,14 +8,10 @@ into one line that still names the problem and the options.
 
 from __future__ import annotations
 
-import atexit
-import difflib
-import logging
-import os
 import pathlib
 import re
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 
 def one_line(error: BaseException) -> str:
@@ -64,7 +60,7 @@ def precheck_overrides(config_dir: str, config_name: str, argv: Sequence[str]) -
 
 def _sweep_variants(config_dir: str, overrides: list[str]) -> list[list[str]]:
     """The override lists that together try every option of each swept config group, with
-    other swept keys set to null (which any key accepts: only its existence is checked)."""
+    other swept keys at their first value."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
 
@@ -73,8 +69,8 @@ def _sweep_variants(config_dir: str, overrides: list[str]) -> list[list[str]]:
     except HydraException as e:
         print(f"error: {one_line(e)}", file=sys.stderr)
         raise SystemExit(1) from None
-    # Every swept group at its first option, every swept key at null; then each other option
-    # of each swept group once.
+    # Every swept group at its first option, every swept key at its first value; then each
+    # other option of each swept group once.
     base: list[str] = []
     others: list[tuple[int, str, list[str]]] = []
     for override in parsed:
@@ -82,12 +78,14 @@ def _sweep_variants(config_dir: str, overrides: list[str]) -> list[list[str]]:
             base.append(override.input_line)
             continue
         key = override.get_key_element()
-        if not (pathlib.Path(config_dir) / override.key_or_group).is_dir():
-            base.append(f"{key}=null")
-            continue
         try:
             options = list(override.sweep_string_iterator())
         except HydraException:  # A sweep the sweeper samples (e.g. Optuna's): no list to try.
+            options = []
+        if not (pathlib.Path(config_dir) / override.key_or_group).is_dir():
+            # A swept key: its first value checks its name and type; the values are the
+            # sweeper's business (null when it samples them).
+            base.append(f"{key}={options[0] if options else 'null'}")
             continue
         if options:
             others.append((len(base), key, options[1:]))
@@ -106,74 +104,39 @@ def _compose_or_exit(config_dir: str, config_name: str, overrides: list[str]) ->
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
+    from fedjax_exp.experiment.config_schema import omegaconf_error_line, unknown_key_message
+
     try:
         with initialize_config_dir(config_dir=config_dir, version_base="1.3"):
             compose(config_name=config_name, overrides=overrides)
     except (HydraException, OmegaConfBaseException) as e:
         message = one_line(e)
         unknown = re.match(r"Could not override '([^']+)'", message)
+        if not unknown and isinstance(e.__cause__, OmegaConfBaseException) and e.__cause__.full_key:
+            # A value of the wrong type for a schema (conf/trainer, conf/logger).
+            message = omegaconf_error_line(e.__cause__)
         if unknown:
             # A misspelled key: Hydra's hint (append it with +) would add a key nothing
             # reads; name the nearest existing key instead.
             key = unknown.group(1)
             rest = [o for o in overrides if not o.startswith(f"{key}=")]
-            message = f"unknown config key {key!r}" + _nearest_key_hint(
-                config_dir, config_name, rest, key
-            )
+            message = unknown_key_message(key, _known_keys(config_dir, config_name, rest))
         print(f"error: {message}", file=sys.stderr)
         raise SystemExit(1) from None
 
 
-def _nearest_key_hint(config_dir: str, config_name: str, overrides: Sequence[str], key: str) -> str:
-    """``"; did you mean 'KEY'?"`` for the config key closest to ``key`` (else a pointer to
-    ``--cfg job``, which prints every key)."""
+def _known_keys(config_dir: str, config_name: str, overrides: Sequence[str]) -> list[str]:
+    """Every key of the config composed with ``overrides``, inner nodes included (a typo may
+    be in a group name such as trainer.eval_*); none when it does not compose."""
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    fallback = "; `python run.py --cfg job` prints every key"
     try:
         with initialize_config_dir(config_dir=config_dir, version_base="1.3"):
             cfg = compose(config_name=config_name, overrides=list(overrides))
     except Exception:  # noqa: BLE001 - only a hint: another error will be reported anyway.
-        return fallback
+        return []
     from fedjax_exp.experiment.run_record import flatten
 
     leaves = flatten(OmegaConf.to_container(cfg, resolve=False))
-    # Every key, inner nodes included (a typo may be in a group name such as trainer.eval_*).
-    keys = sorted({".".join(k.split(".")[:i]) for k in leaves for i in range(1, k.count(".") + 2)})
-    parent = key.rpartition(".")[0]
-    siblings = [k for k in keys if k.rpartition(".")[0] == parent] or keys
-    match = difflib.get_close_matches(key, siblings, n=1, cutoff=0.6)
-    return f"; did you mean {match[0]!r}?" if match else fallback
-
-
-def run_then_exit_without_teardown(main: Callable[[], object]) -> None:
-    """Runs a script's ``main`` and then ends the process without the interpreter's teardown.
-
-    Once ``main`` has returned or raised ``SystemExit`` with an exit status, every output is
-    written and closed (metrics, status, checkpoints, the W&B run), and the exit handlers
-    that the run's libraries registered (W&B's, JAX's, orbax's) still run as usual. What is
-    skipped is the module and object teardown after them, ~0.4 s of a short run's wall time
-    with JAX and the experiment stack loaded. Any other end (an uncaught exception, Ctrl-C)
-    exits the normal way.
-    """
-    status: list[int | None] = [None]
-
-    def exit_now() -> None:
-        if status[0] is None:
-            return
-        logging.shutdown()  # Its handler was registered before this one, so would run after.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(status[0])
-
-    # Registered before the run imports its libraries: handlers run last-registered first, so
-    # this one runs after all of theirs.
-    atexit.register(exit_now)
-    try:
-        main()
-        status[0] = 0
-    except SystemExit as e:
-        if e.code is None or isinstance(e.code, int):
-            status[0] = e.code or 0
-        raise
+    return sorted({".".join(k.split(".")[:i]) for k in leaves for i in range(1, k.count(".") + 2)})

@@ -2,21 +2,25 @@
 the periodic actions (log, evaluate, checkpoint) around it.
 
 Per-step work is dispatch only: step outputs stay on the device and are read back (one host
-sync) when they are logged, when the state is checkpointed, and at the end.
+sync) when they are logged, when the state is checkpointed, and at the end. An algorithm may
+train several trials side by side (a vectorized sweep): each trial has its own writer, its own
+evaluation and its own divergence; the run stops when every trial has diverged.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fedjax_exp.experiment.algorithms import Algorithm
 from fedjax_exp.experiment.checkpoints import Checkpointer, Snapshot
 from fedjax_exp.experiment.errors import RunFailed
 from fedjax_exp.experiment.evaluation import Evaluator
@@ -32,16 +36,29 @@ class LoopSettings:
     eval_every: int
     checkpoint_every: int
     progress_bar: bool = True
-    # Steps per dispatch (one lax.scan over that many batches when > 1) and chunks of inputs
-    # prepared ahead on a background thread (0: in the loop's thread). Used when the algorithm
-    # offers the fast path (``prepare`` + ``run_steps``).
-    steps_per_dispatch: int = 1
-    prefetch: int = 2
+    steps_per_dispatch: int = 1  # > 1: that many steps as one lax.scan program.
 
 
 def due(step: int, every: int) -> bool:
     """Whether a periodic action with interval ``every`` (0 = never) runs after ``step``."""
     return every > 0 and step % every == 0
+
+
+def chunk_sizes(start: int, stop: int, per_dispatch: int, intervals: Iterable[int]) -> list[int]:
+    """Sizes of the dispatches covering steps ``start + 1 .. stop``: each at most
+    ``per_dispatch``, ending at every multiple of the positive ``intervals`` (so the loop
+    observes the state exactly at those steps)."""
+    if per_dispatch < 1:
+        raise ValueError(
+            f"trainer.steps_per_dispatch must be a positive integer, got {per_dispatch}"
+        )
+    every = [i for i in intervals if i and i > 0]
+    sizes, step = [], start
+    while step < stop:
+        end = min([stop, step + per_dispatch] + [(step // i + 1) * i for i in every])
+        sizes.append(end - step)
+        step = end
+    return sizes
 
 
 class Clock:
@@ -68,115 +85,98 @@ class Diverged(RunFailed):
         return type(self), (str(self), self.step)
 
 
-class _PendingScalars:
-    """Device-side step scalars since the last read-back."""
-
-    def __init__(self) -> None:
-        self._values: dict[str, list[jax.Array]] = {}
-
-    def add(self, scalars: Mapping[str, jax.Array]) -> None:
-        for key, value in scalars.items():
-            self._values.setdefault(key, []).append(value)
-
-    def pop_means(self) -> dict[str, float]:
-        """Means over the pending steps (the host sync), then forgets them."""
-        # Values are per-step scalars or, from a multi-step dispatch, vectors of them. One
-        # transfer, then NumPy: eager jnp ops here would compile a program per count of
-        # pending values and cost a dispatch each, at every logging step.
-        pending = jax.device_get({k: v for k, v in self._values.items() if v})
-        self._values = {}
-        return {
-            k: float(np.mean(np.concatenate([np.ravel(x) for x in v]), dtype=np.float64))
-            for k, v in pending.items()
-        }
-
-
 @jax.jit
 def _leaves_finite(leaves: list[jax.Array]) -> jax.Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
 
 
-def _all_finite(tree: Any) -> bool:
+def all_finite(tree: Any) -> bool:
+    """Whether every floating leaf of ``tree`` is finite (one compiled program, one sync)."""
     leaves = [x for x in jax.tree_util.tree_leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
-    if not leaves:
-        return True
-    # One compiled program for the whole state (eagerly: several per leaf shape).
-    return bool(_leaves_finite(leaves))
+    return not leaves or bool(_leaves_finite(leaves))
+
+
+def _pop_means(pending: dict[str, list[jax.Array]], trials: int) -> list[dict[str, float]]:
+    """Per trial, the means of the pending step scalars (the host sync); empties ``pending``."""
+    # One transfer, then NumPy: eager jnp ops would compile a program per count of values.
+    host = jax.device_get(pending)
+    pending.clear()
+    means = {
+        k: np.mean(np.concatenate(v), axis=0, dtype=np.float64).reshape(trials)
+        for k, v in host.items()
+    }
+    return [{f"train/{k}": float(v[t]) for k, v in means.items()} for t in range(trials)]
 
 
 def train(
-    algorithm: Any,
+    algorithm: Algorithm,
     state: Any,
     *,
     start_step: int,
     seed: int,
     rng: jax.Array,
     settings: LoopSettings,
-    writer: MetricWriter,
+    writers: Sequence[MetricWriter],
     evaluator: Evaluator | None,
     checkpointer: Checkpointer | None,
     clock: Clock,
     on_step: Callable[[int], None] | None = None,
-) -> tuple[Any, int]:
-    """Runs steps ``start_step + 1 .. settings.steps``; returns (final state, last step).
+) -> tuple[Any, int, dict[int, str]]:
+    """Runs steps ``start_step + 1 .. settings.steps``.
 
-    ``rng`` is the run's base key (raw ``uint32`` key data); step ``k`` uses
-    ``fold_in(rng, k)``, so a resumed run draws the same randomness as an uninterrupted one.
-    The data stream starts at position ``start_step`` (one input per step). Raises
-    :class:`Diverged` on a non-finite training loss or parameters, leaving the last
-    checkpoint that was still finite.
+    Returns (final state, last step, {trial: why it diverged}). ``writers`` has one writer
+    per trial. ``rng`` is the run's base key (per trial, stacked, for several); step ``k``
+    uses ``fold_in(rng, k)`` and the data stream starts at position ``start_step``, so a
+    resumed run equals an uninterrupted one. A trial diverges on a non-finite training loss
+    or parameters; when all have, :class:`Diverged` is raised (the last checkpoint is then
+    one that was still finite).
     """
     from tqdm.auto import tqdm
 
-    from fedjax_exp.experiment.pipeline import Prefetcher, chunk_sizes, prepared_chunks
-
-    pending = _PendingScalars()
-    step = start_step
-    last_logged = start_step
-    stream = algorithm.data_stream(seed, start_step) if settings.steps > start_step else iter(())
-    fast = callable(getattr(algorithm, "run_steps", None)) and callable(
-        getattr(algorithm, "prepare", None)
-    )
+    trials = algorithm.num_trials
+    if len(writers) != trials:
+        raise ValueError(f"{trials} trials need {trials} writers, got {len(writers)}")
     intervals = [settings.log_every]
-    if evaluator is not None:
-        intervals.append(settings.eval_every)
-    if checkpointer is not None:
-        intervals.append(settings.checkpoint_every)
-    if fast:
-        prepare, run_steps = algorithm.prepare, algorithm.run_steps
-        per_dispatch, depth = settings.steps_per_dispatch, settings.prefetch
-    else:
-        # Protocol-only algorithms: one step per dispatch, keys derived by one small jitted
-        # call, presented to the loop as chunks of one step.
-        step_keys = jax.jit(lambda k: jax.random.fold_in(rng, k))
+    intervals += [settings.eval_every] if evaluator is not None else []
+    intervals += [settings.checkpoint_every] if checkpointer is not None else []
+    sizes = chunk_sizes(start_step, settings.steps, settings.steps_per_dispatch, intervals)
+    stream = algorithm.data_stream(seed, start_step) if sizes else iter(())
+    pending: dict[str, list[jax.Array]] = {}
+    diverged: dict[int, str] = {}
+    step = last_logged = start_step
 
-        def prepare(items: list[Any]) -> Any:
-            return items[0]
-
-        def run_steps(state: Any, inputs: Any, base_rng: jax.Array, first: int) -> Any:
-            return algorithm.step(state, inputs, step_keys(first))
-
-        per_dispatch, depth = 1, 0
-    sizes = chunk_sizes(start_step, settings.steps, per_dispatch, intervals)
-    chunks = Prefetcher(prepared_chunks(stream, sizes, prepare), depth=depth)
+    def diverge(trial: int, why: str) -> None:
+        diverged.setdefault(trial, f"training diverged: {why}")
+        if len(diverged) == trials:
+            raise Diverged(diverged[trial], step)
 
     def log_pending() -> None:
         nonlocal last_logged
         if step == last_logged:
             return
-        means = {f"train/{k}": v for k, v in pending.pop_means().items()}
         first, last_logged = last_logged + 1, step
-        writer.write_scalars(step, means)
-        if "train/loss" in means:
-            progress.set_postfix(loss=f"{means['train/loss']:.4f}", refresh=False)
-        bad = {k: v for k, v in means.items() if not math.isfinite(v)}
-        if bad:
-            values = ", ".join(f"{k}={v}" for k, v in bad.items())
-            raise Diverged(
-                f"training diverged: non-finite {values} (mean over steps {first}..{step}); "
-                "lower optimizer.learning_rate or check the data",
-                step,
-            )
+        means_per_trial = _pop_means(pending, trials)
+        for trial, (means, writer) in enumerate(zip(means_per_trial, writers, strict=True)):
+            writer.write_scalars(step, means)
+            if trials == 1 and "train/loss" in means:
+                progress.set_postfix(loss=f"{means['train/loss']:.4f}", refresh=False)
+            bad = ", ".join(f"{k}={v}" for k, v in means.items() if not math.isfinite(v))
+            if bad and trial not in diverged:
+                diverge(
+                    trial,
+                    f"non-finite {bad} (mean over steps {first}..{step}); "
+                    "lower optimizer.learning_rate or check the data",
+                )
+
+    def check_params() -> None:
+        # Never save a diverged state: the last checkpoint must be a good one.
+        for trial in range(trials):
+            if trial not in diverged and not all_finite(algorithm.eval_params(state, trial)):
+                diverge(
+                    trial,
+                    f"non-finite parameters after step {step}; "
+                    "lower optimizer.learning_rate or check the data",
+                )
 
     progress = tqdm(
         total=settings.steps,
@@ -187,37 +187,31 @@ def train(
     )
     try:
         for size in sizes:
-            state, scalars = run_steps(state, next(chunks), rng, step + 1)
+            items = list(itertools.islice(stream, size))
+            if len(items) != size:
+                raise RuntimeError(f"the data stream ended early: wanted {size} inputs")
+            state, scalars = algorithm.run_steps(state, algorithm.prepare(items), rng, step + 1)
             step += size
-            pending.add(scalars)
+            for key, value in scalars.items():
+                pending.setdefault(key, []).append(value)
             progress.update(size)
             if on_step is not None:
                 on_step(step)
             at_end = step == settings.steps
             if due(step, settings.log_every) or at_end:
                 log_pending()
-            if due(step, settings.eval_every) and evaluator is not None:
-                writer.write_scalars(step, evaluator.periodic(algorithm.eval_params(state)))
+            if evaluator is not None and due(step, settings.eval_every):
+                for trial, writer in enumerate(writers):
+                    params = algorithm.eval_params(state, trial)
+                    writer.write_scalars(step, evaluator.periodic(params))
             if checkpointer is not None and (due(step, settings.checkpoint_every) or at_end):
-                # Never save a diverged state: the last checkpoint must be a good one.
                 log_pending()
-                if not _all_finite(algorithm.eval_params(state)):
-                    raise Diverged(
-                        f"training diverged: non-finite parameters after step {step}; "
-                        "lower optimizer.learning_rate or check the data",
-                        step,
-                    )
-                checkpointer.save(
-                    Snapshot(
-                        state=state,
-                        step=step,
-                        rng=np.asarray(rng),
-                        data_position=step,
-                        elapsed=clock(),
-                    )
+                check_params()
+                snapshot = Snapshot(
+                    state=state, step=step, rng=np.asarray(rng), data_position=step, elapsed=clock()
                 )
+                checkpointer.save(snapshot)
         log_pending()
     finally:
-        chunks.close()
         progress.close()
-    return state, step
+    return state, step, diverged

@@ -107,8 +107,8 @@ def build(
 
 def _engine_options(cfg: Any, algorithm: Any) -> tuple[Any, dict[str, Any]]:
     """The speed settings run.py uses: the trainer config's ``auto`` options resolved for
-    this machine and model (host memory reuse, device-resident data, steps per dispatch,
-    prefetch) by ``fedjax_exp.experiment.parallel``, applied to ``algorithm``. The host memory
+    this machine and model (host memory reuse, device-resident data, steps per dispatch)
+    by ``fedjax_exp.experiment.parallel``, applied to ``algorithm``. The host memory
     setting is process-wide: call this in a process of its own (``bench.train_side``)."""
     import jax
     from omegaconf import OmegaConf
@@ -117,8 +117,8 @@ def _engine_options(cfg: Any, algorithm: Any) -> tuple[Any, dict[str, Any]]:
 
     trainer = OmegaConf.to_container(cfg.trainer, resolve=True)
     parallel.configure_host_memory(trainer, jax.default_backend())  # As the runner does.
-    algorithm, speed = parallel.speed_up(algorithm, trainer)
-    engine = {"steps_per_dispatch": speed.steps_per_dispatch, "prefetch": speed.prefetch}
+    speed = parallel.speed_up(algorithm, trainer)
+    engine = {"steps_per_dispatch": speed.steps_per_dispatch}
     return algorithm, engine
 
 
@@ -160,14 +160,14 @@ def train(
             progress_bar=False,
             **engine,
         )
-        state, _ = loop.train(
+        state, _, _ = loop.train(
             algorithm,
             state,
             start_step=start,
             seed=seed,
             rng=train_rng,
             settings=settings,
-            writer=writer,
+            writers=[writer],
             evaluator=None,
             checkpointer=None,
             clock=loop.Clock(),
