@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from fedjax_exp.experiment import config_schema  # noqa: F401 - registers the config schemas.
 from fedjax_exp.experiment.errors import ConfigError, RunFailed
 
 __all__ = ["ConfigError", "RunFailed", "run"]

@@ -6,8 +6,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
-
-from fedjax_exp.experiment.validation import locate
+from hydra.utils import get_object
 
 
 def create_model_from_module(
@@ -27,7 +26,7 @@ def create_model_from_module(
     from fedjax_exp.core import metrics
     from fedjax_exp.core.models import create_model_from_haiku
 
-    factory = locate(module)
+    factory = get_object(module)
     kwargs = dict(module_kwargs or {})
 
     def forward_pass(batch: Mapping[str, Any]) -> Any:
