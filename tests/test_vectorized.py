@@ -9,11 +9,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import compose_config, dropout_logistic_model, random_image_clients
+from helpers import RecordingWriter, compose_config, dropout_logistic_model, random_image_clients
 
 from fedjax_exp.core import optimizers
-from fedjax_exp.experiment import ConfigError, algorithms, vectorized
-from fedjax_exp.experiment.validation import validate_config
+from fedjax_exp.experiment import ConfigError, algorithms, loop, run, vectorized
 from fedjax_exp.experiment.writers import read_metrics
 from fedjax_exp.models import emnist
 
@@ -46,6 +45,38 @@ def _train_alone(model, data, lr, seed, steps):
         state, scalars = alg.step(state, next(stream), jax.random.fold_in(train_rng, k))
         losses.append(float(scalars["loss"]))
     return state, losses
+
+
+def _train_sweep(training, steps, log_every, steps_per_dispatch=1):
+    """The sweep through the experiment loop; returns (states, [(step, {name: (T,)})])."""
+    init_rng, train_rng = vectorized.trial_keys(training.trials)
+    writers = [RecordingWriter() for _ in training.trials]
+    settings = loop.LoopSettings(
+        steps=steps,
+        log_every=log_every,
+        eval_every=0,
+        checkpoint_every=0,
+        progress_bar=False,
+        steps_per_dispatch=steps_per_dispatch,
+    )
+    states, _, diverged = loop.train(
+        training,
+        training.init(init_rng),
+        start_step=0,
+        seed=0,
+        rng=train_rng,
+        settings=settings,
+        writers=writers,
+        evaluator=None,
+        checkpointer=None,
+        clock=loop.Clock(),
+    )
+    assert diverged == {}
+    logged = [
+        (step, {"loss": np.asarray([w.records[i][1]["train/loss"] for w in writers])})
+        for i, (step, _) in enumerate(writers[0].records)
+    ]
+    return states, logged
 
 
 # --- trials -----------------------------------------------------------------------------------
@@ -114,10 +145,7 @@ def test_learning_rate_in_state_is_bitwise_the_plain_optimizer(model):
 def test_vectorized_trials_equal_trials_alone(model, data, lrs, seeds):
     trials = vectorized.expand_trials(lrs, seeds, 2e-2, 0)
     training = vectorized.VectorizedTraining(_make_algorithm(model, data), optimizers.adam, trials)
-    logged = []
-    states = vectorized.train_steps(
-        training, training.init(), 0, 6, on_log=lambda s, m: logged.append((s, m)), log_every=3
-    )
+    states, logged = _train_sweep(training, 6, 3)
     assert [s for s, _ in logged] == [3, 6]
     for i, trial in enumerate(trials):
         alone, losses = _train_alone(model, data, trial.learning_rate, trial.seed, 6)
@@ -146,16 +174,7 @@ def test_multi_step_and_device_data_equal_the_plain_vectorized_step(
         )
         if device:
             training.enable_device_data()
-        logged = []
-        states = vectorized.train_steps(
-            training,
-            training.init(),
-            0,
-            11,
-            on_log=lambda s, m: logged.append((s, m)),
-            log_every=5,
-            steps_per_dispatch=steps_per_dispatch,
-        )
+        states, logged = _train_sweep(training, 11, 5, steps_per_dispatch)
         return jax.device_get(states), logged
 
     plain_states, plain_log = train(1, False)
@@ -172,7 +191,7 @@ def test_multi_step_and_device_data_equal_the_plain_vectorized_step(
 def test_initial_states_are_bitwise_those_of_lone_runs(model, data):
     trials = vectorized.expand_trials([1e-3, 1e-2], [0, 9], None, 0)
     training = vectorized.VectorizedTraining(_make_algorithm(model, data), optimizers.adam, trials)
-    states = training.init()
+    states = training.init(vectorized.trial_keys(trials)[0])
     np.testing.assert_array_equal(
         np.asarray(states.opt_state.learning_rate), np.float32([1e-3, 1e-3, 1e-2, 1e-2])
     )
@@ -190,7 +209,7 @@ def test_initial_states_are_bitwise_those_of_lone_runs(model, data):
 def test_trials_with_different_seeds_get_their_own_batches(model, data):
     trials = vectorized.expand_trials(None, [0, 1], 1e-2, 0)
     training = vectorized.VectorizedTraining(_make_algorithm(model, data), optimizers.adam, trials)
-    stacked = next(training.data_stream(2))
+    stacked = next(training.data_stream(0, 2))
     alg = _make_algorithm(model, data)(optimizers.adam(1e-2))
     for i, seed in enumerate(training.seeds):
         np.testing.assert_array_equal(stacked["x"][i], next(alg.data_stream(seed, 2))["x"])
@@ -225,21 +244,13 @@ def _config(*overrides: str):
     return compose_config([*TINY, *overrides])
 
 
-def _run_sweep(cfg, out):
-    from omegaconf import OmegaConf
+def test_a_sweep_logs_each_trial_like_a_lone_run(tmp_path, caplog):
+    from fedjax_exp.experiment import runner
 
-    container = validate_config(cfg)
-    container["trainer"]["vectorize"] = OmegaConf.to_container(cfg.trainer.vectorize)
-    return vectorized.run_sweep(cfg, container, out, None)
-
-
-def test_run_sweep_logs_each_trial_like_a_lone_run(tmp_path, caplog):
-    from fedjax_exp.experiment import run
-
-    cfg = _config("trainer.vectorize.learning_rates=[0.001,0.01]")
-    with caplog.at_level(logging.INFO, logger=vectorized.__name__):
-        best = _run_sweep(cfg, tmp_path / "sweep")
-    sweep_log = [r.getMessage() for r in caplog.records if r.name == vectorized.__name__]
+    cfg = _config("trainer.vectorize.learning_rates=[0.001,0.01]", "trainer.per_client_eval=true")
+    with caplog.at_level(logging.INFO, logger=runner.__name__):
+        best = run(cfg, output_dir=tmp_path / "sweep")
+    sweep_log = [r.getMessage() for r in caplog.records if r.name == runner.__name__]
     status = json.loads((tmp_path / "sweep" / "status.json").read_text())
     assert status["status"] == "completed"
     assert [t["name"] for t in status["trials"]] == ["lr=0.001", "lr=0.01"]
@@ -248,7 +259,8 @@ def test_run_sweep_logs_each_trial_like_a_lone_run(tmp_path, caplog):
         trial_dir = tmp_path / "sweep" / "trials" / name
         records = read_metrics(trial_dir / "metrics.jsonl")
         lone_dir = tmp_path / f"alone-{lr}"
-        run(_config(f"optimizer.learning_rate={lr}"), output_dir=lone_dir)
+        lone_cfg = _config(f"optimizer.learning_rate={lr}", "trainer.per_client_eval=true")
+        run(lone_cfg, output_dir=lone_dir)
         lone = read_metrics(lone_dir / "metrics.jsonl")
         assert [r["step"] for r in records] == [r["step"] for r in lone]
         for mine, theirs in zip(records, lone, strict=True):
@@ -259,10 +271,9 @@ def test_run_sweep_logs_each_trial_like_a_lone_run(tmp_path, caplog):
         trial_status = json.loads((trial_dir / "status.json").read_text())
         assert trial_status["status"] == "completed"
         finals.append(trial_status["final"]["final/test/accuracy"])
-        assert (
-            f"  trial {name}: final/test/accuracy={finals[-1]:.4g}, "
-            f"final/test/loss={trial_status['final']['final/test/loss']:.4g}"
-        ) in sweep_log
+        # trainer.per_client_eval applies to every trial, as to a lone run.
+        assert "final/per_client/test/accuracy/mean" in trial_status["final"]
+        assert any(f"trial {name}: final/test/accuracy=" in m for m in sweep_log)
         import yaml
 
         trial_cfg = yaml.safe_load((trial_dir / ".hydra" / "config.yaml").read_text())
@@ -273,9 +284,15 @@ def test_run_sweep_logs_each_trial_like_a_lone_run(tmp_path, caplog):
     assert "2 trials in one program (lr=0.001, lr=0.01)" in sweep_log[0]
 
 
-def test_an_interrupted_sweep_resumes_to_the_uninterrupted_results(tmp_path):
-    from fedjax_exp.experiment import run
+def test_a_sweep_honours_the_progress_bar(tmp_path, capsys):
+    sweep = ["trainer.vectorize.learning_rates=[0.001,0.01]"]
+    run(_config(*sweep, "trainer.progress_bar=true"), output_dir=tmp_path / "bar")
+    assert "train: 100%" in capsys.readouterr().err
+    run(_config(*sweep), output_dir=tmp_path / "no-bar")
+    assert "train:" not in capsys.readouterr().err
 
+
+def test_an_interrupted_sweep_resumes_to_the_uninterrupted_results(tmp_path):
     sweep = ("trainer.vectorize.learning_rates=[0.001,0.01]", "trainer.checkpoint_every=2")
     run(_config(*sweep), output_dir=tmp_path / "whole")
     run(_config(*sweep, "trainer.steps=2"), output_dir=tmp_path / "resumed")
@@ -301,4 +318,5 @@ def test_an_interrupted_sweep_resumes_to_the_uninterrupted_results(tmp_path):
 def test_seed_sweep_rejects_seed_dependent_data(tmp_path):
     cfg = _config("dataset=synthetic", "trainer.vectorize.seeds=[0,1]")
     with pytest.raises(ConfigError, match="dataset config depends on seed"):
-        _run_sweep(cfg, tmp_path)
+        run(cfg, output_dir=tmp_path / "run")
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
