@@ -1,4 +1,4 @@
-"""Tests of the run comparison report (fedjax_exp.experiment.compare) on synthetic job dirs."""
+"""The run comparison report (fedjax_exp.experiment.compare) on synthetic run dirs."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import sys
 import pytest
 import yaml
 
-from fedjax_exp.experiment import compare
+from fedjax_exp.experiment import compare, run_record
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -25,15 +25,18 @@ def make_job(
     overrides: list[str] | None = None,
     status: dict | None = None,
     raw_tail: str = "",
+    choices: dict | None = None,
 ) -> pathlib.Path:
-    """Writes a job directory in the runner's layout."""
+    """Writes a run dir in the runner's layout (and Hydra's choices when given)."""
     job_dir.mkdir(parents=True, exist_ok=True)
     text = "".join(json.dumps(r) + "\n" for r in records) + raw_tail
     (job_dir / "metrics.jsonl").write_text(text)
     if config is not None:
+        run_record.write(job_dir, config, overrides or [])
+    if choices is not None:
         (job_dir / ".hydra").mkdir(exist_ok=True)
-        (job_dir / ".hydra" / "config.yaml").write_text(yaml.safe_dump(config))
-        (job_dir / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides or []))
+        hydra = {"hydra": {"runtime": {"choices": {**choices, "hydra/launcher": "basic"}}}}
+        (job_dir / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump(hydra))
     if status is not None:
         (job_dir / "status.json").write_text(json.dumps(status))
     return job_dir
@@ -43,8 +46,8 @@ def base_config(lr: float, seed: int) -> dict:
     return {
         "seed": seed,
         "model": {"name": "logistic"},
-        "optimizer": {"name": "adam", "learning_rate": lr},
-        "trainer": {"num_steps": 20, "batch_size": 8},
+        "optimizer": {"_target_": "adam", "learning_rate": lr},
+        "trainer": {"steps": 20, "batch_size": 8},
     }
 
 
@@ -58,33 +61,45 @@ def history(accs: list[float], losses: list[float], final_acc: float) -> list[di
     return records
 
 
+COMPLETED = {"status": "completed", "step": 20, "error": None, "final": {}}
+
+
 @pytest.fixture
 def sweep(tmp_path: pathlib.Path) -> pathlib.Path:
-    """A 4-job sweep over lr in {0.1, 0.01} x seed in {0, 1}, job 3 failed."""
+    """A 4-job sweep over lr in {0.1, 0.01} x seed in {0, 1}; job 3 diverged (nulls)."""
     root = tmp_path / "multirun" / "2024-01-01" / "12-00-00"
-    (root).mkdir(parents=True)
-    (root / "multirun.yaml").write_text("hydra: {}\n")
     specs = [
         (0.1, 0, [0.5, 0.7], [2.0, 1.0], 0.75),
-        (0.1, 1, [0.4, 0.9], [2.5, 0.5], 0.85),
+        (0.1, 1, [0.9, 0.8], [2.5, 0.5], 0.85),
         (0.01, 0, [0.2, 0.3], [3.0, 2.9], 0.35),
     ]
     for num, (lr, seed, accs, losses, final) in enumerate(specs):
-        make_job(
-            root / str(num),
-            history(accs, losses, final),
-            base_config(lr, seed),
-            [f"optimizer.learning_rate={lr}", f"seed={seed}"],
-            {"status": "completed", "step": 20, "error": None, "final": {}},
-        )
+        overrides = ["model=logistic", f"optimizer.learning_rate={lr}", f"seed={seed}"]
+        make_job(root / str(num), history(accs, losses, final), base_config(lr, seed), overrides)
+        (root / str(num) / "status.json").write_text(json.dumps(COMPLETED))
     make_job(
         root / "3",
-        [{"step": 10, "time": 1.0, "train/loss": "nan"}],
+        # How the writers record a non-finite loss: null.
+        [{"step": 10, "time": 1.0, "train/loss": None}],
         base_config(0.01, 1),
-        ["optimizer.learning_rate=0.01", "seed=1"],
+        ["model=logistic", "optimizer.learning_rate=0.01", "seed=1"],
         {"status": "failed", "step": 10, "error": "loss is nan at step 10", "final": {}},
     )
     return root
+
+
+def test_a_diverged_run_keeps_its_non_finite_values(sweep, tmp_path):
+    # The writers store NaN/inf as null; the report must show them, not drop the run's metric.
+    diverged = compare.load_run(sweep / "3")
+    assert list(diverged.history) == ["train/loss"]
+    assert math.isnan(diverged.history["train/loss"][10])
+    runs = compare.find_runs([sweep])
+    table = compare.runs_table(runs, ["train/loss"])
+    row = table[table["dir"] == "12-00-00/3"].iloc[0]
+    assert row["train/loss"] == "nan" and row["status"] == "failed: loss is nan at step 10"
+    fig = compare.figure(runs, "train/loss")
+    labels = fig.axes[0].get_legend_handles_labels()[1]
+    assert "optimizer.learning_rate=0.01 seed=1 [failed]" in labels
 
 
 def test_find_runs_discovers_jobs_recursively_in_natural_order(tmp_path):
@@ -95,47 +110,27 @@ def test_find_runs_discovers_jobs_recursively_in_natural_order(tmp_path):
     (root / "not_a_run").mkdir()
     runs = compare.find_runs([root])
     assert [r.name for r in runs] == ["sweep/0", "sweep/2", "sweep/10", "sweep/nested/deeper/job"]
+    # Without overrides a run is labelled by its path.
+    assert [r.label for r in runs] == [r.name for r in runs]
     # The same run given twice (as the sweep and as the job) is listed once.
     assert len(compare.find_runs([root, root / "2"])) == 4
 
 
-def test_single_job_dir_is_named_after_itself(tmp_path):
-    job = make_job(tmp_path / "12-34-56", [{"step": 1, "train/loss": 1.0}])
-    (run,) = compare.find_runs([job])
-    assert run.name == "12-34-56"
-    assert run.status == "incomplete"
-    assert run.config == {} and run.overrides == []
-
-
-def test_read_metrics_resumed_run_keeps_last_value_and_skips_partial_tail(tmp_path):
+def test_resumed_run_keeps_the_last_value_and_skips_a_partial_tail(tmp_path):
     job = make_job(
         tmp_path / "job",
         [
             {"step": 1, "time": 0.1, "train/loss": 3.0},
             {"step": 2, "time": 0.2, "train/loss": 2.0, "note": "text", "flag": True},
-            # Resumed from step 1: step 2 is logged again with a new value.
-            {"step": 2, "time": 0.3, "train/loss": 1.5},
-            {"step": 3, "time": 0.4, "train/loss": 1.0},
-            {"step": 4, "time": 0.5, "train/loss": "inf", "eval/loss": "-inf"},
-            {"step": 5, "time": 0.6, "train/loss": "NaN"},
+            {"step": 2, "time": 0.3, "train/loss": 1.5},  # Resumed from step 1.
+            {"step": 3, "time": 0.4, "train/loss": None, "eval/loss": 0.5},
         ],
-        raw_tail='{"step": 6, "train/lo',
+        raw_tail='{"step": 4, "train/lo',
     )
-    metrics = compare.read_metrics(job / "metrics.jsonl")
-    assert metrics.keys() == {"train/loss", "eval/loss"}
-    assert [metrics["train/loss"][s] for s in (1, 2, 3, 4)] == [3.0, 1.5, 1.0, math.inf]
-    assert math.isnan(metrics["train/loss"][5])
-    assert metrics["eval/loss"] == {4: -math.inf}
-
-
-def test_read_metrics_rejects_malformed_line_with_location(tmp_path):
-    path = tmp_path / "metrics.jsonl"
-    path.write_text('{"step": 1, "a": 1}\nnot json\n{"step": 2, "a": 2}\n')
-    with pytest.raises(compare.CompareError, match=re.escape(f"{path}:2: not a JSON object")):
-        compare.read_metrics(path)
-    path.write_text('{"time": 1.0, "a": 1}\n{"step": 2}\n')
-    with pytest.raises(compare.CompareError, match='needs an integer "step"'):
-        compare.read_metrics(path)
+    history = compare.read_history(job / "metrics.jsonl")
+    assert history.keys() == {"train/loss", "eval/loss"}
+    assert [history["train/loss"][s] for s in (1, 2)] == [3.0, 1.5]
+    assert math.isnan(history["train/loss"][3]) and history["eval/loss"] == {3: 0.5}
 
 
 def test_status_final_and_logged_final_metrics(tmp_path):
@@ -146,157 +141,204 @@ def test_status_final_and_logged_final_metrics(tmp_path):
             "status": "completed",
             "step": 5,
             "error": None,
-            "final": {"test/accuracy": 0.875, "final/test/num": 128},
+            "final": {"test/accuracy": 0.875, "final/test/num": 128, "final/test/x": None},
         },
     )
     run = compare.load_run(job)
     # The status file wins over the metrics file; keys are namespaced under final/.
-    assert run.final == {
-        "final/test/accuracy": 0.875,
-        "final/test/num": 128.0,
-        "final/test/loss": 0.25,
+    assert run.final.keys() == {
+        "final/test/accuracy",
+        "final/test/num",
+        "final/test/x",
+        "final/test/loss",
     }
-    assert run.history == {}
-    assert run.last_step == 5
+    assert run.final["final/test/accuracy"] == 0.875 and math.isnan(run.final["final/test/x"])
+    assert run.history == {} and run.last_step == 5
 
 
-def test_summarize_last_and_best_by_metric_direction(sweep):
-    run = compare.load_run(sweep / "1")
-    metrics = ["eval/test/accuracy", "final/test/accuracy", "train/loss"]
-    assert compare.summarize(run, metrics) == {
-        "eval/test/accuracy (last)": 0.9,
-        "eval/test/accuracy (best)": 0.9,
-        "final/test/accuracy": 0.85,
-        "train/loss (last)": 0.5,
-        "train/loss (best)": 0.5,
-    }
-    run0 = compare.load_run(sweep / "0")
-    assert run0.series("eval/test/accuracy") == ([10, 20], [0.5, 0.7])
-    failed = compare.load_run(sweep / "3")
-    # NaN is never "best"; a metric never logged is None.
-    assert compare.summarize(failed, metrics) == {
-        "eval/test/accuracy (last)": None,
-        "eval/test/accuracy (best)": None,
-        "final/test/accuracy": None,
-        "train/loss (last)": pytest.approx(float("nan"), nan_ok=True),
-        "train/loss (best)": None,
-    }
-    assert compare.best_value([0.3, 0.9, 0.5], "eval/test/accuracy") == 0.9
-    assert compare.best_value([0.3, 0.9, 0.5], "eval/test/loss") == 0.3
-    assert compare.best_value([0.3, 0.9, 0.5], "eval/test/error_rate") == 0.3
-
-
-def test_differing_keys_and_group_stats(sweep):
+def test_runs_are_labelled_by_the_overrides_that_differ(sweep):
     runs = compare.find_runs([sweep])
-    assert compare.differing_keys(runs) == ["optimizer.learning_rate", "seed"]
-    groups = compare.group_runs(runs, ["optimizer.learning_rate"])
-    # Groups in ascending order of the value (the sweep ran 0.1 first).
-    assert [(k, [r.name for r in v]) for k, v in groups.items()] == [
-        (("0.01",), ["12-00-00/2", "12-00-00/3"]),
-        (("0.1",), ["12-00-00/0", "12-00-00/1"]),
+    # model=logistic is in every run's overrides: left out of the labels.
+    assert [r.label for r in runs] == [
+        "optimizer.learning_rate=0.1 seed=0",
+        "optimizer.learning_rate=0.1 seed=1",
+        "optimizer.learning_rate=0.01 seed=0",
+        "optimizer.learning_rate=0.01 seed=1",
     ]
-    table = compare.grouped_table(groups, ["optimizer.learning_rate"], ["final/test/accuracy"])
-    assert table.header == ["optimizer.learning_rate", "runs", "failed", "final/test/accuracy"]
-    # (0.75 + 0.85) / 2 = 0.8, population std 0.05; the failed run has no final metric.
-    assert table.rows == [["0.01", "2", "1", "0.35 ± 0 (n=1)"], ["0.1", "2", "0", "0.8 ± 0.05"]]
-    assert compare.mean_std([1.0, None, float("nan"), 3.0]) == (2.0, 1.0, 2)
-    assert compare.mean_std([None]) is None
 
 
-def test_group_by_unknown_key_names_the_keys_that_differ(sweep):
+def test_runs_table_is_narrow_numerically_sorted_and_marks_failures(sweep):
     runs = compare.find_runs([sweep])
-    with pytest.raises(compare.CompareError, match="not a config key.*learning_rate, seed"):
-        compare.group_runs(runs, ["optimizer.lr"])
-
-
-def test_interpolations_resolved_where_possible(tmp_path):
-    job = make_job(tmp_path / "job", [{"step": 1, "a": 1.0}])
-    (job / ".hydra").mkdir()
-    (job / ".hydra" / "config.yaml").write_text(
-        "lr: 0.5\noptimizer:\n  learning_rate: ${lr}\nout: ${hydra:runtime.output_dir}\n"
-        "layers: [4, 8]\n"
-    )
-    config, overrides = compare.read_config(job)
-    assert config == {
-        "lr": 0.5,
-        "optimizer.learning_rate": 0.5,
-        "out": "${hydra:runtime.output_dir}",
-        "layers": [4, 8],
-    }
-    assert overrides == []
-
-
-def test_runs_table_marks_failed_and_shows_only_differing_config(sweep):
-    runs = compare.find_runs([sweep])
-    table = compare.runs_table(runs, ["final/test/accuracy"])
-    assert table.header == [
+    table = compare.runs_table(runs, ["eval/test/accuracy", "train/loss", "final/test/accuracy"])
+    # A "(best)" column only where some run's best differs from its last value (accuracy).
+    assert list(table.columns) == [
         "run",
+        "dir",
         "status",
         "step",
-        "optimizer.learning_rate",
-        "seed",
-        "overrides",
+        "eval/test/accuracy",
+        "eval/test/accuracy (best)",
+        "train/loss",
         "final/test/accuracy",
     ]
-    assert table.rows[0] == [
-        "12-00-00/0",
-        "completed",
-        "20",
-        "0.1",
-        "0",
+    # Sorted by learning rate as a number (0.01 < 0.1), then seed; failed runs marked.
+    assert table["run"].tolist() == [
+        "optimizer.learning_rate=0.01 seed=0",
+        "optimizer.learning_rate=0.01 seed=1 ✗",
         "optimizer.learning_rate=0.1 seed=0",
-        "0.75",
+        "optimizer.learning_rate=0.1 seed=1",
     ]
-    assert table.rows[3][1] == "failed: loss is nan at step 10"
-    assert table.failed == [False, False, False, True]
+    assert table.iloc[1, 4:].tolist() == ["—", "—", "nan", "—"]
+    assert table.iloc[3, 4:].tolist() == ["0.8", "0.9", "0.5", "0.85"]
+
+
+def test_best_value_by_metric_direction():
+    assert compare.best_value([0.3, 0.9, math.nan], "eval/test/accuracy") == 0.9
+    assert compare.best_value([0.3, 0.9, 0.5], "eval/test/loss") == 0.3
+    assert compare.best_value([0.3, 0.9, 0.5], "eval/test/error_rate") == 0.3
+    assert compare.best_value([math.nan], "train/loss") is None
+
+
+def test_seeds_are_aggregated_when_runs_differ_only_by_seed(sweep):
+    runs = compare.find_runs([sweep])
+    assert compare.differing_keys(runs) == ["optimizer.learning_rate", "seed"]
+    keys = compare.grouping_keys(runs, [])
+    assert keys == ["optimizer.learning_rate"]
+    groups = compare.group_runs(runs, keys)
+    table = compare.grouped_table(groups, keys, ["final/test/accuracy", "train/loss"])
+    assert list(table.columns) == [
+        "optimizer.learning_rate",
+        "runs",
+        "failed",
+        "final/test/accuracy",
+        "train/loss",
+    ]
+    # 0.01: one finite value of two runs, shown without "± 0"; 0.1: (0.75 + 0.85) / 2 = 0.8,
+    # population std 0.05.
+    assert table.values.tolist() == [
+        ["0.01", "2", "1", "0.35 (n=1)", "2.9 (n=1)"],
+        ["0.1", "2", "0", "0.8 ± 0.05", "0.75 ± 0.25"],
+    ]
+    # Runs that differ only by seed form one group.
+    same = [r for r in runs if r.config["optimizer.learning_rate"] == 0.1]
+    assert compare.grouping_keys(same, []) == []
+    assert compare.grouped_table({(): same}, [], ["final/test/accuracy"]).values.tolist() == [
+        ["all", "2", "0", "0.8 ± 0.05"]
+    ]
+    # Runs that differ in more than the seed, each its own group: nothing to aggregate.
+    assert compare.grouping_keys(runs[::2][:1] + runs[2:3], []) == []
+
+
+def test_group_by_a_config_group_choice(tmp_path):
+    root = tmp_path / "sweep"
+    for num, (opt, seed, acc) in enumerate([("sgd", 0, 0.5), ("adam", 0, 0.7), ("sgd", 1, 0.6)]):
+        make_job(
+            root / str(num),
+            [{"step": 1, "final/test/accuracy": acc}],
+            {"seed": seed, "optimizer": {"_target_": opt, "learning_rate": 0.1}},
+            [f"seed={seed}"] + (["optimizer=adam"] if opt == "adam" else []),
+            choices={"optimizer": opt, "model": "logistic"},
+        )
+    runs = compare.find_runs([root])
+    assert runs[0].choices == {"optimizer": "sgd", "model": "logistic"}
+    groups = compare.group_runs(runs, compare.grouping_keys(runs, ["optimizer"]))
+    table = compare.grouped_table(groups, ["optimizer"], ["final/test/accuracy"])
+    assert table.values.tolist() == [["adam", "1", "0", "0.7"], ["sgd", "2", "0", "0.55 ± 0.05"]]
+    with pytest.raises(compare.CompareError, match="neither a config key nor a config group"):
+        compare.grouping_keys(runs, ["optimizer.lr"])
+
+
+def test_choices_fall_back_to_group_overrides(tmp_path):
+    job = make_job(tmp_path / "j", [{"step": 1}], {"seed": 0}, ["optimizer=sgd", "seed=0"])
+    assert compare.load_run(job).choices == {"optimizer": "sgd"}
+
+
+def test_legend_sits_beside_the_axes_and_log_scale(sweep):
+    runs = compare.find_runs([sweep])
+    fig = compare.figure(runs, "train/loss", log_scale=True)
+    ax = fig.axes[0]
+    assert ax.get_yscale() == "log"
+    renderer = fig.canvas.get_renderer()
+    assert ax.get_legend().get_window_extent(renderer).x0 > ax.get_window_extent(renderer).x1
+    assert compare.figure(runs, "train/loss").axes[0].get_yscale() == "linear"
+    assert compare.png(fig).startswith(PNG_MAGIC)
+    assert compare.figure(runs, "eval/test/missing") is None
+
+
+def test_grouped_plot_draws_one_band_per_group(sweep):
+    runs = compare.find_runs([sweep])
+    groups = compare.group_runs(runs, ["optimizer.learning_rate"])
+    fig = compare.figure(runs, "eval/test/accuracy", groups, "lr")
+    (line,) = [ln for ln in fig.axes[0].get_lines() if ln.get_label().startswith("lr=0.1 ")]
+    assert line.get_label() == "lr=0.1 (n=2)"
+    assert line.get_xydata().tolist() == [[10, 0.7], [20, 0.75]]
+
+
+def test_many_runs_plot_without_a_legend(tmp_path):
+    runs = compare.find_runs(
+        [make_job(tmp_path / f"j{i}", [{"step": 1, "train/loss": i}]) for i in range(45)]
+    )
+    assert compare.figure(runs[:40], "train/loss").axes[0].get_legend() is not None
+    many = compare.figure(runs, "train/loss").axes[0]
+    assert many.get_legend() is None and "45 runs" in many.get_title()
 
 
 def test_write_report_markdown_and_html(sweep, tmp_path):
     runs = compare.find_runs([sweep])
     out = tmp_path / "report"
-    written = compare.write_report(runs, out, group_by=["optimizer.learning_rate"])
+    written = compare.write_report(runs, out)
     assert written == [out / "report.md", out / "report.html"]
     plots = sorted(p.name for p in (out / "plots").iterdir())
     # Default metrics: eval/*, final/* (table only) and train/loss.
     assert plots == ["eval_test_accuracy.png", "train_loss.png"]
-    for name in plots:
-        assert (out / "plots" / name).read_bytes().startswith(PNG_MAGIC)
-
     md = (out / "report.md").read_text()
     assert "4 run(s): 3 completed, 1 failed, 0 without a status file" in md
-    assert "## Grouped by optimizer.learning_rate (mean ± std)" in md
-    # Seeds 0 and 1 at lr 0.1: last accuracy 0.7, 0.9; final 0.75, 0.85; last loss 1.0, 0.5.
-    assert "| 0.1 | 2 | 0 | 0.8 ± 0.1 | 0.8 ± 0.1 | 0.8 ± 0.05 | 0.75 ± 0.25 | 0.75 ± 0.25 |" in md
-    assert "| **12-00-00/3** ✗ | failed: loss is nan at step 10 |" in md
+    assert "## Seeds aggregated (mean ± std)" in md
+    assert "| 0.1 | 2 | 0 | 0.75 ± 0.05 | 0.8 ± 0.1 | 0.8 ± 0.05 | 0.75 ± 0.25 |" in md
+    assert "| optimizer.learning_rate=0.01 seed=1 ✗ | 12-00-00/3 | failed: loss is nan" in md
     assert "![train/loss](plots/train_loss.png)" in md
-    assert "trainer.num_steps" not in md  # the same in every run
-
+    assert "trainer.steps" not in md  # the same in every run
     page = (out / "report.html").read_text()
     images = re.findall(r'src="data:image/png;base64,([^"]+)"', page)
-    assert len(images) == 2
-    assert base64.b64decode(images[0]).startswith(PNG_MAGIC)
-    assert page.count('<tr class="failed">') == 1
+    assert len(images) == 2 and base64.b64decode(images[0]).startswith(PNG_MAGIC)
+    assert "<td>optimizer.learning_rate=0.01 seed=1 ✗</td>" in page
     assert "plots/" not in page  # self-contained
 
 
 def test_write_report_metric_selection_and_format(sweep, tmp_path):
     runs = compare.find_runs([sweep])
     out = tmp_path / "r"
-    written = compare.write_report(runs, out, metrics=["train/*"], formats=["md"])
-    assert written == [out / "report.md"]
+    assert compare.write_report(runs, out, metrics=["train/*"], formats=["md"]) == [
+        out / "report.md"
+    ]
     assert sorted(p.name for p in (out / "plots").iterdir()) == ["train_loss.png"]
-    md = (out / "report.md").read_text()
-    assert "train/loss (best)" in md and "accuracy" not in md
+    assert "accuracy" not in (out / "report.md").read_text()
     with pytest.raises(compare.CompareError, match="matches none of the logged metrics"):
         compare.write_report(runs, out, metrics=["nope/*"])
     with pytest.raises(compare.CompareError, match="unknown report format"):
         compare.write_report(runs, out, formats=["pdf"])
 
 
+def test_a_failed_report_leaves_no_output_dir(sweep, tmp_path, monkeypatch):
+    runs = compare.find_runs([sweep])
+    out = tmp_path / "out"
+    with pytest.raises(compare.CompareError):
+        compare.write_report(runs, out, group_by=["nope"])
+    assert not out.exists()
+
+    def full_disk(self, data):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(pathlib.Path, "write_bytes", full_disk)
+    with pytest.raises(compare.CompareError, match="cannot write the report.*No space left"):
+        compare.write_report(runs, out)
+    assert not out.exists()
+
+
 def test_main_writes_report_and_prints_paths(sweep, tmp_path, capsys):
     out = tmp_path / "out"
-    code = compare.main([str(sweep), "--out", str(out), "--format", "html", "--group-by", "seed"])
-    assert code == 0
+    args = [str(sweep), "--out", str(out), "--format", "html", "--group-by", "seed", "--log-scale"]
+    assert compare.main(args) == 0
     assert capsys.readouterr().out.split() == [str(out / "report.html")]
     assert "Grouped by seed" in (out / "report.html").read_text()
 
@@ -307,20 +349,28 @@ def test_main_writes_report_and_prints_paths(sweep, tmp_path, capsys):
         ("empty", "no runs found under"),
         ("missing", "does not exist"),
         ("bad_json", "metrics.jsonl:1: not a JSON object"),
+        ("no_step", 'metrics.jsonl:1: each record needs an integer "step"'),
         ("bad_status", "status.json"),
+        ("bad_group", "--group-by nope is neither"),
     ],
 )
 def test_main_errors_are_one_line_and_nonzero(tmp_path, capsys, setup, message):
     target = tmp_path / "runs"
     target.mkdir()
+    args = []
     if setup == "missing":
         target = tmp_path / "absent"
     elif setup == "bad_json":
         (target / "metrics.jsonl").write_text('oops\n{"step": 1}\n')
+    elif setup == "no_step":
+        (target / "metrics.jsonl").write_text('{"time": 1}\n{"step": 1}\n')
     elif setup == "bad_status":
         make_job(target, [{"step": 1, "a": 1.0}])
         (target / "status.json").write_text("{broken")
-    code = compare.main([str(target), "--out", str(tmp_path / "out")])
+    elif setup == "bad_group":
+        make_job(target, [{"step": 1, "a": 1.0}])
+        args = ["--group-by", "nope"]
+    code = compare.main([str(target), "--out", str(tmp_path / "out"), *args])
     err = capsys.readouterr().err
     assert code == 1
     assert err.count("\n") == 1 and err.startswith("fedjax-compare: error: ")
@@ -328,50 +378,12 @@ def test_main_errors_are_one_line_and_nonzero(tmp_path, capsys, setup, message):
     assert not (tmp_path / "out").exists()  # nothing half-written
 
 
-def test_script_wrapper_help_mentions_wandb_sync(repo_root):
+def test_script_wrapper_help_says_how_to_read_offline_runs(repo_root):
     proc = subprocess.run(
         [sys.executable, str(repo_root / "scripts" / "compare_runs.py"), "--help"],
         capture_output=True,
         text=True,
         check=True,
     )
-    assert "wandb sync <job dir>/wandb/offline-run-*" in proc.stdout
-    assert "--group-by" in proc.stdout
-
-
-def test_nan_values_plot_without_error(tmp_path):
-    job = make_job(
-        tmp_path / "j",
-        [{"step": s, "train/loss": v} for s, v in [(1, 2.0), (2, math.nan), (3, math.inf)]],
-    )
-    runs = compare.find_runs([job])
-    assert compare.plot_metric(runs, "train/loss", tmp_path / "p.png")
-    assert (tmp_path / "p.png").read_bytes().startswith(PNG_MAGIC)
-    assert not compare.plot_metric(runs, "eval/test/accuracy", tmp_path / "q.png")
-    assert not (tmp_path / "q.png").exists()
-
-
-def _png_size(path: pathlib.Path) -> tuple[int, int]:
-    header = path.read_bytes()[16:24]  # The IHDR chunk: width, height.
-    return int.from_bytes(header[:4], "big"), int.from_bytes(header[4:], "big")
-
-
-def test_many_runs_plot_a_legend_beside_the_axes_then_none(tmp_path):
-    import warnings
-
-    runs = compare.find_runs(
-        [
-            make_job(tmp_path / f"j{i}", [{"step": s, "train/loss": i + 1 / s} for s in (1, 2)])
-            for i in range(45)
-        ]
-    )
-    sizes = {}
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # E.g. matplotlib's "Tight layout not applied".
-        for n in (3, 15, 45):
-            path = tmp_path / f"plot{n}.png"
-            assert compare.plot_metric(runs[:n], "train/loss", path)
-            sizes[n] = _png_size(path)
-    # 15 runs: the legend goes beside the axes, widening the image; 45: no legend at all.
-    assert sizes[15][0] > sizes[3][0]
-    assert sizes[45][0] <= sizes[3][0] + 10
+    assert "wandb leet inspect --json <job dir>/wandb/offline-run-*/run-*.wandb" in proc.stdout
+    assert "with an account" in proc.stdout and "--group-by" in proc.stdout
