@@ -4,11 +4,11 @@ A *run* is a directory holding a ``metrics.jsonl`` (layout: :mod:`.run_files`). 
 sweep directories, :func:`find_runs` loads every run below them and :func:`write_report` writes
 
 * a table with one row per run, labelled by the command-line overrides that differ across the
-  runs, with the last value of each selected metric (and its best where that differs), the
-  config values that differ and are not in the label, failed runs marked;
-* a grouped table (mean ± std over the runs of each group) when ``group_by`` names config keys
-  or config-group choices (``optimizer``), and by itself when runs differ only by their seeds;
-* one metric-vs-step plot per logged metric (one line per run, or a mean ± std band per group),
+  runs: the last value of each metric (and its best where that differs), the differing config
+  values not in the label, failed runs marked ✗;
+* a table of groups (mean ± std over their runs) for ``group_by`` config keys or config-group
+  choices (``optimizer``), and by itself over seeds when some runs differ only by their seed;
+* one metric-vs-step plot per logged metric (a line per run, or a mean ± std band per group),
 
 as ``report.md`` (PNGs in ``plots/``) and/or a self-contained ``report.html``.
 """
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import base64
-import contextlib
 import dataclasses
 import fnmatch
 import html
@@ -34,18 +33,8 @@ from typing import Any
 
 import yaml
 
-from fedjax_exp.experiment import run_record
+from fedjax_exp.experiment import run_files, run_record
 from fedjax_exp.experiment.errors import ConfigError
-from fedjax_exp.experiment.run_files import (
-    HYDRA_DIR,
-    METRICS_FILE,
-    RUN_LOG_FILE,
-    STATUS_FILE,
-    TRIALS_DIR,
-    WANDB_DIR,
-    MetricsFileError,
-    read_metrics,
-)
 from fedjax_exp.experiment.run_record import flatten
 
 FINAL_PREFIX = "final/"
@@ -53,8 +42,8 @@ RESERVED_KEYS = frozenset({"step", "time", "status", "error"})  # bookkeeping, n
 # Metrics whose name contains one of these are better when smaller; all others when larger.
 _LOWER_IS_BETTER = ("loss", "error", "perplexity", "regret")
 FORMATS = ("md", "html")
-SEED_KEY = "seed"
 LEGEND_MAX = 40  # More lines than this get no legend (grouping is the readable view).
+Groups = dict[tuple[str, ...], list["Run"]]
 
 
 class CompareError(ValueError):
@@ -66,10 +55,10 @@ class Run:
     """What the report needs from one run directory.
 
     ``name`` is the path relative to the directory the user gave; ``label`` (set by
-    :func:`find_runs`) the overrides that tell the run apart from the others. ``history`` maps
-    metric -> {step: value} (a step logged twice, by a resumed run, keeps the last value;
-    NaN for a non-finite value); ``choices`` the Hydra config-group choices (``optimizer:
-    adam``); ``status`` is ``completed``, ``failed`` or ``incomplete`` (no status file).
+    :func:`label_runs`) the overrides that tell the run apart. ``history`` maps metric ->
+    {step: value} (a step logged twice, by a resumed run, keeps the last value; NaN for a
+    non-finite value); ``choices`` the config-group choices (``{"optimizer": "adam"}``);
+    ``status`` is ``completed``, ``failed`` or ``incomplete`` (no status file).
     """
 
     path: pathlib.Path
@@ -92,9 +81,7 @@ class Run:
 
     def value(self, key: str) -> Any:
         """A config value (dotted key) or a config-group choice; None when neither exists."""
-        if key in self.config:
-            return self.config[key]
-        return self.choices.get(key)
+        return self.config[key] if key in self.config else self.choices.get(key)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -106,45 +93,39 @@ def _number(value: Any) -> float | None:
     booleans and histograms are not metrics (None)."""
     if value is None:
         return math.nan
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        return float(value)
-    return None
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
 
 
 def read_history(path: str | os.PathLike[str]) -> dict[str, dict[int, float]]:
     """A metrics file as metric -> {step: value} (see :class:`Run`)."""
     try:
-        records = read_metrics(path)
-    except (OSError, UnicodeDecodeError, MetricsFileError) as e:
+        records = run_files.read_metrics(path)
+    except (OSError, UnicodeDecodeError, run_files.MetricsFileError) as e:
         raise CompareError(str(e)) from e
     history: dict[str, dict[int, float]] = {}
     for record in records:
         for key, value in record.items():
-            number = _number(value)
-            if key not in RESERVED_KEYS and number is not None:
+            if key not in RESERVED_KEYS and (number := _number(value)) is not None:
                 history.setdefault(key, {})[record["step"]] = number
     return history
 
 
-def _read_json(path: pathlib.Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CompareError(f"cannot read {path}: {e}") from e
-
-
 def read_status(job_dir: pathlib.Path) -> tuple[str, str | None, dict[str, float]]:
     """``status.json`` as (status, error, final metrics under ``final/`` keys)."""
-    path = job_dir / STATUS_FILE
+    path = job_dir / run_files.STATUS_FILE
     if not path.is_file():
         return "incomplete", None, {}
-    status = _read_json(path)
+    try:
+        status = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CompareError(f"cannot read {path}: {e}") from e
     if not isinstance(status, dict):
         raise CompareError(f"{path}: expected a JSON object, got {type(status).__name__}")
-    final = {}
-    for key, value in (status.get("final") or {}).items():
-        if (number := _number(value)) is not None:
-            final[key if key.startswith(FINAL_PREFIX) else FINAL_PREFIX + key] = number
+    final = {
+        key if key.startswith(FINAL_PREFIX) else FINAL_PREFIX + key: number
+        for key, value in (status.get("final") or {}).items()
+        if (number := _number(value)) is not None
+    }
     return str(status.get("status", "incomplete")), status.get("error"), final
 
 
@@ -156,41 +137,23 @@ def _load_yaml(path: pathlib.Path) -> Any:
 
 
 def read_config(job_dir: pathlib.Path) -> tuple[dict[str, Any], list[str]]:
-    """The run's config (flattened) and command-line overrides: from the runner's record
-    (``run_config.json``) where there is one (Hydra rewrites ``.hydra/`` on every invocation,
-    also one the runner then rejects), else from ``.hydra/`` with interpolations resolved where
-    possible."""
+    """The run's config (flattened) and command-line overrides: the runner's record of the run
+    (``run_config.json``), else ``.hydra/`` (e.g. a vectorized sweep's trial dirs)."""
     try:
         record = run_record.read(job_dir)
     except ConfigError as e:
         raise CompareError(str(e)) from e
-    if record is not None:
-        return flatten(record["config"]), [str(o) for o in record.get("overrides") or []]
-    config: dict[str, Any] = {}
-    config_path = job_dir / HYDRA_DIR / "config.yaml"
-    if config_path.is_file():
-        from omegaconf import OmegaConf  # imported here: keeps `--help` fast
-
-        try:
-            cfg = OmegaConf.load(config_path)
-        except Exception as e:  # yaml and omegaconf raise many types
-            raise CompareError(f"cannot read {config_path}: {e}") from e
-        for key, value in flatten(OmegaConf.to_container(cfg, resolve=False)).items():
-            if isinstance(value, str) and "${" in value:
-                # ${hydra:...} resolves only inside a Hydra app: shown as written.
-                with contextlib.suppress(Exception):
-                    value = OmegaConf.select(cfg, key)
-            config[key] = value
-    overrides = _load_yaml(job_dir / HYDRA_DIR / "overrides.yaml") or []
-    return config, [str(o) for o in overrides]
+    if record is None:
+        hydra = job_dir / run_files.HYDRA_DIR
+        config, overrides = _load_yaml(hydra / "config.yaml"), _load_yaml(hydra / "overrides.yaml")
+        record = {"config": config or {}, "overrides": overrides}
+    return flatten(record["config"]), [str(o) for o in record.get("overrides") or []]
 
 
-def _choices(
-    job_dir: pathlib.Path, config: dict[str, Any], overrides: Sequence[str]
-) -> dict[str, str]:
+def _choices(job_dir: pathlib.Path, config: dict[str, Any], overrides: list[str]) -> dict:
     """Config-group choices: Hydra's record of them, then overrides of keys that are not
     config values (``optimizer=sgd``, not ``seed=1``)."""
-    hydra = _load_yaml(job_dir / HYDRA_DIR / "hydra.yaml") or {}
+    hydra = _load_yaml(job_dir / run_files.HYDRA_DIR / "hydra.yaml") or {}
     recorded = ((hydra.get("hydra") or {}).get("runtime") or {}).get("choices") or {}
     choices = {str(k): str(v) for k, v in recorded.items() if not str(k).startswith("hydra/")}
     for override in overrides:
@@ -203,9 +166,10 @@ def _choices(
 def load_run(job_dir: str | os.PathLike[str], name: str | None = None) -> Run:
     """Loads one run directory (which must hold a ``metrics.jsonl``)."""
     job_dir = pathlib.Path(job_dir)
-    if not (job_dir / METRICS_FILE).is_file():
-        raise CompareError(f"{job_dir} is not a run directory: it has no {METRICS_FILE}")
-    history = read_history(job_dir / METRICS_FILE)
+    metrics_file = job_dir / run_files.METRICS_FILE
+    if not metrics_file.is_file():
+        raise CompareError(f"{job_dir} is not a run directory: it has no {metrics_file.name}")
+    history = read_history(metrics_file)
     status, error, final = read_status(job_dir)
     for key, points in history.items():  # final/ lines count too (e.g. without a status file)
         if key.startswith(FINAL_PREFIX) and key not in final:
@@ -223,7 +187,7 @@ def load_run(job_dir: str | os.PathLike[str], name: str | None = None) -> Run:
         history={k: v for k, v in history.items() if not k.startswith(FINAL_PREFIX)},
         final=final,
         last_step=max(steps) if steps else None,
-        wandb_runs=sorted((job_dir / WANDB_DIR).glob("offline-run-*")),
+        wandb_runs=sorted((job_dir / run_files.WANDB_DIR).glob("offline-run-*")),
     )
 
 
@@ -233,22 +197,21 @@ def _natural_key(text: str) -> list[Any]:
 
 
 def _job_dirs(root: pathlib.Path, marker: str) -> list[tuple[str, pathlib.Path]]:
-    """(label, dir) of the dirs at or below ``root`` that hold ``marker``, in natural order."""
-    dirs = {p.parents[len(pathlib.Path(marker).parts) - 1] for p in root.rglob(marker)}
-    labelled = []
-    for job_dir in dirs:
+    """(name, dir) of the dirs at or below ``root`` that hold ``marker``, in natural order."""
+    depth = len(pathlib.Path(marker).parts) - 1
+    found = []
+    for job_dir in {p.parents[depth] for p in root.rglob(marker)}:
         rel = job_dir.relative_to(root).as_posix()
-        labelled.append((root.name if rel == "." else f"{root.name}/{rel}", job_dir))
-    return sorted(labelled, key=lambda item: _natural_key(item[1].as_posix()))
+        found.append((root.name if rel == "." else f"{root.name}/{rel}", job_dir))
+    return sorted(found, key=lambda item: _natural_key(item[1].as_posix()))
 
 
 def label_runs(runs: Sequence[Run]) -> None:
-    """Sets each run's ``label``: its overrides that not every run shares (e.g. ``seed=1``),
-    falling back to its path where that leaves runs without a label or with the same one."""
-    common = set.intersection(*(set(run.overrides) for run in runs)) if runs else set()
+    """Labels each run by its overrides that not every run shares (e.g. ``seed=1``), with its
+    path where that leaves it without a label or with another run's."""
+    common = set.intersection(*(set(run.overrides) for run in runs))
     for run in runs:
-        own = [o for o in run.overrides if o not in common and not o.startswith("hydra.")]
-        run.label = " ".join(own)
+        run.label = " ".join(o for o in run.overrides if o not in common)
     labels = [run.label for run in runs]
     for run in runs:
         if not run.label or labels.count(run.label) > 1:
@@ -257,75 +220,60 @@ def label_runs(runs: Sequence[Run]) -> None:
 
 def find_runs(paths: Sequence[str | os.PathLike[str]]) -> list[Run]:
     """Finds, loads and labels every run (dir with a metrics.jsonl) at or below ``paths``."""
-    if not paths:
-        raise CompareError("no directories given; pass one or more run or sweep directories")
     runs: list[Run] = []
     seen: set[pathlib.Path] = set()
-    for given in paths:
-        root = pathlib.Path(given)
-        if not root.exists():
-            raise CompareError(f"{root} does not exist; pass a run or sweep output directory")
-        if root.is_file():
-            raise CompareError(f"{root} is a file; pass the directory that holds {METRICS_FILE}")
-        for label, job_dir in _job_dirs(root, METRICS_FILE):
+    for root in map(pathlib.Path, paths):
+        if not root.is_dir():
+            problem = "is a file" if root.exists() else "does not exist"
+            raise CompareError(f"{root} {problem}; pass a run or sweep output directory")
+        for name, job_dir in _job_dirs(root, run_files.METRICS_FILE):
             if job_dir.resolve() not in seen:
                 seen.add(job_dir.resolve())
-                runs.append(load_run(job_dir, name=label))
+                runs.append(load_run(job_dir, name=name))
     if not runs:
         raise CompareError(
-            f"no runs found under {', '.join(str(p) for p in paths)}: no {METRICS_FILE} below "
-            "it; pass a job directory (outputs/<date>/<time>) or a sweep directory "
+            f"no runs found under {', '.join(map(str, paths))}: no {run_files.METRICS_FILE} "
+            "below it; pass a job directory (outputs/<date>/<time>) or a sweep directory "
             "(multirun/<date>/<time>)"
         )
     label_runs(runs)
     return runs
 
 
-@dataclasses.dataclass(frozen=True)
-class NotStarted:
-    """A Hydra job dir without metrics: its config was rejected, or it is still starting."""
-
-    name: str
-    path: pathlib.Path
-    error: str | None  # The last error its run.log records, if any.
-
-
-def find_not_started(paths: Sequence[str | os.PathLike[str]]) -> list[NotStarted]:
-    """Hydra job dirs (with ``.hydra/``) at or below ``paths`` that hold no metrics.jsonl."""
+def find_not_started(paths: Sequence[str | os.PathLike[str]]) -> list[tuple[str, str | None]]:
+    """(name, last logged error) of the Hydra job dirs at or below ``paths`` without metrics:
+    rejected configs (or jobs still starting)."""
     found = []
-    for given in paths:
-        root = pathlib.Path(given)
-        for label, job_dir in _job_dirs(root, f"{HYDRA_DIR}/config.yaml") if root.is_dir() else []:
-            if not (job_dir / METRICS_FILE).exists() and not (job_dir / TRIALS_DIR).is_dir():
-                found.append(NotStarted(label, job_dir, _last_logged_error(job_dir)))
+    for root in (pathlib.Path(p) for p in paths if pathlib.Path(p).is_dir()):
+        for name, job_dir in _job_dirs(root, f"{run_files.HYDRA_DIR}/config.yaml"):
+            files = (run_files.METRICS_FILE, run_files.TRIALS_DIR)
+            if not any((job_dir / f).exists() for f in files):
+                found.append((name, _last_logged_error(job_dir / run_files.RUN_LOG_FILE)))
     return found
 
 
-def _last_logged_error(job_dir: pathlib.Path) -> str | None:
+def _last_logged_error(log_file: pathlib.Path) -> str | None:
     try:
-        text = (job_dir / RUN_LOG_FILE).read_text(encoding="utf-8", errors="replace")
+        lines = log_file.read_text(encoding="utf-8", errors="replace").splitlines()
     except OSError:
         return None
-    errors = [line.split("[ERROR] - ", 1)[1] for line in text.splitlines() if "[ERROR] - " in line]
+    errors = [line.split("[ERROR] - ", 1)[1] for line in lines if "[ERROR] - " in line]
     return errors[-1] if errors else None
 
 
 # ---------------------------------------------------------------------------------------------
-# Summarizing
+# Summarizing and grouping
 
 
 def lower_is_better(metric: str) -> bool:
     """Whether smaller values of ``metric`` are better (losses and errors)."""
-    leaf = metric.rsplit("/", 1)[-1].lower()
-    return any(word in leaf for word in _LOWER_IS_BETTER)
+    return any(word in metric.rsplit("/", 1)[-1].lower() for word in _LOWER_IS_BETTER)
 
 
 def best_value(values: Iterable[float], metric: str) -> float | None:
     """The best finite value (max, or min for losses); None when there is none."""
     finite = [v for v in values if math.isfinite(v)]
-    if not finite:
-        return None
-    return min(finite) if lower_is_better(metric) else max(finite)
+    return (min if lower_is_better(metric) else max)(finite) if finite else None
 
 
 def _canonical(value: Any) -> str:
@@ -335,9 +283,7 @@ def _canonical(value: Any) -> str:
 def differing_keys(runs: Sequence[Run]) -> list[str]:
     """Config keys whose value is not the same in every run (a missing key counts as differing)."""
     keys = sorted({k for run in runs for k in run.config})
-    return [
-        k for k in keys if len({_canonical(run.config.get(k, "<missing>")) for run in runs}) > 1
-    ]
+    return [k for k in keys if len({_canonical(run.config.get(k, "-")) for run in runs}) > 1]
 
 
 def select_metrics(runs: Sequence[Run], patterns: Sequence[str] | None) -> list[str]:
@@ -355,9 +301,9 @@ def select_metrics(runs: Sequence[Run], patterns: Sequence[str] | None) -> list[
 
 
 def summary_frame(runs: Sequence[Run], metrics: Sequence[str]) -> Any:
-    """A DataFrame, one row per run: each metric's last (or final) value, and a ``(best)``
-    column for a logged metric only where some run's best differs from its last value. NaN:
-    not logged, or not finite."""
+    """A DataFrame, one row per run: each metric's last (or final) value, plus a ``(best)``
+    column for a logged metric where some run's best differs from its last value. NaN: not
+    logged, or not finite."""
     import pandas as pd
 
     columns: dict[str, list[float]] = {}
@@ -366,12 +312,10 @@ def summary_frame(runs: Sequence[Run], metrics: Sequence[str]) -> Any:
             columns[metric] = [run.final.get(metric, math.nan) for run in runs]
             continue
         series = [run.series(metric)[1] for run in runs]
-        last = [values[-1] if values else math.nan for values in series]
+        columns[metric] = last = [values[-1] if values else math.nan for values in series]
         best = [best_value(values, metric) for values in series]
-        best = [math.nan if b is None else b for b in best]
-        columns[metric] = last
-        if any(b != v and not math.isnan(b) for b, v in zip(best, last, strict=True)):
-            columns[f"{metric} (best)"] = best
+        if any(b is not None and b != v for b, v in zip(best, last, strict=True)):
+            columns[f"{metric} (best)"] = [math.nan if b is None else b for b in best]
     return pd.DataFrame(columns, index=[run.label for run in runs], dtype=float)
 
 
@@ -383,39 +327,35 @@ def _sort_key(value: Any) -> tuple[int, Any]:
 
 
 def grouping_keys(runs: Sequence[Run], group_by: Sequence[str]) -> list[str]:
-    """The keys to group by: ``group_by`` (validated), else the differing config keys other
-    than the seed when runs differ by their seeds and some of them only by it; else none."""
+    """The keys to group by: ``group_by`` (checked), else the differing config keys but the
+    seeds (keys named ``*seed``) when some runs differ only by their seeds; else none."""
+    unknown = [k for k in group_by if all(run.value(k) is None for run in runs)]
+    if unknown:
+        raise CompareError(
+            f"--group-by {', '.join(unknown)} is neither a config key nor a config group of "
+            f"any run; keys that differ across these runs: {', '.join(differing_keys(runs))}"
+        )
     if group_by:
-        unknown = [k for k in group_by if all(run.value(k) is None for run in runs)]
-        if unknown:
-            hint = ", ".join(differing_keys(runs)) or "none"
-            raise CompareError(
-                f"--group-by {', '.join(unknown)} is neither a config key nor a config group "
-                f"of any run; keys that differ across these runs: {hint}"
-            )
         return list(group_by)
     differing = differing_keys(runs)
-    if SEED_KEY not in differing:
-        return []
-    others = [k for k in differing if k != SEED_KEY]
+    others = [k for k in differing if not k.rsplit(".", 1)[-1].endswith("seed")]
     values = [tuple(_canonical(run.value(k)) for k in others) for run in runs]
-    return others if len(set(values)) < len(values) else []
+    return others if len(others) < len(differing) and len(set(values)) < len(values) else []
 
 
-def group_runs(runs: Sequence[Run], keys: Sequence[str]) -> dict[tuple[str, ...], list[Run]]:
+def group_runs(runs: Sequence[Run], keys: Sequence[str]) -> Groups:
     """Runs grouped by their values of ``keys``, groups in numeric/natural order of the values."""
-    groups: dict[tuple[str, ...], list[Run]] = {}
+    groups: Groups = {}
     order: dict[tuple[str, ...], Any] = {}
     for run in runs:
         raw = [run.value(k) for k in keys]
-        value = tuple(_format(v) for v in raw)
-        groups.setdefault(value, []).append(run)
-        order.setdefault(value, [_sort_key(v) for v in raw])
+        groups.setdefault(value := tuple(map(_format, raw)), []).append(run)
+        order.setdefault(value, list(map(_sort_key, raw)))
     return {value: groups[value] for value in sorted(groups, key=order.__getitem__)}
 
 
 # ---------------------------------------------------------------------------------------------
-# Tables (pandas DataFrames of strings, rendered to Markdown or HTML)
+# Tables: pandas DataFrames of strings, rendered to Markdown or HTML
 
 
 def _format(value: Any) -> str:
@@ -423,21 +363,18 @@ def _format(value: Any) -> str:
         return "—"
     if isinstance(value, float):
         return "nan" if math.isnan(value) else f"{value:.4g}"
-    if isinstance(value, list | tuple | dict):
-        return json.dumps(value, default=str)
-    return str(value)
+    return json.dumps(value, default=str) if isinstance(value, list | dict) else str(value)
 
 
 def runs_table(runs: Sequence[Run], metrics: Sequence[str]) -> Any:
-    """One row per run (sorted by the differing config values): label, dir, status, step,
-    differing config values not already in the label, and metrics (``—``: never logged)."""
-    config_keys = [
-        k
-        for k in differing_keys(runs)
-        if not any(o.startswith(f"{k}=") for run in runs for o in run.overrides)
-    ]
-    values = summary_frame(runs, metrics)
-    logged = {m: [m in run.history or m in run.final for run in runs] for m in metrics}
+    """One row per run, sorted by the differing config values: label (✗: failed), dir,
+    status, step, differing config values not set by an override, metrics (—: never logged)."""
+    import pandas as pd
+
+    differing = differing_keys(runs)
+    overridden = {o.partition("=")[0].lstrip("+~") for run in runs for o in run.overrides}
+    shown = [k for k in differing if k not in overridden]
+    values = summary_frame(runs, metrics).reset_index(drop=True)
     rows = []
     for i, run in enumerate(runs):
         row = {
@@ -445,68 +382,57 @@ def runs_table(runs: Sequence[Run], metrics: Sequence[str]) -> Any:
             "dir": run.name,
             "status": f"{run.status}: {run.error}" if run.error else run.status,
             "step": _format(run.last_step),
-            **{k: _format(run.config.get(k)) for k in config_keys},
+            **{k: _format(run.config.get(k)) for k in shown},
         }
-        for column in values.columns:
-            was_logged = logged[column.removesuffix(" (best)")][i]
-            row[column] = _format(float(values.iloc[i][column])) if was_logged else "—"
+        for column, value in values.iloc[i].items():
+            metric = column.removesuffix(" (best)")
+            row[column] = _format(value) if metric in run.history or metric in run.final else "—"
         rows.append(row)
-    order = sorted(
-        range(len(runs)),
-        key=lambda i: ([_sort_key(runs[i].value(k)) for k in differing_keys(runs)], i),
-    )
+    order = sorted(range(len(runs)), key=lambda i: [_sort_key(runs[i].value(k)) for k in differing])
+    return pd.DataFrame([rows[i] for i in order])
+
+
+def grouped_table(groups: Groups, keys: Sequence[str], metrics: Sequence[str]) -> Any:
+    """One row per group: its key values, run counts and each metric's mean ± (population)
+    std over its runs' finite values; one value shows no ±, and ``(n=k)`` says how many runs
+    had a finite value when not all did."""
     import pandas as pd
 
-    return pd.DataFrame([rows[i] for i in order], columns=list(rows[0]))
-
-
-def grouped_table(
-    groups: dict[tuple[str, ...], list[Run]], keys: Sequence[str], metrics: Sequence[str]
-) -> Any:
-    """One row per group: its key values, run counts and the mean ± std (population) of each
-    metric over its runs' finite values; a lone value shows no ± and ``(n=k)`` says how many
-    runs contributed when some had no finite value."""
-    import pandas as pd
-
-    everyone = [run for members in groups.values() for run in members]
-    frame = summary_frame(everyone, metrics).reset_index(drop=True)
+    members = [run for group in groups.values() for run in group]
+    frame = summary_frame(members, metrics).reset_index(drop=True)
     frame = frame.where(frame.map(math.isfinite))  # NaN and inf do not enter the mean
     rows, start = [], 0
-    for value, members in groups.items():
-        values, start = frame.iloc[start : start + len(members)], start + len(members)
-        row = dict(zip(keys or ["runs of"], value or ("all",), strict=True))
-        row["runs"] = str(len(members))
-        row["failed"] = str(sum(run.status == "failed" for run in members))
-        for column, column_values in values.items():
-            mean, std, n = column_values.mean(), column_values.std(ddof=0), column_values.count()
-            text = "—" if n == 0 else _format(mean) + (f" ± {std:.2g}" if n > 1 else "")
-            row[column] = text if n in (0, len(members)) else f"{text} (n={n})"
+    for value, group in groups.items():
+        part, start = frame.iloc[start : start + len(group)], start + len(group)
+        row = dict(zip(keys, value, strict=True)) if keys else {"runs of": "all"}
+        row["runs"] = str(len(group))
+        row["failed"] = str(sum(run.status == "failed" for run in group))
+        for column, values in part.items():
+            n = values.count()
+            text = _format(values.mean()) + (f" ± {values.std(ddof=0):.2g}" if n > 1 else "")
+            row[column] = "—" if n == 0 else text if n == len(group) else f"{text} (n={n})"
         rows.append(row)
-    return pd.DataFrame(rows).fillna("—")
+    return pd.DataFrame(rows)
 
 
 def _markdown(table: Any) -> str:
-    def cell(text: Any) -> str:
-        return str(text).replace("|", "\\|").replace("\n", " ")
+    def line(cells: Iterable[Any]) -> str:
+        return (
+            "| " + " | ".join(str(c).replace("|", "\\|").replace("\n", " ") for c in cells) + " |"
+        )
 
-    lines = ["| " + " | ".join(cell(c) for c in table.columns) + " |"]
-    lines.append("|" + "---|" * len(table.columns))
-    lines += ["| " + " | ".join(cell(c) for c in row) + " |" for row in table.itertuples(False)]
-    return "\n".join(lines)
+    rows = [line(row) for row in table.itertuples(index=False)]
+    return "\n".join([line(table.columns), "|" + "---|" * len(table.columns), *rows])
 
 
 # ---------------------------------------------------------------------------------------------
 # Plots
 
 
-def _slug(metric: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", metric).strip("_") or "metric"
-
-
 def figure(
     runs: Sequence[Run],
     metric: str,
-    groups: dict[tuple[str, ...], list[Run]] | None = None,
+    groups: Groups | None = None,
     group_label: str = "",
     log_scale: bool = False,
 ) -> Any:
@@ -564,24 +490,12 @@ def png(fig: Any) -> bytes:
 # ---------------------------------------------------------------------------------------------
 # The report
 
-_CSS = """
-body { font-family: system-ui, sans-serif; margin: 2em; color: #222; }
-table { border-collapse: collapse; margin: 1em 0; font-size: 0.9em; }
-th, td { border: 1px solid #ccc; padding: 0.3em 0.6em; text-align: left; }
-th { background: #f3f3f3; }
-img { max-width: 100%; }
-"""
-
-
-def _offline_hint(runs: Sequence[Run]) -> str:
-    offline = sum(len(run.wandb_runs) for run in runs)
-    if not offline:
-        return ""
-    return (
-        f"{offline} offline W&B run(s) found: read one with `wandb leet inspect --json "
-        "<job dir>/wandb/offline-run-*/run-*.wandb`; `wandb sync <job dir>/wandb/offline-run-*` "
-        "uploads them (needs a W&B account and `wandb login`)."
-    )
+_HTML_HEAD = """<!DOCTYPE html><html><head><meta charset="utf-8"><title>{title}</title><style>
+body {{ font-family: system-ui, sans-serif; margin: 2em; color: #222; }}
+table {{ border-collapse: collapse; margin: 1em 0; font-size: 0.9em; }}
+th, td {{ border: 1px solid #ccc; padding: 0.3em 0.6em; text-align: left; }}
+th {{ background: #f3f3f3; }} img {{ max-width: 100%; }}
+</style></head><body><h1>{title}</h1>"""
 
 
 def write_report(
@@ -592,82 +506,78 @@ def write_report(
     metrics: Sequence[str] | None = None,
     formats: Sequence[str] = FORMATS,
     title: str = "Run comparison",
-    not_started: Sequence[NotStarted] = (),
+    not_started: Sequence[tuple[str, str | None]] = (),
     log_scale: bool = False,
 ) -> list[pathlib.Path]:
-    """Writes the comparison report of ``runs`` into ``out_dir``; returns the files written.
+    """Writes the report of ``runs`` into ``out_dir``; returns the report files written.
 
-    Everything is computed before the first file is written, and a failed write removes an
-    ``out_dir`` it created, so a failure leaves no empty or partial report behind.
+    Everything is computed before the first file is written, and a failed write removes the
+    ``out_dir`` it created: a failure leaves no empty or partial report behind.
 
     Args:
       runs: the runs, e.g. from :func:`find_runs`.
-      out_dir: gets ``report.md`` and/or ``report.html``, and ``plots/`` for the Markdown.
-      group_by: config keys (dotted) or config groups to group runs by; empty: group by seed
-        automatically (see :func:`grouping_keys`).
+      out_dir: gets ``report.md`` (with ``plots/``) and/or ``report.html``.
+      group_by: config keys (dotted) or config groups to group runs by; empty: seeds are
+        aggregated by themselves (see :func:`grouping_keys`).
       metrics: glob patterns selecting metrics (default: final/*, eval/* and train/loss).
       formats: any of ``"md"`` and ``"html"``.
       title: the report's heading.
-      not_started: job dirs without metrics (:func:`find_not_started`), listed with errors.
+      not_started: (name, error) of job dirs without metrics (:func:`find_not_started`).
       log_scale: plot values on a log scale.
     """
     if not runs:
         raise CompareError("no runs to compare")
-    bad = [f for f in formats if f not in FORMATS]
-    if bad or not formats:
-        raise CompareError(f"unknown report format {bad or formats}; choose from md, html")
+    if not formats or set(formats) - set(FORMATS):
+        raise CompareError(f"unknown report format {list(formats)}; choose from md, html")
     if not runs[0].label:
         label_runs(runs)
     chosen = select_metrics(runs, metrics)
     keys = grouping_keys(runs, group_by)
     groups = group_runs(runs, keys) if group_by or keys else None
-    heading = f"Grouped by {', '.join(keys)}" if group_by else "Seeds aggregated"
     plots = {}
     for metric in (m for m in chosen if not m.startswith(FINAL_PREFIX)):  # final/: table only
         if (fig := figure(runs, metric, groups, ",".join(keys), log_scale)) is not None:
-            plots[metric] = (f"plots/{_slug(metric)}.png", png(fig))
+            plots[metric] = (f"plots/{re.sub(r'[^A-Za-z0-9_.-]+', '_', metric)}.png", png(fig))
     tables = [("Runs", runs_table(runs, chosen))]
     if groups:
+        heading = f"Grouped by {', '.join(keys)}" if group_by else "Seeds aggregated"
         tables.insert(0, (f"{heading} (mean ± std)", grouped_table(groups, keys, chosen)))
 
-    n_failed = sum(run.status == "failed" for run in runs)
-    n_incomplete = sum(run.status == "incomplete" for run in runs)
-    counts = f"{len(runs)} run(s): {len(runs) - n_failed - n_incomplete} completed"
-    counts += f", {n_failed} failed, {n_incomplete} without a status file (killed or running)"
+    failed = sum(run.status == "failed" for run in runs)
+    incomplete = sum(run.status == "incomplete" for run in runs)
+    notes = [
+        f"{len(runs)} run(s): {len(runs) - failed - incomplete} completed, {failed} failed, "
+        f"{incomplete} without a status file (killed or running)"
+    ]
     if not_started:
-        listed = "; ".join(f"{j.name} ({j.error})" if j.error else j.name for j in not_started)
-        counts += f"; {len(not_started)} job(s) never started (rejected, or starting): {listed}"
-    notes = [counts + ".", _offline_hint(runs)]
+        listed = "; ".join(f"{name} ({error})" if error else name for name, error in not_started)
+        notes[0] += f"; {len(not_started)} job(s) never started (rejected, or starting): {listed}"
+    if offline := sum(len(run.wandb_runs) for run in runs):
+        notes.append(
+            f"{offline} offline W&B run(s): read one with `wandb leet inspect --json <job dir>/"
+            "wandb/offline-run-*/run-*.wandb`; `wandb sync <job dir>/wandb/offline-run-*` "
+            "uploads them (needs a W&B account and `wandb login`)."
+        )
     notes.append("Sources: " + ", ".join(sorted({str(run.path.parent) for run in runs})))
 
     files: dict[str, bytes] = {}
     if "md" in formats:
-        parts = [f"# {title}", *(n for n in notes[:1])]
-        for name, table in tables:
-            parts += [f"## {name}", _markdown(table)]
-        if plots:
-            parts.append("## Metrics over steps")
-            parts += [f"![{metric}]({path})" for metric, (path, _) in plots.items()]
-        parts += [n for n in notes[1:] if n]
-        files["report.md"] = ("\n\n".join(parts) + "\n").encode()
+        parts = [f"# {title}", notes[0] + "."]
+        parts += [f"## {name}\n\n{_markdown(table)}" for name, table in tables]
+        parts += ["## Metrics over steps"] if plots else []
+        parts += [f"![{metric}]({path})" for metric, (path, _) in plots.items()]
+        files["report.md"] = "\n\n".join([*parts, *notes[1:]]).encode() + b"\n"
         files.update(plots.values())
     if "html" in formats:
-        parts = [
-            f'<!DOCTYPE html><html><head><meta charset="utf-8"><title>{html.escape(title)}'
-            f"</title><style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>",
-            f"<p>{html.escape(notes[0])}</p>",
-        ]
+        parts = [_HTML_HEAD.format(title=html.escape(title)), f"<p>{html.escape(notes[0])}.</p>"]
         for name, table in tables:
             parts += [f"<h2>{html.escape(name)}</h2>", table.to_html(index=False, border=0)]
-        if plots:
-            parts.append("<h2>Metrics over steps</h2>")
-            for metric, (_, image) in plots.items():
-                data = base64.b64encode(image).decode("ascii")
-                parts.append(
-                    f'<p><img alt="{html.escape(metric)}" src="data:image/png;base64,{data}"></p>'
-                )
-        parts += [f"<p>{html.escape(n)}</p>" for n in notes[1:] if n]
-        files["report.html"] = ("\n".join([*parts, "</body></html>"]) + "\n").encode()
+        parts += ["<h2>Metrics over steps</h2>"] if plots else []
+        for metric, (_, image) in plots.items():
+            data = base64.b64encode(image).decode("ascii")
+            parts.append(f'<p><img alt="{html.escape(metric)}" src="data:image/png;base64,{data}">')
+        parts += [f"<p>{html.escape(note)}</p>" for note in notes[1:]]
+        files["report.html"] = "\n".join([*parts, "</body></html>\n"]).encode()
 
     out = pathlib.Path(out_dir)
     created = not out.exists()
@@ -704,32 +614,27 @@ def build_parser() -> argparse.ArgumentParser:
     """The command-line interface of ``fedjax-compare`` / ``scripts/compare_runs.py``."""
     parser = argparse.ArgumentParser(
         prog="fedjax-compare",
-        description="Compare experiment runs: a table of the metrics of each run with the "
-        "overrides that differ, grouped tables (mean ± std) and metric-vs-step plots, as a "
-        "Markdown and/or self-contained HTML report.",
+        description="Compare experiment runs: tables of each run's metrics labelled by the "
+        "overrides that differ, of groups (mean ± std), and metric-vs-step plots, as Markdown "
+        "and/or self-contained HTML.",
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("paths", nargs="+", help="run or sweep output directories")
-    parser.add_argument("--out", default="compare_report", help="report dir (default: %(default)s)")
-    parser.add_argument(
+    add = parser.add_argument
+    add("paths", nargs="+", help="run or sweep output directories")
+    add("--out", default="compare_report", help="report directory (default: %(default)s)")
+    add(
         "--group-by",
         action="append",
         default=[],
         metavar="KEY",
         help="config group (optimizer) or dotted config key (optimizer.learning_rate) to group "
-        "runs by, repeatable or comma-separated; groups show mean ± std over their runs",
+        "runs by; repeatable or comma-separated",
     )
-    parser.add_argument(
-        "--metrics",
-        nargs="+",
-        metavar="GLOB",
-        help="metrics to show, as glob patterns, e.g. 'eval/test/*' (default: final/*, "
-        "eval/* and train/loss)",
-    )
-    parser.add_argument("--format", choices=[*FORMATS, "both"], default="both")
-    parser.add_argument("--title", default="Run comparison", help="report heading")
-    parser.add_argument("--log-scale", action="store_true", help="plot values on a log scale")
+    add("--metrics", nargs="+", metavar="GLOB", help="default: final/* eval/* train/loss")
+    add("--format", choices=[*FORMATS, "both"], default="both")
+    add("--title", default="Run comparison", help="report heading")
+    add("--log-scale", action="store_true", help="plot values on a log scale")
     return parser
 
 
@@ -737,9 +642,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the process exit code (0, or 1 with one error line on stderr)."""
     args = build_parser().parse_args(argv)
     try:
-        runs = find_runs(args.paths)
         written = write_report(
-            runs,
+            find_runs(args.paths),
             args.out,
             group_by=[k for arg in args.group_by for k in arg.split(",") if k],
             metrics=args.metrics,
@@ -751,8 +655,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (CompareError, OSError) as e:
         print(f"fedjax-compare: error: {e}", file=sys.stderr)
         return 1
-    for path in written:
-        print(path)
+    print(*written, sep="\n")
     return 0
 
 
