@@ -88,7 +88,7 @@ def check_completed_jobs(sweep_dir: pathlib.Path, seeds: list[int]) -> list[path
         status = read_status(job)
         assert status["status"] == "completed", status
         assert status["step"] == 4
-        records = compare.read_metrics(job / "metrics.jsonl")
+        records = compare.read_history(job / "metrics.jsonl")
         assert sorted(records["train/loss"]) == [2, 4]
         assert 0.0 <= records["final/test/accuracy"][4] <= 1.0
         summary = wandb_summary(wandb_records(job))
@@ -148,7 +148,7 @@ def test_basic_launcher_three_jobs_three_wandb_runs(basic_sweep):
     assert [o[-1] for o in overrides] == ["seed=0", "seed=1", "seed=2"]
     # Different seeds train differently.
     finals = [read_status(j)["final"] for j in jobs]
-    losses = [compare.read_metrics(j / "metrics.jsonl")["train/loss"][2] for j in jobs]
+    losses = [compare.read_history(j / "metrics.jsonl")["train/loss"][2] for j in jobs]
     assert len(set(losses)) == 3, (losses, finals)
 
 
@@ -177,7 +177,7 @@ def test_compare_report_renders_from_sweep(basic_sweep, tmp_path):
     accuracies = [read_status(j)["final"] for j in job_dirs(basic_sweep)]
     md = (out / "report.md").read_text()
     assert "3 run(s): 3 completed, 0 failed" in md
-    assert "| run | status | step | seed | overrides |" in md
+    assert "| run | dir | status | step |" in md and "| seed=0 | sweep/0 | completed |" in md
     for run, final in zip(runs, accuracies, strict=True):
         assert run.final["final/test/accuracy"] == pytest.approx(
             final.get("final/test/accuracy", final.get("test/accuracy"))
@@ -221,7 +221,7 @@ def test_failing_jobs_do_not_stop_the_others(repo_root, tmp_path):
     assert compare.main([str(sweep_dir), "--out", str(out), "--format", "md"]) == 0
     md = (out / "report.md").read_text()
     assert "3 run(s): 2 completed, 1 failed" in md
-    assert "| **sweep/1** ✗ | failed: Diverged: " in md
+    assert "| optimizer.learning_rate=1e+38 ✗ | sweep/1 | failed: Diverged: " in md
     # The rejected job is listed with the error it logged.
     assert (
         "1 job(s) never started (rejected, or starting): sweep/2 (config error: "

@@ -29,29 +29,14 @@ from fedjax_exp.experiment.run_files import RUN_CONFIG_FILE
 
 # Dotted keys that may change between a run and its resumption (a key covers its subtree).
 RESUMABLE_CHANGES = frozenset(
-    {
-        "task_name",
-        "optimized_metric",
-        "logger",
-        "metrics",
-        "trainer.steps",
-        "trainer.log_every",
-        "trainer.eval_every",
-        "trainer.eval_batch_size",
-        "trainer.eval_batches",
-        "trainer.per_client_eval",
-        "trainer.per_client_max_clients",
-        "trainer.checkpoint_every",
-        "trainer.keep_checkpoints",
-        "trainer.resume",
-        "trainer.progress_bar",
-        "trainer.steps_per_dispatch",
-        "trainer.prefetch",
-        "trainer.device_data",
-        "trainer.data_parallel",
-        "trainer.reuse_host_memory",
-        "trainer.compilation_cache",
-    }
+    ["task_name", "optimized_metric", "logger", "metrics"]
+    + [
+        f"trainer.{key}"
+        for key in "steps log_every eval_every eval_batch_size eval_batches per_client_eval "  # noqa: SIM905
+        "per_client_max_clients checkpoint_every keep_checkpoints resume progress_bar "
+        "steps_per_dispatch prefetch device_data data_parallel reuse_host_memory "
+        "compilation_cache".split()
+    ]
 )
 
 

@@ -23,24 +23,8 @@ from typing import Any, Protocol
 import numpy as np
 
 from fedjax_exp.core.atomic_file import atomic_write_text
-from fedjax_exp.experiment.run_files import (
-    METRICS_FILE,
-    STATUS_FILE,
-    WANDB_ID_FILE,
-    read_metrics,
-)
-
-__all__ = [
-    "WANDB_MIN_VERSION",
-    "JsonlWriter",
-    "MetricWriter",
-    "MultiWriter",
-    "WandbWriter",
-    "create_wandb_writer",
-    "read_metrics",
-    "wandb_run_id",
-    "write_status",
-]
+from fedjax_exp.experiment.run_files import METRICS_FILE, STATUS_FILE, WANDB_ID_FILE
+from fedjax_exp.experiment.run_files import read_metrics as read_metrics  # re-exported
 
 log = logging.getLogger(__name__)
 
