@@ -23,14 +23,6 @@ from fedjax_exp.models import emnist
 # --- pipeline pieces --------------------------------------------------------------------------
 
 
-def test_even_steps_per_dispatch_divides_the_intervals_when_it_can():
-    assert parallel.even_steps_per_dispatch(8, [50, 500, 500]) == 5
-    assert parallel.even_steps_per_dispatch(8, [64]) == 8
-    assert parallel.even_steps_per_dispatch(8, [7]) == 7
-    assert parallel.even_steps_per_dispatch(8, [3]) == 8  # 3 < 8 / 2: keep 8.
-    assert parallel.even_steps_per_dispatch(8, []) == 8
-
-
 def test_chunk_sizes_stop_at_every_interval():
     assert loop.chunk_sizes(0, 10, 4, [5]) == [4, 1, 4, 1]
     assert loop.chunk_sizes(3, 10, 8, [0, 4]) == [1, 4, 2]

@@ -141,15 +141,17 @@ def test_rerunning_a_dir_with_another_config_is_refused_and_changes_nothing(tmp_
     run_dir = tmp_path / "run"
     first = run_cli("trainer.steps=8", run_dir=run_dir, marker=marker)
     assert first.returncode == 0, first.stderr
+    # Every file, Hydra's .hydra/config.yaml and overrides.yaml included, byte for byte.
     before = {
-        name: (run_dir / name).read_bytes()
-        for name in ("metrics.jsonl", "status.json", "run_config.json")
+        str(p.relative_to(run_dir)): p.read_bytes() for p in run_dir.rglob("*") if p.is_file()
     }
+    assert ".hydra/config.yaml" in before and ".hydra/overrides.yaml" in before
     proc = run_cli("seed=5", "optimizer.learning_rate=0.5", run_dir=run_dir, marker=marker)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]
     assert "optimizer.learning_rate: 0.001 -> 0.5; seed: 0 -> 5" in proc.stderr
-    assert {name: (run_dir / name).read_bytes() for name in before} == before
+    after = {str(p.relative_to(run_dir)): p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    assert after == before
     assert steps_on_disk(run_dir) == [4, 8]
     # Training longer is the same run: it resumes and ends like the uninterrupted 12 steps.
     longer = run_cli(run_dir=run_dir, marker=marker)

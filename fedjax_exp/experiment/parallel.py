@@ -8,8 +8,7 @@ Why each ``auto`` default is what it is, with the measurements: docs/performance
 from __future__ import annotations
 
 import dataclasses
-import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -78,18 +77,6 @@ class SpeedSettings:
     data_parallel: bool
 
 
-def even_steps_per_dispatch(per_dispatch: int, intervals: Iterable[int]) -> int:
-    """The largest ``k <= per_dispatch`` dividing every positive interval if it is at least
-    ``per_dispatch / 2``, else ``per_dispatch``: with every dispatch as long, one program is
-    compiled instead of one more per shorter dispatch (8 -> 5 for ``log_every=50``)."""
-    every = [i for i in intervals if i and i > 0]
-    if not every:
-        return per_dispatch
-    common = math.gcd(*every)
-    k = max(d for d in range(1, per_dispatch + 1) if common % d == 0)
-    return k if 2 * k >= per_dispatch else per_dispatch
-
-
 def resolve_speed_settings(
     trainer: Mapping[str, Any],
     backend: str,
@@ -106,8 +93,7 @@ def resolve_speed_settings(
       and fits (a quarter of an accelerator's memory; 1 GiB on CPU, where the "device" is
       host memory and a copy doubles it);
     - ``steps_per_dispatch``: 8, but 1 on CPU for a step that convolves or may
-      (``uses_convolution()`` not False); then lowered to divide the log/eval/checkpoint
-      intervals where that costs at most half (:func:`even_steps_per_dispatch`).
+      (``uses_convolution()`` not False).
     """
 
     def setting(key: str) -> Any:
@@ -126,11 +112,8 @@ def resolve_speed_settings(
         device_data = data_bytes is not None and data_bytes <= limit
     spd = setting("steps_per_dispatch")
     if spd is None:
-        spd = STEPS_PER_DISPATCH
-        if backend == "cpu" and uses_convolution() is not False:
-            spd = 1
-        intervals = [trainer.get(k, 0) for k in ("log_every", "eval_every", "checkpoint_every")]
-        spd = even_steps_per_dispatch(spd, [int(i or 0) for i in intervals])
+        convolves = backend == "cpu" and uses_convolution() is not False
+        spd = 1 if convolves else STEPS_PER_DISPATCH
     return SpeedSettings(int(spd), bool(device_data), bool(data_parallel))
 
 

@@ -16,7 +16,7 @@ import dataclasses
 import logging
 import os
 import pathlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from omegaconf import DictConfig
@@ -154,11 +154,44 @@ class _Member:
     """One run the runner writes: the plain run itself, or one trial of a sweep."""
 
     directory: pathlib.Path
-    config: dict[str, Any]
     writer: Any
     jsonl: Any
     final: dict[str, float] = dataclasses.field(default_factory=dict)
     error: str | None = None
+
+
+def _open_members(container, out, trials, start_step, resumed, clock) -> list[_Member]:
+    """The run's writers (metrics.jsonl, W&B), one set per trial of a sweep."""
+    from fedjax_exp.experiment import vectorized, writers
+
+    name, group = _job_name_and_group(str(container.get("task_name", "train")))
+    wandb_settings = (container.get("logger") or {}).get("wandb")
+    members = []
+    for trial in trials or [None]:
+        directory, config, run_name = out, container, name
+        if trial is not None:  # Its own run dir and W&B run, grouped under the sweep's name.
+            directory = out / vectorized.TRIALS_DIR / trial.name
+            config = vectorized.trial_config(container, trial)
+            run_name = (
+                f"{wandb_settings.get('name') or name}/{trial.name}" if wandb_settings else ""
+            )
+            group = (wandb_settings or {}).get("group") or name
+            vectorized.write_trial_hydra_files(directory, config, trial)
+        directory.mkdir(parents=True, exist_ok=True)
+        jsonl = writers.JsonlWriter(directory, clock, resume_step=start_step if resumed else None)
+        parts = [jsonl]
+        if wandb_settings:
+            settings = {**wandb_settings, "name": None} if trial is not None else wandb_settings
+            wandb_writer = writers.create_wandb_writer(
+                settings,
+                directory=directory,
+                config=config,
+                default_name=run_name,
+                default_group=group,
+            )
+            parts += [wandb_writer] if wandb_writer is not None else []
+        members.append(_Member(directory, writers.MultiWriter(parts), jsonl))
+    return members
 
 
 def _run_validated(cfg: DictConfig, container: dict[str, Any], out: pathlib.Path) -> float:
@@ -166,15 +199,7 @@ def _run_validated(cfg: DictConfig, container: dict[str, Any], out: pathlib.Path
     from fedjax_exp.experiment import vectorized
 
     trainer = container["trainer"]
-    spec = trainer.get("vectorize") or {}
-    trials = None
-    if spec.get("learning_rates") is not None or spec.get("seeds") is not None:
-        base_lr = (container.get("optimizer") or {}).get("learning_rate")
-        trials = vectorized.expand_trials(
-            spec.get("learning_rates"), spec.get("seeds"), base_lr, int(container["seed"])
-        )
-        vectorized.check_seed_independent(cfg, trials)
-        make_optimizer = vectorized.make_optimizer_factory(cfg)
+    trials = vectorized.trials_of(cfg, container)  # None: a plain run.
     own_checkpoints = out / CHECKPOINTS_DIR
     source = _resume_source(trainer["resume"], own_checkpoints)
     if source is not None and source[0].resolve() == own_checkpoints.resolve():
@@ -186,42 +211,29 @@ def _run_validated(cfg: DictConfig, container: dict[str, Any], out: pathlib.Path
 
     # JAX reports at INFO that it found no TPU; Hydra's job logging would print that.
     logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
-    from fedjax_exp.experiment import builders, compilation_cache, loop, parallel, writers
+    from fedjax_exp.experiment import builders, compilation_cache, loop, parallel
     from fedjax_exp.experiment.checkpoints import Checkpointer
     from fedjax_exp.experiment.evaluation import Evaluator
 
     # Before anything large is allocated / compiled (see docs/performance-notes.md).
     parallel.configure_host_memory(trainer, jax.default_backend())
     compilation_cache.enable(trainer.get("compilation_cache"))
-
     model, train_model, train_data, test_data = builders.build_model_and_data(cfg)
 
     def make_algorithm(optimizer: Any) -> Any:
         return builders.build_algorithm(cfg, train_model, optimizer, train_data)
 
-    name, group = _job_name_and_group(str(container.get("task_name", "train")))
     if trials is None:
         algorithm = make_algorithm(builders.build_optimizer(cfg))
         init_rng, train_rng = jax.random.split(jax.random.PRNGKey(int(container["seed"])))
-        members = [(out, container, name)]
     else:
+        make_optimizer = vectorized.make_optimizer_factory(cfg)
         algorithm = vectorized.VectorizedTraining(make_algorithm, make_optimizer, trials)
         init_rng, train_rng = vectorized.trial_keys(trials)
-        sweep_name = (container.get("logger") or {}).get("wandb", {}) or {}
-        sweep_name = sweep_name.get("name") or name
-        members = [
-            (
-                out / vectorized.TRIALS_DIR / t.name,
-                vectorized.trial_config(container, t),
-                f"{sweep_name}/{t.name}",
-            )
-            for t in trials
-        ]
     try:
         speed = parallel.speed_up(algorithm, trainer)
     except ValueError as e:
         raise ConfigError(str(e)) from e
-
     state = algorithm.init(init_rng)
     start_step, elapsed = 0, 0.0
     if source is not None:
@@ -245,31 +257,10 @@ def _run_validated(cfg: DictConfig, container: dict[str, Any], out: pathlib.Path
 
     # From here on the run writes files; every exit path records how it ended.
     save_hydra_files(out, cfg)
-    run_record.write(
-        out, container, list(_hydra_config().overrides.task) if _hydra_config() else []
-    )
+    hc = _hydra_config()
+    run_record.write(out, container, list(hc.overrides.task) if hc is not None else [])
     clock = loop.Clock(elapsed)
-    wandb_settings = (container.get("logger") or {}).get("wandb")
-    runs: list[_Member] = []
-    for index, (directory, config, run_name) in enumerate(members):
-        directory.mkdir(parents=True, exist_ok=True)
-        if trials is not None:
-            vectorized.write_trial_hydra_files(directory, config, trials[index])
-        jsonl = writers.JsonlWriter(directory, clock, resume_step=start_step if source else None)
-        parts: list[Any] = [jsonl]
-        if wandb_settings:
-            # A sweep's trials: one W&B run each, grouped under the sweep's name.
-            settings = {**wandb_settings, "name": None} if trials else wandb_settings
-            sweep_group = wandb_settings.get("group") or name
-            wandb_writer = writers.create_wandb_writer(
-                settings,
-                directory=directory,
-                config=config,
-                default_name=run_name,
-                default_group=group if trials is None else sweep_group,
-            )
-            parts += [wandb_writer] if wandb_writer is not None else []
-        runs.append(_Member(directory, config, writers.MultiWriter(parts), jsonl))
+    members = _open_members(container, out, trials, start_step, source is not None, clock)
     evaluator = Evaluator(
         model,
         {"train": train_data, "test": test_data},
@@ -300,34 +291,33 @@ def _run_validated(cfg: DictConfig, container: dict[str, Any], out: pathlib.Path
             seed=int(container["seed"]),
             rng=train_rng,
             settings=settings,
-            writers=[r.writer for r in runs],
+            writers=[m.writer for m in members],
             evaluator=evaluator,
             checkpointer=checkpointer,
             clock=clock,
             on_step=on_step,
         )
-        for index, member in enumerate(runs):
+        for index, member in enumerate(members):
             params = algorithm.eval_params(state, index)
             member.final = evaluator.final(params, "test")
             if trainer.get("per_client_eval"):
-                summary, values = evaluator.per_client(
-                    params, "test", trainer.get("per_client_max_clients")
-                )
+                limit = trainer.get("per_client_max_clients")
+                summary, values = evaluator.per_client(params, "test", limit)
                 member.final.update(summary)
                 key = "final/per_client/test/histogram"
                 member.writer.write_histogram(step, key, values.tolist())
             member.writer.write_scalars(step, member.final)
             member.writer.write_summary(member.final)
-            if index in diverged:
-                member.error = f"Diverged: {diverged[index]}"
-            ended = f" ({member.error})" if member.error else ""
+            member.error = f"Diverged: {diverged[index]}" if index in diverged else None
             label = f"trial {trials[index].name}: " if trials is not None else ""
+            ended = f" ({member.error})" if member.error else ""
+            metrics = run_log.format_metrics(member.final)
             log.info(
                 "finished step %d after %.1f s of training: %s%s%s",
                 step,
                 clock(),
                 label,
-                run_log.format_metrics(member.final),
+                metrics,
                 ended,
             )
         completed = True
@@ -338,66 +328,73 @@ def _run_validated(cfg: DictConfig, container: dict[str, Any], out: pathlib.Path
             where = f"step {kept} in {own_checkpoints}" if kept is not None else "none"
             e.args = (f"{e}; last good checkpoint: {where}",)
             error = f"{type(e).__name__}: {e}"
-        for member in runs:
+        for member in members:
             member.error = member.error or error
             member.jsonl.write_event(step, status="failed", error=member.error)
         raise
     finally:
-        _finish(runs, trials, out, step, completed, error, checkpointer)
-    return _optimized_metric(container, runs)
+        _finish(members, trials, out, step, completed, error, checkpointer)
+    return _optimized_metric(container, members)
 
 
-def _finish(runs, trials, out, step, completed, error, checkpointer) -> None:
-    """Status files, then closing: even when one of these fails, the others run."""
-    from fedjax_exp.experiment import writers
-
-    actions = []
-    for member in runs:
-        ok = completed and member.error is None
-        actions.append(
-            lambda m=member, ok=ok: writers.write_status(
-                m.directory,
-                status="completed" if ok else "failed",
-                step=step,
-                error=m.error,
-                final=m.final,
-            )
-        )
-    if trials is not None:
-        actions.append(
-            lambda: writers.write_status(
-                out,
-                status="completed" if completed else "failed",
-                step=step,
-                error=error,
-                trials=[
-                    {
-                        "name": t.name,
-                        "learning_rate": t.learning_rate,
-                        "seed": t.seed,
-                        "dir": str(m.directory.relative_to(out)),
-                        "error": m.error,
-                    }
-                    for t, m in zip(trials, runs, strict=True)
-                ],
-            )
-        )
-    if checkpointer is not None:
-        actions.append(checkpointer.close)
-    for member in runs:
-        ok = completed and member.error is None
-        actions.append(lambda m=member, ok=ok: m.writer.close(0 if ok else 1))
-    first = None
-    for action in actions:
+def _end_run(actions: list[tuple[str, Callable[[], None]]], failed: bool) -> None:
+    """Runs every clean-up action of a run, even when one fails. When the run failed, a
+    clean-up error is logged (it must not hide why the run failed); else the first one is
+    raised after the others ran."""
+    first: BaseException | None = None
+    for what, action in actions:
         try:
             action()
         except Exception as e:  # noqa: BLE001 - the remaining actions must still run.
-            if not completed or first is not None:
-                log.warning("finishing the run: %s: %s", type(e).__name__, e)
+            if failed or first is not None:
+                log.warning("%s failed (%s: %s)", what, type(e).__name__, e)
             else:
                 first = e
     if first is not None:
         raise first
+
+
+def _finish(runs, trials, out, step, completed, error, checkpointer) -> None:
+    """Writes each run's status.json (and a sweep's own), then closes everything."""
+    from fedjax_exp.experiment import writers
+
+    def status(member: _Member) -> Callable[[], None]:
+        ok = completed and member.error is None
+        return lambda: writers.write_status(
+            member.directory,
+            status="completed" if ok else "failed",
+            step=step,
+            error=member.error,
+            final=member.final,
+        )
+
+    actions = [("writing status.json", status(m)) for m in runs]
+    if trials is not None:
+        listed = [
+            {
+                "name": t.name,
+                "learning_rate": t.learning_rate,
+                "seed": t.seed,
+                "dir": str(m.directory.relative_to(out)),
+                "error": m.error,
+            }
+            for t, m in zip(trials, runs, strict=True)
+        ]
+        sweep_status = "completed" if completed else "failed"
+        actions.append(
+            (
+                "writing the sweep's status.json",
+                lambda: writers.write_status(
+                    out, status=sweep_status, step=step, error=error, trials=listed
+                ),
+            )
+        )
+    if checkpointer is not None:
+        actions.append(("closing the checkpointer", checkpointer.close))
+    for m in runs:
+        code = 0 if completed and m.error is None else 1
+        actions.append(("closing the metric writers", lambda m=m, code=code: m.writer.close(code)))
+    _end_run(actions, failed=not completed)
 
 
 def _optimized_metric(container: dict[str, Any], runs: list[_Member]) -> float:

@@ -35,7 +35,6 @@ from fedjax_exp.experiment.errors import ConfigError
 from fedjax_exp.experiment.run_files import HYDRA_DIR, TRIALS_DIR  # noqa: F401 - re-exported
 
 
-
 @dataclass
 class LearningRateState:
     """Optimizer state carrying its own learning rate (a float32 scalar, vmappable)."""
@@ -118,6 +117,24 @@ def expand_trials(
         parts = [f"lr={float(lr):g}"] if learning_rates is not None else []
         parts += [f"seed={seed}"] if seeds is not None else []
         trials.append(Trial(learning_rate=float(lr), seed=int(seed), name=",".join(parts)))
+    return trials
+
+
+def trials_of(cfg: Any, container: Mapping[str, Any]) -> list[Trial] | None:
+    """The trials ``trainer.vectorize`` asks for, or None when it asks for none.
+
+    Raises:
+      ConfigError: bad lists, a scheduled learning rate, or seeds with seed-dependent data.
+    """
+    spec = container["trainer"].get("vectorize") or {}
+    if spec.get("learning_rates") is None and spec.get("seeds") is None:
+        return None
+    base_lr = (container.get("optimizer") or {}).get("learning_rate")
+    trials = expand_trials(
+        spec.get("learning_rates"), spec.get("seeds"), base_lr, int(container["seed"])
+    )
+    make_optimizer_factory(cfg)  # Raises for a schedule.
+    check_seed_independent(cfg, trials)
     return trials
 
 
