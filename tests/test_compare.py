@@ -219,14 +219,19 @@ def test_seeds_are_aggregated_when_runs_differ_only_by_seed(sweep):
         ["0.01", "2", "1", "0.35 (n=1)", "2.9 (n=1)"],
         ["0.1", "2", "0", "0.8 ± 0.05", "0.75 ± 0.25"],
     ]
-    # Runs that differ only by seed form one group.
-    same = [r for r in runs if r.config["optimizer.learning_rate"] == 0.1]
-    assert compare.grouping_keys(same, []) == []
-    assert compare.grouped_table({(): same}, [], ["final/test/accuracy"]).values.tolist() == [
-        ["all", "2", "0", "0.8 ± 0.05"]
-    ]
     # Runs that differ in more than the seed, each its own group: nothing to aggregate.
-    assert compare.grouping_keys(runs[::2][:1] + runs[2:3], []) == []
+    assert compare.grouping_keys([runs[0], runs[3]], []) is None
+    assert compare.grouping_keys(runs[:1] + runs[2:3], []) is None
+
+
+def test_runs_that_differ_only_by_seed_form_one_group(sweep, tmp_path):
+    same = [r for r in compare.find_runs([sweep]) if r.config["optimizer.learning_rate"] == 0.1]
+    assert compare.grouping_keys(same, []) == []
+    compare.write_report(same, tmp_path / "out", formats=["md"])
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "## Seeds aggregated (mean ± std)" in md
+    assert "| runs of | runs | failed | eval/test/accuracy |" in md
+    assert "| all | 2 | 0 | 0.75 ± 0.05 | 0.8 ± 0.1 | 0.8 ± 0.05 | 0.75 ± 0.25 |" in md
 
 
 def test_group_by_a_config_group_choice(tmp_path):

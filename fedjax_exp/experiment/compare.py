@@ -326,9 +326,10 @@ def _sort_key(value: Any) -> tuple[int, Any]:
     return (1, _natural_key(str(value)))
 
 
-def grouping_keys(runs: Sequence[Run], group_by: Sequence[str]) -> list[str]:
+def grouping_keys(runs: Sequence[Run], group_by: Sequence[str]) -> list[str] | None:
     """The keys to group by: ``group_by`` (checked), else the differing config keys but the
-    seeds (keys named ``*seed``) when some runs differ only by their seeds; else none."""
+    seeds (keys named ``*seed``) when some runs differ only by their seeds (``[]``: all runs
+    differ only so, one group); None: no grouping."""
     unknown = [k for k in group_by if all(run.value(k) is None for run in runs)]
     if unknown:
         raise CompareError(
@@ -340,7 +341,7 @@ def grouping_keys(runs: Sequence[Run], group_by: Sequence[str]) -> list[str]:
     differing = differing_keys(runs)
     others = [k for k in differing if not k.rsplit(".", 1)[-1].endswith("seed")]
     values = [tuple(_canonical(run.value(k)) for k in others) for run in runs]
-    return others if len(others) < len(differing) and len(set(values)) < len(values) else []
+    return others if len(others) < len(differing) and len(set(values)) < len(values) else None
 
 
 def group_runs(runs: Sequence[Run], keys: Sequence[str]) -> Groups:
@@ -533,15 +534,15 @@ def write_report(
         label_runs(runs)
     chosen = select_metrics(runs, metrics)
     keys = grouping_keys(runs, group_by)
-    groups = group_runs(runs, keys) if group_by or keys else None
+    groups = group_runs(runs, keys) if keys is not None else None
     plots = {}
     for metric in (m for m in chosen if not m.startswith(FINAL_PREFIX)):  # final/: table only
-        if (fig := figure(runs, metric, groups, ",".join(keys), log_scale)) is not None:
+        if (fig := figure(runs, metric, groups, ",".join(keys or []), log_scale)) is not None:
             plots[metric] = (f"plots/{re.sub(r'[^A-Za-z0-9_.-]+', '_', metric)}.png", png(fig))
     tables = [("Runs", runs_table(runs, chosen))]
     if groups:
         heading = f"Grouped by {', '.join(keys)}" if group_by else "Seeds aggregated"
-        tables.insert(0, (f"{heading} (mean ± std)", grouped_table(groups, keys, chosen)))
+        tables.insert(0, (f"{heading} (mean ± std)", grouped_table(groups, keys or [], chosen)))
 
     failed = sum(run.status == "failed" for run in runs)
     incomplete = sum(run.status == "incomplete" for run in runs)
