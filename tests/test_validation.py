@@ -14,12 +14,12 @@ from helpers import CONF_DIR, compose_config
 from fedjax_exp.core.in_memory_federated_data import InMemoryFederatedData
 from fedjax_exp.experiment import builders
 from fedjax_exp.experiment.cli import precheck_overrides
-from fedjax_exp.experiment.config_schema import suggest_key
 from fedjax_exp.experiment.errors import ConfigError
 from fedjax_exp.experiment.validation import (
     check_data_features,
     check_writable_dir,
     metric_feature_keys,
+    suggest_key,
     validate_config,
 )
 

@@ -104,7 +104,7 @@ def _compose_or_exit(config_dir: str, config_name: str, overrides: list[str]) ->
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    from fedjax_exp.experiment.config_schema import omegaconf_error_line, unknown_key_message
+    from fedjax_exp.experiment.validation import omegaconf_error_line, unknown_key_message
 
     try:
         with initialize_config_dir(config_dir=config_dir, version_base="1.3"):

@@ -1,17 +1,17 @@
 """Checks a run before it writes anything, so bad input fails in one line.
 
-:func:`validate_config` checks the composed config: the ``trainer`` and ``logger`` sections
-against their schemas (:mod:`~fedjax_exp.experiment.config_schema`), then what no schema can
-say (a positive learning rate, importable ``_target_`` s, existing paths).
-:func:`check_data_features` checks the loaded data against the built model before training.
-Every check raises :class:`ConfigError` with one line naming the key, the bad value and the fix.
-
-Imports no JAX itself (Hydra callbacks import it in a multirun's parent process).
+:func:`validate_config` checks the composed config: ``trainer`` and ``logger`` against their
+schemas (:mod:`~fedjax_exp.experiment.config_schema`), then what no schema says (a positive
+learning rate, importable ``_target_`` s, existing paths). :func:`check_data_features` checks
+the loaded data against the built model before training. Each raises :class:`ConfigError`
+with one line naming the key, the bad value and the fix. Imports no JAX itself (Hydra
+callbacks import this module in a multirun's parent process).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import inspect
 import itertools
 import logging
@@ -20,15 +20,87 @@ import os
 import pathlib
 import tempfile
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 from hydra.utils import get_object
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException
 
-from fedjax_exp.experiment.config_schema import SCHEMAS, check_section, integer
+from fedjax_exp.experiment.config_schema import SCHEMAS, integer
 from fedjax_exp.experiment.errors import ConfigError
+
+# What people type for a key -> this project's name for it (tried before the spelling).
+ALIASES = {
+    **dict.fromkeys(["lr", "learningrate", "step_size", "eta"], ("learning_rate",)),
+    **dict.fromkeys(["epochs", "num_steps", "iterations", "rounds"], ("steps",)),
+    "beta1": ("b1",),
+    "beta2": ("b2",),
+    "beta": ("momentum", "b1"),
+    "momentum": ("b1",),
+    "epsilon": ("eps",),
+    "wd": ("weight_decay",),
+    "bs": ("batch_size",),
+}
+
+
+def suggest_key(key: str, known: Iterable[str]) -> str | None:
+    """The known dotted key that ``key`` most likely meant: a common alias of its last part
+    among its siblings (``optimizer.lr`` -> ``optimizer.learning_rate``), else the closest
+    sibling by spelling (the closest key anywhere when the parent is unknown), else None."""
+    parent, _, leaf = key.rpartition(".")
+    known = sorted(set(known))
+    siblings = {k.rpartition(".")[2]: k for k in known if k.rpartition(".")[0] == parent}
+    alias = next((a for a in ALIASES.get(leaf.lower(), ()) if a in siblings), None)
+    if alias or siblings:  # Spelling of leaves only: a shared prefix makes all alike (lr ~ b2).
+        near = [alias] if alias else difflib.get_close_matches(leaf, list(siblings), 1, 0.6)
+        return siblings[near[0]] if near else None
+    near = difflib.get_close_matches(key, known, 1, 0.6)
+    return near[0] if near else None
+
+
+def unknown_key_message(key: str, known: Iterable[str]) -> str:
+    near = suggest_key(key, known)
+    hint = f"did you mean {near!r}?" if near else "`python run.py --cfg job` prints every key"
+    return f"unknown config key {key!r}; {hint}"
+
+
+def omegaconf_error_line(error: OmegaConfBaseException, known: Iterable[str] = ()) -> str:
+    """OmegaConf's multi-line error as one line: the key, the value and what it must be."""
+    key, first = str(error.full_key or error.key), str(error.msg or error).splitlines()[0]
+    if isinstance(error, ConfigKeyError) and "not in" in first:
+        return unknown_key_message(key, known)
+    if isinstance(error, MissingMandatoryValue):
+        return f"{key} is required but not set: add {key}=VALUE"
+    types = {"bool": "true or false", "Float": "a number", "Integer": "an integer"}
+    wanted = next((w for word, w in types.items() if word in first), None)
+    if wanted:
+        return f"{key} must be {wanted}, got {error.value!r}"
+    return f"{key}={error.value!r} is not valid: {first}"
+
+
+def check_section(schema: type, values: Any, prefix: str) -> dict[str, Any]:
+    """``values`` (plain, resolved) checked against ``schema``: unknown keys (also those added
+    with ``+trainer.KEY=``), types, then every field's ``check``. Returns plain Python with
+    counts as int (1e3 -> 1000)."""
+    base = OmegaConf.structured(schema)
+    try:
+        obj = OmegaConf.to_object(OmegaConf.merge(base, values))
+    except OmegaConfBaseException as e:
+        e.full_key = f"{prefix}.{e.full_key}"
+        known = [prefix + k for k, _ in _walk(OmegaConf.to_container(base), ".")]
+        raise ConfigError(omegaconf_error_line(e, known)) from None
+    checked = {}
+    for f in dataclasses.fields(obj):
+        value, key = getattr(obj, f.name), f"{prefix}.{f.name}"
+        if dataclasses.is_dataclass(value):
+            value = check_section(type(value), dataclasses.asdict(value), key)
+        elif "schema" in f.metadata and value is not None:
+            value = check_section(f.metadata["schema"], value, key)
+        elif "check" in f.metadata:
+            value = f.metadata["check"](key, value)
+        checked[f.name] = value
+    return checked
 
 
 def resolve(cfg: DictConfig) -> dict[str, Any]:
@@ -36,10 +108,8 @@ def resolve(cfg: DictConfig) -> dict[str, Any]:
     try:
         missing = sorted(k for k in OmegaConf.missing_keys(cfg) if not k.startswith("hydra"))
         if missing:
-            verb, settings = (
-                "is" if len(missing) == 1 else "are",
-                " ".join(f"{k}=VALUE" for k in missing),
-            )
+            verb = "is" if len(missing) == 1 else "are"
+            settings = " ".join(f"{k}=VALUE" for k in missing)
             raise ConfigError(f"{', '.join(missing)} {verb} required but not set: add {settings}")
         container = OmegaConf.to_container(cfg, resolve=True)
     except OmegaConfBaseException as e:
@@ -51,7 +121,7 @@ def resolve(cfg: DictConfig) -> dict[str, Any]:
 
 def validate_config(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
     """Checks the config; returns it resolved as plain Python. Counts given as exact floats
-    (``trainer.steps=1e3``) are converted to int in ``cfg`` too. Raises ConfigError."""
+    (``trainer.steps=1e3``) become ints in ``cfg`` too, so their interpolations are ints."""
     cfg = cfg if isinstance(cfg, DictConfig) else OmegaConf.create(dict(cfg))
     resolve(cfg)  # Missing values and broken interpolations first: the sections need both.
     for section, (schema, option) in SCHEMAS.items():
@@ -80,12 +150,12 @@ def validate_config(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
             )
         if key.endswith("_target_"):
             _import(key, value)
-    metric = container.get("optimized_metric")
-    parts, names = str(metric).split("/"), set(container.get("metrics") or {})
+    metric, names = container.get("optimized_metric"), sorted(container.get("metrics") or {})
+    parts = str(metric).split("/")
     if metric is not None and (
         len(parts) < 3 or parts[0] != "final" or (parts[1] == "test" and parts[2] not in names)
     ):
-        options = ", ".join(f"final/test/{n}" for n in sorted(names))
+        options = ", ".join(f"final/test/{n}" for n in names)
         raise ConfigError(
             f"optimized_metric={metric!r} is not a final metric; use one of: {options}"
         )
@@ -106,23 +176,15 @@ def _check_schedule(schedule: dict[str, Any]) -> None:
         )
 
 
-def _walk(node: Any, prefix: str = "") -> Iterable[tuple[str, Any]]:
-    """(dotted key, value) for every entry of nested dicts and lists."""
-    items = (
-        node.items()
-        if isinstance(node, dict)
-        else enumerate(node)
-        if isinstance(node, list)
-        else ()
-    )
-    for key, value in items:
-        path = f"{prefix}[{key}]" if isinstance(key, int) else f"{prefix}.{key}".lstrip(".")
-        yield path, value
-        yield from _walk(value, path)
+def _walk(node: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """(dotted key, value) of every entry of nested dicts."""
+    for key, value in node.items() if isinstance(node, dict) else ():
+        yield f"{prefix}{key}", value
+        yield from _walk(value, f"{prefix}{key}.")
 
 
 def _import(key: str, path: Any) -> Any:
-    """``get_object(path)``, its failure as one ConfigError line (and not also logged)."""
+    """``get_object(path)``; its failure as one ConfigError line (and not also logged)."""
     hydra_log = logging.getLogger("hydra.utils")
     disabled, hydra_log.disabled = hydra_log.disabled, True
     try:
