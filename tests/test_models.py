@@ -248,57 +248,47 @@ def test_evaluate_model_is_batching_and_padding_invariant(params):
 def test_evaluate_model_compiles_once_per_model_and_shape(params):
     log: list = []
     model = _linear_model(trace_log=log)
-    batches = [_pad(_batch(3, seed=s), 4) for s in range(3)]
+    batches = [_pad(_batch(3, seed=s), 4) for s in range(3)]  # Blocks of 2 and 1.
     first = models.evaluate_model(model, params, batches)
     traces_after_first_call = len(log)
     second = models.evaluate_model(model, params, batches)
     again = models.evaluate_model(model.replace(), params, batches)  # An equal Model.
-    # Planning (the joined-pass probe at 2 shapes, the cost estimate), the first block's
-    # stats shapes (traced, not compiled), a block of 2 batches (one trace per batch) and 1;
-    # later calls trace nothing.
-    assert len(log) == traces_after_first_call <= 7
+    # Per block length: the scan's body and the carry's dtypes (one batch each); later calls
+    # trace nothing.
+    assert all(shape == (4, NUM_FEATURES) for shape in log)
+    assert len(log) == traces_after_first_call <= 4
     assert float(first["loss"]) == float(second["loss"]) == float(again["loss"])
 
 
-def test_evaluate_model_builds_the_first_blocks_stats_once_per_shape(params, monkeypatch):
-    built = []
-    shapes_of = models._block_stats_shapes
-    monkeypatch.setattr(
-        models, "_block_stats_shapes", lambda *args: built.append(1) or shapes_of(*args)
-    )
-    model = _linear_model()
-    batches = [_pad(_batch(3, seed=s), 4) for s in range(3)]
-    first = models.evaluate_model(model, params, batches)
-    assert models.evaluate_model(model, params, batches) == first
-    assert len(built) == 1  # Only the first block starts from them; the second call reuses.
-    other = [_pad(_batch(5, seed=s), 6) for s in range(2)]  # Another batch shape.
-    models.evaluate_model(model, params, other)
-    assert len(built) == 2
+def _count_dispatches(monkeypatch) -> list[int]:
+    """Records the number of batches of each evaluation dispatch."""
+    dispatched: list[int] = []
+    evaluate_block = models._evaluate_block
 
+    def counting(model, params, block, stats):
+        dispatched.append(len(block["y"]))
+        return evaluate_block(model, params, block, stats)
 
-def _per_batch_only(monkeypatch):
-    """Forces one batch per dispatch: no joined pass, no block reaches the FLOPs target."""
-    monkeypatch.setattr(models, "_joined_forward_is_exact", lambda *args: False)
-    monkeypatch.setattr(models, "_BLOCK_FLOPS", {jax.default_backend(): 0.0})
-    models._PLANS.clear()
-
-
-def _count_dispatches(monkeypatch) -> list[tuple[int, bool]]:
-    """Records (block length, joined forward) of each evaluation dispatch."""
-    dispatched: list[tuple[int, bool]] = []
-    block_step = models._evaluate_block_into
-
-    def counting_block_step(model, num_batches, joined_forward, *args):
-        dispatched.append((num_batches, joined_forward))
-        return block_step(model, num_batches, joined_forward, *args)
-
-    monkeypatch.setattr(models, "_evaluate_block_into", counting_block_step)
+    monkeypatch.setattr(models, "_evaluate_block", counting)
     return dispatched
+
+
+def _one_batch_per_dispatch(model, params, batches, monkeypatch) -> dict[str, np.ndarray]:
+    """The reference: each batch evaluated by its own dispatch, merged in order."""
+    with monkeypatch.context() as patch:
+        patch.setattr(models, "_MAX_BLOCK_BATCHES", 1)
+        return models.evaluate_model(model, params, batches)
+
+
+def _assert_same_bits(got, want) -> None:
+    assert list(got) == list(want)
+    for key in want:
+        assert np.asarray(got[key]).tobytes() == np.asarray(want[key]).tobytes(), key
 
 
 def _stream(on_device: bool) -> list[dict]:
     # 11 padded batches of 4 (blocks of 8, 2 and 1), then a short unpadded batch (its own
-    # block), as NumPy batches (joined on the host) or device arrays (joined in the jit).
+    # block), as NumPy batches (stacked on the host) or device arrays (stacked on device).
     batches = [_pad(_batch(1 + s % 4, seed=s), 4) for s in range(11)] + [_batch(3, seed=99)]
     return [jax.device_put(b) for b in batches] if on_device else batches
 
@@ -315,80 +305,70 @@ def _float64_reference(params, batches) -> dict[str, float]:
 def test_evaluate_model_blocks_equal_batch_by_batch_bit_for_bit(params, monkeypatch, on_device):
     batches = _stream(on_device)
     dispatched = _count_dispatches(monkeypatch)
-    models._PLANS.clear()
     blocked = models.evaluate_model(_linear_model(), params, iter(batches))
-    assert [n for n, _ in dispatched] == [8, 2, 1, 1]
-    assert len(models._PLANS) == 1  # The lone short batch's shape was never planned.
-    _per_batch_only(monkeypatch)
+    assert dispatched == [8, 2, 1, 1]
     dispatched.clear()
-    single = models.evaluate_model(_linear_model(), params, batches)
-    assert dispatched == [(1, False)] * 12
-    for key in ("accuracy", "loss"):
-        assert np.asarray(blocked[key]).tobytes() == np.asarray(single[key]).tobytes()
+    single = _one_batch_per_dispatch(_linear_model(), params, batches, monkeypatch)
+    assert dispatched == [1] * 12
+    _assert_same_bits(blocked, single)
     want = _float64_reference(params, batches)
     np.testing.assert_allclose(float(blocked["loss"]), want["loss"], rtol=1e-5)
     assert float(blocked["accuracy"]) == pytest.approx(want["accuracy"], abs=1e-6)
 
 
-@pytest.mark.parametrize("on_device", [False, True])
-def test_evaluate_model_joined_forward_pass(params, monkeypatch, on_device):
-    # Forced on (whether or not XLA rounds it exactly here): the joined pass must slice and
-    # merge each batch's predictions correctly; values agree up to float rounding.
-    batches = _stream(on_device)
+def test_evaluate_model_mixed_shapes_in_stream_order(params, monkeypatch):
+    # Shapes alternate (4, 4, 6, 4, 6, 6, 6, then 4): each run of one shape is its own block;
+    # device and host batches mix within a run.
+    sizes = [4, 4, 6, 4, 6, 6, 6, 4]
+    batches = [_pad(_batch(n - s % 2, seed=s), n) for s, n in enumerate(sizes)]
+    batches[1] = jax.device_put(batches[1])
     dispatched = _count_dispatches(monkeypatch)
-    monkeypatch.setattr(models, "_joined_forward_is_exact", lambda *args: True)
-    models._PLANS.clear()
     got = models.evaluate_model(_linear_model(), params, batches)
-    # The last 3 padded batches are filled up to a block of 8 with all-padding batches.
-    assert dispatched == [(8, True), (8, True), (1, False)]
+    assert dispatched == [2, 1, 1, 2, 1, 1]
+    _assert_same_bits(got, _one_batch_per_dispatch(_linear_model(), params, batches, monkeypatch))
     want = _float64_reference(params, batches)
     np.testing.assert_allclose(float(got["loss"]), want["loss"], rtol=1e-5)
     assert float(got["accuracy"]) == pytest.approx(want["accuracy"], abs=1e-6)
-    models._PLANS.clear()
 
 
-@pytest.mark.parametrize("on_device", [False, True])
-def test_padding_filler_in_the_last_block_is_bit_for_bit_invisible(params, monkeypatch, on_device):
-    # A model whose outputs never depend on the batching (no reduction across examples or
-    # features), so the probe allows the joined pass and results can be compared bit for bit
-    # with batch-by-batch evaluation.
-    model = _linear_model().replace(
-        apply_for_eval=lambda p, b: jnp.tanh(b["x"][:, :NUM_CLASSES] * p["w"][0] + p["b"])
-    )
-    batches = _stream(on_device)[:11]
-    dispatched = _count_dispatches(monkeypatch)
-    models._PLANS.clear()
-    filled = models.evaluate_model(model, params, batches)
-    assert dispatched == [(8, True), (8, True)]  # 8 real, then 3 real + 5 all-padding.
-    _per_batch_only(monkeypatch)
-    single = models.evaluate_model(model, params, batches)
-    for key in ("accuracy", "loss"):
-        assert np.asarray(filled[key]).tobytes() == np.asarray(single[key]).tobytes()
-    models._PLANS.clear()
+def test_evaluate_model_all_padding_batches_add_nothing(params):
+    batches = [_pad(_batch(2 + s % 3, seed=s), 4) for s in range(5)]
+    empty = _pad(_batch(4, seed=7), 4)
+    empty[EXAMPLE_MASK_KEY] = np.zeros(4, bool)  # Real-looking values, all masked out.
+    model = _linear_model()
+    want = models.evaluate_model(model, params, batches)
+    with_empty = [empty, *batches[:2], empty, empty, *batches[2:], empty]
+    _assert_same_bits(models.evaluate_model(model, params, with_empty), want)
+    # Only padding: no example, each metric's zero result.
+    only_padding = models.evaluate_model(model, params, [empty] * 3)
+    assert {k: float(v) for k, v in only_padding.items()} == {"accuracy": 0.0, "loss": 0.0}
 
 
-def test_joined_forward_probe_detects_batch_dependent_outputs(params):
-    def model_of(apply):
-        return _linear_model().replace(apply_for_eval=apply)
-
-    signature = models._signature(_pad(_batch(4), 4))
-    # Elementwise: each output depends on its own example only, and rounds the same way.
-    elementwise = model_of(lambda p, b: b["x"][:, :NUM_CLASSES] * 2.0 + p["b"])
-    assert models._joined_forward_is_exact(elementwise, params, signature, 4)
-    # Depends on the batch it is in (batch statistics): joining changes the outputs.
-    centred = model_of(lambda p, b: b["x"][:, :NUM_CLASSES] - b["x"].mean())
-    assert not models._joined_forward_is_exact(centred, params, signature, 4)
+def test_evaluate_model_is_deterministic(params):
+    batches = _stream(on_device=False)
+    first = models.evaluate_model(_linear_model(), params, batches)
+    for _ in range(2):
+        _assert_same_bits(models.evaluate_model(_linear_model(), params, iter(batches)), first)
 
 
-def test_adjacent_slices_join_without_a_copy():
-    column = np.arange(40, dtype=np.float32).reshape(10, 4)
-    joined = models._adjacent_view((column[0:4], column[4:6], column[6:10]))
-    np.testing.assert_array_equal(joined, column)
-    assert np.shares_memory(joined, column) and not joined.flags.writeable
-    assert models._adjacent_view((column[0:4], column[5:9])) is None  # A gap.
-    assert models._adjacent_view((column[4:8], column[0:4])) is None  # Out of order.
-    assert models._adjacent_view((column[0:4], column.copy()[4:8])) is None  # Two owners.
-    assert models._adjacent_view((column[0:4, :2], column[4:8, :2])) is None  # Strided.
+class _LargeLogitCount(metrics.Metric):
+    """Counts examples whose first logit exceeds 0; its zero is an int, its stats floats."""
+
+    def zero(self) -> metrics.SumStat:
+        return metrics.SumStat.new(0)
+
+    def evaluate_example(self, example, prediction) -> metrics.SumStat:
+        return metrics.SumStat.new((prediction[0] > 0).astype(jnp.float32))
+
+
+def test_evaluate_model_zero_stats_of_another_dtype(params):
+    # The int zero is merged with float statistics: the carry takes the merged dtype.
+    model = _linear_model().replace(eval_metrics={"count": _LargeLogitCount()})
+    batches = [_pad(_batch(3, seed=s), 4) for s in range(3)]
+    got = models.evaluate_model(model, params, batches)
+    logits = [b["x"][b[EXAMPLE_MASK_KEY]] @ np.asarray(params["w"]) for b in batches]
+    want = sum(int(np.sum(x[:, 0] + np.asarray(params["b"])[0] > 0)) for x in logits)
+    assert got["count"].dtype == np.float32 and float(got["count"]) == want
 
 
 def test_evaluate_model_on_slices_of_one_array_equals_copies(params):
@@ -415,8 +395,7 @@ def test_evaluate_model_transfers_to_host_once_per_call(params, monkeypatch):
     device_get = jax.device_get
     batches = [_pad(_batch(3, seed=s), 4) for s in range(5)]
     model = _linear_model()
-    # The first call for a model and batch shape also plans its blocks (a one-off probe).
-    models.evaluate_model(model, params, batches)
+    models.evaluate_model(model, params, batches)  # Compiles.
     monkeypatch.setattr(jax, "device_get", lambda x: transfers.append(1) or device_get(x))
     models.evaluate_model(model, params, batches)
     assert len(transfers) == 1

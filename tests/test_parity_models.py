@@ -145,20 +145,20 @@ def test_evaluate_model_parity_on_padded_batches(name):
 
 
 def test_evaluate_model_blocks_match_fedjax_bit_for_bit(monkeypatch):
-    # 11 batches of 16: ours dispatches blocks of 8, 2 and 1 batches (the logistic model is
-    # cheap), FedJAX one batch per step; the numbers must still be the same bits.
+    # 11 batches of 16: ours dispatches blocks of 8, 2 and 1 batches, FedJAX one batch per
+    # step; the numbers must still be the same bits.
     ours, theirs = _pair("create_logistic_model")
     params = theirs.init(jax.random.PRNGKey(5))
     batches = _padded_batches(171, 16, seed=6)
     assert len(batches) == 11
     dispatched = []
-    block_step = models._evaluate_block_into
+    evaluate_block = models._evaluate_block
 
-    def counting(model, num_batches, *args):
-        dispatched.append(num_batches)
-        return block_step(model, num_batches, *args)
+    def counting(model, params, block, stats):
+        dispatched.append(len(block["y"]))
+        return evaluate_block(model, params, block, stats)
 
-    monkeypatch.setattr(models, "_evaluate_block_into", counting)
+    monkeypatch.setattr(models, "_evaluate_block", counting)
     got = models.evaluate_model(ours, params, batches)
     assert dispatched == [8, 2, 1]
     want = fedjax.evaluate_model(theirs, params, batches)

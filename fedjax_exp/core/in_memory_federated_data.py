@@ -30,7 +30,6 @@ from typing import Any
 import numpy as np
 
 from fedjax_exp.core import client_datasets
-from fedjax_exp.core.buffer_pool import BufferPool
 from fedjax_exp.core.client_datasets import (
     BatchPreprocessor,
     ClientDataset,
@@ -298,27 +297,18 @@ def _gather_helper() -> concurrent.futures.ThreadPoolExecutor:
     return _helper[1]
 
 
-# Output buffers kept per (column, chunk length) for reuse (see buffer_pool). A consumer holds
-# the batch it is using while it asks for the next one, so the chunk before the previous one is
-# the first that can be free.
-_POOLED_BUFFERS = 3
-
-
 class _RowGatherer:
     """Gathers rows of one column, chunk after chunk, the fastest way measured here.
 
     - Narrow rows (labels): fancy indexing, the lowest fixed cost.
-    - Wide rows (images): ``np.take`` into a buffer from the store's pool (a reused buffer
-      does not page-fault as a fresh one does; see :mod:`fedjax_exp.core.buffer_pool`),
-      split between the calling thread and one helper thread (``np.take`` releases the GIL
-      while it copies) for chunks of at least ``_PARALLEL_GATHER_MIN_BYTES`` where the
-      process may use more than one core.
+    - Wide rows (images): ``np.take`` into a fresh output array, split between the calling
+      thread and one helper thread (``np.take`` releases the GIL while it copies) for chunks
+      of at least ``_PARALLEL_GATHER_MIN_BYTES`` where the process may use more than one
+      core.
     """
 
-    def __init__(self, name: str, column: np.ndarray, rows_per_call: int, buffers: BufferPool):
-        self._name = name
+    def __init__(self, column: np.ndarray, rows_per_call: int):
         self._column = column
-        self._buffers = buffers
         self._narrow = column.ndim < 2 or _row_bytes(column) < _TAKE_MIN_ROW_BYTES
         self._two_threads = (
             rows_per_call * _row_bytes(column) >= _PARALLEL_GATHER_MIN_BYTES and _usable_cores() > 1
@@ -328,7 +318,10 @@ class _RowGatherer:
         if self._narrow:
             return self._column[indices]
         column = self._column
-        out = self._buffers.get(self._name, (len(indices), *column.shape[1:]), column.dtype)
+        # A fresh array per chunk: the caller owns its batches (views of it) for as long as
+        # it likes. The runner's malloc settings (experiment/host_memory.py) make it a reused
+        # heap block rather than freshly mapped, page-faulting memory.
+        out = np.empty((len(indices), *column.shape[1:]), column.dtype)
         # mode="clip" skips a bounds pass; indices come from the stream and are in range.
         if not self._two_threads:
             return np.take(self._column, indices, axis=0, out=out, mode="clip")
@@ -545,7 +538,6 @@ class InMemoryFederatedData(FederatedData):
         self._columns = {k: _readonly(v) for k, v in columns.items()}
         self._preprocess_client = preprocess_client
         self._preprocess_batch = preprocess_batch
-        self._gather_buffers = BufferPool(per_key=_POOLED_BUFFERS)
 
     def _derive(
         self,
@@ -671,13 +663,9 @@ class InMemoryFederatedData(FederatedData):
         preprocess = self._preprocess_batch if self._preprocess_batch.fns else None
         for idx in chunks:
             if gathers is None:  # Chosen for the chunk length (all chunks have the first's).
-                gathers = [
-                    _RowGatherer(k, v, len(idx), self._gather_buffers)
-                    for k, v in self._columns.items()
-                ]
-            # Each batch is a view of its chunk's rows: batches share no rows, and a chunk's
-            # buffer is reused only once no batch of it is referenced, so a caller may keep
-            # or modify any batch.
+                gathers = [_RowGatherer(v, len(idx)) for v in self._columns.values()]
+            # Each batch is a view of its chunk's rows: batches share no rows, so a caller may
+            # keep or modify any batch.
             batches = _split_batches(
                 keys, [gather(idx) for gather in gathers], len(idx) // batch_size, batch_size
             )

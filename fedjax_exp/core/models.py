@@ -20,7 +20,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedjax_exp.core import metrics
-from fedjax_exp.core.buffer_pool import ZERO_COPY_ALIGNMENT, BufferPool
 from fedjax_exp.core.dataclasses import dataclass
 from fedjax_exp.core.typing import (
     EXAMPLE_MASK_KEY,
@@ -292,30 +291,15 @@ def model_grad(
 
 Stats = dict[str, metrics.Stat]
 
-
-# Evaluation has no sequential dependence, so consecutive batches of one shape are evaluated
-# in blocks: one dispatch (and, for NumPy input, one zero-copy transfer) per block, the
-# per-batch statistics merged in stream order, so the sums are formed exactly as batch-by-batch
-# evaluation (and FedJAX) forms them. Two ways to run the model over a block, chosen once per
-# model and shapes (_block_plan):
-# - joined: one forward pass over all the block's examples (one large matmul/conv; the
-#   weights are read once, which is what helps the stax CNN, whose 12.8M-weight dense layer
-#   is memory bound), then each batch's slice of the predictions is reduced on its own. Used
-#   only where a probe shows XLA rounds the joined pass exactly as the per-batch one.
-# - per batch: one forward pass per batch inside the block; exact by construction, worth it
-#   only where a batch's pass is cheap next to the fixed cost of a dispatch.
+# Consecutive batches of one shape are stacked into blocks of up to this many and evaluated by
+# one dispatch of one compiled program. Block lengths are powers of two, so a batch shape
+# compiles at most four programs (8, 4, 2 and 1 batches).
 _MAX_BLOCK_BATCHES = 8
-# Caps on one block's examples and input bytes: they bound the joined pass's memory.
-_MAX_BLOCK_EXAMPLES = 1024
-_MAX_BLOCK_BYTES = 8 << 20
-# Forward-pass FLOPs (XLA's estimate) that one dispatch should carry at least, per backend:
-# about a millisecond of work on one CPU core; far more on an accelerator, where launches
-# dominate small steps.
-_BLOCK_FLOPS = {"cpu": 256e6}
-_BLOCK_FLOPS_ACCELERATOR = 16e9
 
 
-def _batch_stats(model: Model, batch: BatchExample, prediction: BatchEvalPrediction) -> Stats:
+def _batch_stats(model: Model, params: Params, batch: BatchExample) -> Stats:
+    """Each eval metric's statistic of one batch; padding (mask False) contributes nothing."""
+    prediction = model.apply_for_eval(params, batch)
     mask = batch.get(EXAMPLE_MASK_KEY)
     if mask is not None:
         mask = jnp.asarray(mask).astype(jnp.bool_)
@@ -325,371 +309,28 @@ def _batch_stats(model: Model, batch: BatchExample, prediction: BatchEvalPredict
     }
 
 
-def _evaluate_block(
-    model: Model,
-    num_batches: int,
-    joined_forward: bool,
-    params: Params,
-    parts: tuple[BatchExample, ...],
-    stats: Stats,
-) -> Stats:
-    """Adds the statistics of a block of ``num_batches`` same-shape batches to ``stats``.
+def _merge(stats: Stats, other: Stats) -> Stats:
+    return {name: stat.merge(other[name]) for name, stat in stats.items()}
 
-    ``parts`` concatenated along the batch axis are the block's examples: either the batches
-    themselves or (NumPy input, joined on the host so that one transfer replaces many) one
-    batch holding them all. The first block starts from :func:`_initial_stats`, whose dtypes
-    are those of the returned stats, so one compiled step serves every block of a shape.
 
-    ``joined_forward``: run the model once over the whole block (one large matmul/conv, the
-    weights read once) rather than once per batch; only where :func:`_block_plan` found that
-    it rounds exactly as the per-batch pass does.
+@functools.partial(jax.jit, static_argnums=0)
+def _evaluate_block(model: Model, params: Params, block: BatchExample, stats: Stats) -> Stats:
+    """``stats`` merged with the statistics of each batch of ``block`` (batches stacked along
+    a new leading axis), one batch after another.
+
+    The model runs on one batch at a time and the statistics merge in stream order, so the
+    numbers are those of batch-by-batch evaluation (FedJAX's), bit for bit.
     """
-    if len(parts) == 1:
-        joined = parts[0]
-    else:
-        joined = jax.tree_util.tree_map(lambda *leaves: jnp.concatenate(leaves), *parts)
-    size = _batch_size(joined) // num_batches
+    # A scan's carry keeps its dtypes: start from what merging a batch gives (the incoming
+    # zero statistics may be of other dtypes). eval_shape runs at trace time only.
+    first = jax.tree_util.tree_map(operator.itemgetter(0), block)
+    merged = jax.eval_shape(lambda s: _merge(s, _batch_stats(model, params, first)), stats)
+    stats = jax.tree_util.tree_map(lambda s, m: jnp.asarray(s, m.dtype), stats, merged)
 
-    def batch_slice(tree: Any, i: int) -> Any:
-        if num_batches == 1:
-            return tree
-        return jax.tree_util.tree_map(lambda leaf: leaf[i * size : (i + 1) * size], tree)
+    def step(stats: Stats, batch: BatchExample) -> tuple[Stats, None]:
+        return _merge(stats, _batch_stats(model, params, batch)), None
 
-    if joined_forward:
-        joined_prediction = model.apply_for_eval(params, joined)
-        predictions = [batch_slice(joined_prediction, i) for i in range(num_batches)]
-    else:
-        predictions = [
-            model.apply_for_eval(params, batch_slice(joined, i)) for i in range(num_batches)
-        ]
-    for i in range(num_batches):
-        batch_stats = _batch_stats(model, batch_slice(joined, i), predictions[i])
-        stats = {name: stats[name].merge(batch_stats[name]) for name in model.eval_metrics}
-    return stats
-
-
-# Jitted with the model static, so the compiled step is cached per (model, batch shapes, block
-# length).
-_evaluate_block_into = jax.jit(_evaluate_block, static_argnums=(0, 1, 2))
-
-
-def _zero_stats(model: Model) -> Stats:
-    """Each eval metric's zero statistic, by name."""
-    return {name: metric.zero() for name, metric in model.eval_metrics.items()}
-
-
-# Only ever traced (for the stats' shapes and dtypes), never compiled; jit caches the trace.
-_block_stats_shapes = jax.jit(_evaluate_block, static_argnums=(0, 1, 2)).eval_shape
-
-
-# (model, block length, joined, params and block shapes) -> the first block's input stats;
-# cleared when full. Device arrays are immutable and never donated, so one serves every call.
-_INITIAL_STATS: dict[tuple[Any, ...], Stats] = {}
-
-
-def _initial_stats(
-    model: Model,
-    num_batches: int,
-    joined_forward: bool,
-    params: Params,
-    params_signature: Any,
-    parts: tuple[BatchExample, ...],
-) -> Stats:
-    """Each metric's zero, with the shapes and dtypes :func:`_evaluate_block_into` returns.
-
-    Starting from Python-float zeros instead would make the first block a second program to
-    compile (~0.2-0.4 s on the 2-core CPU) only because its input dtypes differ. Cached per
-    shapes: building them (a trace lookup and a few small device arrays) took ~0.8 ms of
-    every call, a tenth of evaluating 40 logistic batches.
-    """
-    try:
-        key = (
-            model,
-            num_batches,
-            joined_forward,
-            params_signature,
-            _tree_signature(parts),
-        )
-        cached = _INITIAL_STATS.get(key)
-    except TypeError:  # An unhashable model: build them each time.
-        key, cached = None, None
-    if cached is not None:
-        return cached
-    zeros = _zero_stats(model)
-    shapes = _block_stats_shapes(model, num_batches, joined_forward, params, parts, zeros)
-    stats = jax.tree_util.tree_map(
-        lambda z, s: jnp.broadcast_to(jnp.asarray(z, s.dtype), s.shape), zeros, shapes
-    )
-    if key is not None:
-        if len(_INITIAL_STATS) >= _MAX_PLANS:
-            _INITIAL_STATS.clear()
-        _INITIAL_STATS[key] = stats
-    return stats
-
-
-# Joined blocks are written into reused aligned buffers: XLA:CPU then reads them in place (no
-# transfer copy), and a reused buffer does not page-fault as a fresh one does (40 batches of
-# 128 images joined: 4.2 ms into fresh buffers, 1.1 ms reused). A buffer is reused only when
-# no array from an earlier call still refers to it.
-_BLOCK_BUFFERS = BufferPool(per_key=3, max_keys=16)
-
-
-def _aligned_concatenate(leaves: tuple[np.ndarray, ...]) -> np.ndarray:
-    """``np.concatenate(leaves)`` into a buffer that the CPU device can use in place."""
-    first = leaves[0]
-    shape = (sum(leaf.shape[0] for leaf in leaves), *first.shape[1:])
-    out = _BLOCK_BUFFERS.get("block", shape, np.result_type(*leaves), aligned=True)
-    np.concatenate(leaves, out=out)
-    return out
-
-
-def _adjacent_view(leaves: tuple[np.ndarray, ...]) -> np.ndarray | None:
-    """The leaves as one array without a copy, when they lie back to back in memory.
-
-    Full padded batches of a column store are consecutive slices of one column: their
-    concatenation is just the longer slice. None when the leaves are not such slices.
-    """
-    first = leaves[0]
-    # Views of one owner array only: the joined view then stays inside its memory.
-    if first.base is None or not all(
-        leaf.base is first.base and leaf.flags.c_contiguous for leaf in leaves
-    ):
-        return None
-    pointer = first.__array_interface__["data"][0]
-    for leaf in leaves:
-        if (
-            leaf.dtype != first.dtype
-            or leaf.shape[1:] != first.shape[1:]
-            or leaf.__array_interface__["data"][0] != pointer
-        ):
-            return None
-        pointer += leaf.nbytes
-    shape = (sum(leaf.shape[0] for leaf in leaves), *first.shape[1:])
-    return np.lib.stride_tricks.as_strided(first, shape, first.strides, writeable=False)
-
-
-def _join_leaves(leaves: tuple[np.ndarray, ...]) -> np.ndarray:
-    # An unaligned view would still be copied by the transfer, and that copy measured ~3x
-    # slower than np.concatenate into an aligned buffer (which is then used in place). The
-    # view starts where the first leaf does, so test that first: NumPy's allocations are
-    # seldom aligned, and building a view only to drop it cost more than the copy itself.
-    if leaves[0].ctypes.data % ZERO_COPY_ALIGNMENT == 0:
-        view = _adjacent_view(leaves)
-        if view is not None:
-            return view
-    return _aligned_concatenate(leaves)
-
-
-def _block_parts(block: tuple[BatchExample, ...]) -> tuple[BatchExample, ...]:
-    """The block as :func:`_evaluate_block_into` takes it.
-
-    NumPy batches are joined on the host, per feature: consecutive slices of one array (a
-    column store's padded batches) as the longer slice, without a copy, where it is aligned;
-    others into one aligned buffer (one memory copy, which the device then reads in place
-    instead of copying each batch in its own transfer). Device arrays are passed as they are
-    (joined in the jit).
-    """
-    if len(block) > 1 and all(
-        isinstance(leaf, np.ndarray) for batch in block for leaf in jax.tree_util.tree_leaves(batch)
-    ):
-        return (jax.tree_util.tree_map(lambda *leaves: _join_leaves(leaves), *block),)
-    return block
-
-
-def _dtype(leaf: Any) -> np.dtype:
-    """A leaf's dtype: an array's own (``np.result_type`` of a JAX array is deprecated, as an
-    implicit array-to-dtype conversion), else NumPy's for a Python scalar."""
-    dtype = getattr(leaf, "dtype", None)
-    return np.dtype(dtype) if dtype is not None else np.result_type(leaf)
-
-
-def _signature(batch: BatchExample) -> tuple[Any, ...] | None:
-    """What must match for batches to share a block (None: evaluate this batch alone)."""
-    if not isinstance(batch, Mapping):
-        return None
-    try:
-        leaves, treedef = jax.tree_util.tree_flatten(batch)
-        shapes = tuple((tuple(np.shape(leaf)), _dtype(leaf)) for leaf in leaves)
-    except TypeError:
-        return None
-    if not leaves or any(len(shape) == 0 for shape, _ in shapes):
-        return None
-    sizes = {shape[0] for shape, _ in shapes}
-    if len(sizes) != 1:
-        return None  # Inconsistent leading axes: let the model report it, batch by batch.
-    return treedef, shapes
-
-
-def _abstract(treedef: Any, shapes: tuple[Any, ...]) -> Any:
-    return jax.tree_util.tree_unflatten(
-        treedef, [jax.ShapeDtypeStruct(shape, dtype) for shape, dtype in shapes]
-    )
-
-
-def _probe_batch(treedef: Any, shapes: tuple[Any, ...], rows: int, seed: int) -> Any:
-    """Random features of ``shapes`` with ``rows`` examples (ints 0, masks True)."""
-    rng = np.random.default_rng(seed)
-    leaves = []
-    for shape, dtype in shapes:
-        shape = (rows, *shape[1:])
-        if np.issubdtype(dtype, np.floating):
-            leaves.append(rng.standard_normal(shape).astype(dtype))
-        else:
-            leaves.append(np.ones(shape, dtype) if dtype == np.bool_ else np.zeros(shape, dtype))
-    return jax.tree_util.tree_unflatten(treedef, leaves)
-
-
-def _joined_forward_is_exact(
-    model: Model, params: Params, signature: tuple[Any, ...], num_batches: int
-) -> bool:
-    """Whether one forward pass over ``num_batches`` joined batches rounds exactly as one
-    pass per batch does.
-
-    XLA picks its matmul/conv kernels by shape, and some kernels block the reduction
-    differently, which changes the last bits of some outputs. The choice depends on the
-    shapes only, so one probe on random inputs tells for all data: a kernel that reduces
-    in another order would change many of the outputs' last bits.
-    """
-    treedef, shapes = signature
-    rows = shapes[0][0][0]
-    apply = jax.jit(model.apply_for_eval)
-    block = _probe_batch(treedef, shapes, rows * num_batches, seed=0)
-    joined = jax.tree_util.tree_leaves(jax.device_get(apply(params, block)))
-    for i in range(num_batches):
-        rows_i = slice(i * rows, (i + 1) * rows)
-        part = jax.tree_util.tree_map(operator.itemgetter(rows_i), block)
-        single = jax.tree_util.tree_leaves(jax.device_get(apply(params, part)))
-        pairs = zip(joined, single, strict=True)
-        if any(np.asarray(a[rows_i]).tobytes() != np.asarray(b).tobytes() for a, b in pairs):
-            return False
-    return True
-
-
-# (model, params shapes, batch shapes) -> plan; cleared when full (plans are cheap to redo).
-_PLANS: dict[tuple[Any, ...], tuple[int, bool]] = {}
-_MAX_PLANS = 256
-
-
-def _block_plan(
-    model: Model, params: Params, params_signature: Any, signature: tuple[Any, ...]
-) -> tuple[int, bool]:
-    """``(batches per dispatch, joined forward pass)`` for batches of ``signature``.
-
-    Decided once per (model, params shapes, batch shapes): a joined forward pass where it is
-    exact (:func:`_joined_forward_is_exact`); otherwise one pass per batch, blocked only when
-    the pass is cheap (XLA's cost estimate). ``(1, False)`` when neither can be established.
-
-    Raises:
-        TypeError: the model is not hashable (then nothing can be cached).
-    """
-    key = (model, params_signature, signature)
-    plan = _PLANS.get(key)
-    if plan is None:
-        plan = _make_block_plan(model, params, params_signature, signature)
-        if len(_PLANS) >= _MAX_PLANS:
-            _PLANS.clear()
-        _PLANS[key] = plan
-    return plan
-
-
-def _make_block_plan(
-    model: Model, params: Params, params_signature: Any, signature: tuple[Any, ...]
-) -> tuple[int, bool]:
-    treedef, shapes = signature
-    examples = shapes[0][0][0]
-    nbytes = sum(int(np.prod(shape)) * dtype.itemsize for shape, dtype in shapes)
-    caps = min(
-        _MAX_BLOCK_BATCHES,
-        _MAX_BLOCK_EXAMPLES // max(examples, 1),
-        _MAX_BLOCK_BYTES // max(nbytes, 1),
-    )
-    caps = _pow2_floor(caps)
-    if caps == 1:
-        return 1, False
-    try:
-        if _joined_forward_is_exact(model, params, signature, caps):
-            return caps, True
-    except Exception:  # A model the probe cannot run: fall back to the per-batch pass.
-        pass
-    try:
-        cost = (
-            jax.jit(model.apply_for_eval)
-            .lower(_abstract(*params_signature), _abstract(treedef, shapes))
-            .cost_analysis()
-        )
-        flops = float(cost["flops"])
-    except Exception:  # No estimate (backend, unusual model): the safe per-batch path.
-        return 1, False
-    target = _BLOCK_FLOPS.get(jax.default_backend(), _BLOCK_FLOPS_ACCELERATOR)
-    return _pow2_floor(min(caps, int(target // max(flops, 1.0)))), False
-
-
-def _pow2_floor(n: int) -> int:
-    """The largest power of two <= ``n`` (1 for ``n`` < 1)."""
-    return 1 << (max(n, 1).bit_length() - 1)
-
-
-def _tree_signature(tree: Any) -> Any:
-    """``(treedef, ((shape, dtype) per leaf))``: what a jitted call is specialised on."""
-    leaves, treedef = jax.tree_util.tree_flatten(tree)
-    return treedef, tuple((tuple(np.shape(x)), _dtype(x)) for x in leaves)
-
-
-def _blocks(
-    model: Model, params: Params, params_signature: Any, batches: Iterable[BatchExample]
-) -> Iterator[tuple[tuple[BatchExample, ...], bool]]:
-    """Groups consecutive same-shape batches into blocks of the planned length.
-
-    Yields ``(block, joined_forward)``. With a joined forward pass, padded batches (with
-    ``EXAMPLE_MASK_KEY``) always make full blocks: the last one is filled with all-padding
-    batches, which add exact zeros to every statistic, so a batch shape compiles one block
-    program instead of one per remainder length (~0.2-0.4 s each on the 2-core CPU); the
-    filler costs little, as blocks are planned to be cheap. Other blocks end in power-of-two
-    lengths. A shape is planned only when a second batch of it follows the first, so a lone
-    batch (a client's short final batch) costs no probe.
-    """
-    pending: list[BatchExample] = []
-    pending_signature = None
-    limit, joined_forward = 0, False  # 0: not planned yet.
-
-    def flush() -> Iterator[tuple[tuple[BatchExample, ...], bool]]:
-        start = 0
-        while start < len(pending):
-            rest = len(pending) - start
-            if joined_forward and rest < limit and EXAMPLE_MASK_KEY in pending[start]:
-                filler = (_all_padding(pending[start]),) * (limit - rest)
-                yield tuple(pending[start:]) + filler, joined_forward
-                break
-            length = _pow2_floor(rest)
-            yield tuple(pending[start : start + length]), joined_forward and length > 1
-            start += length
-        pending.clear()
-
-    for batch in batches:
-        signature = _signature(batch)
-        if signature is None or signature != pending_signature:
-            yield from flush()
-            pending_signature = signature
-            limit, joined_forward = 0, False
-            if signature is None:
-                yield (batch,), False
-                continue
-        elif limit == 0:  # The second batch of this shape: blocks may pay, plan them.
-            try:
-                limit, joined_forward = _block_plan(model, params, params_signature, signature)
-            except TypeError:  # Unhashable model or params: no cache, no blocks.
-                limit, joined_forward = 1, False
-            if len(pending) >= limit:
-                yield from flush()
-        pending.append(batch)
-        if len(pending) == limit:
-            yield from flush()
-    yield from flush()
-
-
-def _all_padding(batch: BatchExample) -> BatchExample:
-    """A batch shaped like ``batch`` whose examples are all padding (zeros, mask False)."""
-    return jax.tree_util.tree_map(lambda leaf: np.zeros(np.shape(leaf), _dtype(leaf)), batch)
+    return jax.lax.scan(step, stats, block)[0]
 
 
 @jax.jit
@@ -697,36 +338,68 @@ def _results(stats: Stats) -> dict[str, jax.Array]:
     return {name: stat.result() for name, stat in stats.items()}
 
 
-def _zero_results(model: Model) -> dict[str, jax.Array]:
-    return _results(_zero_stats(model))
+def _signature(batch: BatchExample) -> Any:
+    """What batches must share to be stacked: structure, keys, shapes and dtypes."""
+    leaves, treedef = jax.tree_util.tree_flatten(batch)
+    return treedef, tuple((np.shape(x), getattr(x, "dtype", type(x))) for x in leaves)
 
 
-def _evaluate_batches(
+def _stack(leaves: tuple[Any, ...]) -> Any:
+    if all(isinstance(leaf, np.ndarray) for leaf in leaves):
+        return np.stack(leaves)  # On the host: one transfer per block instead of per batch.
+    return jnp.stack(leaves)
+
+
+def _stacked_blocks(batches: Iterable[BatchExample]) -> Iterator[BatchExample]:
+    """Runs of consecutive same-shape batches, stacked into blocks of power-of-two lengths."""
+    pending: list[BatchExample] = []
+    pending_signature = None
+
+    def flush() -> Iterator[BatchExample]:
+        while pending:
+            length = 1 << (len(pending).bit_length() - 1)
+            block = pending[:length]
+            del pending[:length]
+            yield jax.tree_util.tree_map(lambda *leaves: _stack(leaves), *block)
+
+    for batch in batches:
+        signature = _signature(batch)
+        if signature != pending_signature:
+            yield from flush()
+            pending_signature = signature
+        pending.append(batch)
+        if len(pending) == _MAX_BLOCK_BATCHES:
+            yield from flush()
+    yield from flush()
+
+
+def _zero_stats(model: Model) -> Stats:
+    """Each metric's zero statistic as host arrays of JAX's canonical (not weak) dtypes: the
+    dtypes merged statistics have, so that the first block reuses the others' program."""
+    zeros = {name: metric.zero() for name, metric in model.eval_metrics.items()}
+    return jax.tree_util.tree_map(lambda x: np.asarray(x, _canonical_dtype(x)), zeros)
+
+
+def _canonical_dtype(leaf: Any) -> np.dtype:
+    dtype = getattr(leaf, "dtype", None)  # np.result_type of a JAX array is deprecated.
+    return jax.dtypes.canonicalize_dtype(np.result_type(leaf) if dtype is None else dtype)
+
+
+def _evaluate(
     model: Model, params: Params, batches: Iterable[BatchExample], caller: str
 ) -> dict[str, np.ndarray]:
-    stats = None
-    # Once per call: both the block plan and the first block's stats are cached by it.
-    params_signature = _tree_signature(params)
-    for block, joined_forward in _blocks(model, params, params_signature, batches):
-        parts = _block_parts(block)
-        if stats is None:
-            stats = _initial_stats(
-                model, len(block), joined_forward, params, params_signature, parts
-            )
-        # No host sync here: the stats stay on device and blocks are dispatched asynchronously.
-        stats = _evaluate_block_into(model, len(block), joined_forward, params, parts, stats)
-    if stats is None:
+    stats, evaluated = _zero_stats(model), False
+    for block in _stacked_blocks(batches):
+        # No host sync here: blocks are dispatched asynchronously, the stats stay on device.
+        stats, evaluated = _evaluate_block(model, params, block, stats), True
+    if not evaluated:
         warnings.warn(
             f"{caller} got no batches; returning each metric's zero result (0 for means and "
             "sums), as FedJAX does. Check that the dataset or client is not empty.",
             RuntimeWarning,
             stacklevel=3,
         )
-        results = _zero_results(model)
-    else:
-        results = _results(stats)
-    # The one device -> host transfer of the call.
-    results = jax.device_get(results)
+    results = jax.device_get(_results(stats))  # The one device -> host transfer of the call.
     # jit returns dicts with sorted keys; give them back in the order the model lists them.
     return {name: results[name] for name in model.eval_metrics}
 
@@ -737,14 +410,10 @@ def evaluate_model(
     """Evaluates ``model.eval_metrics`` of ``params`` over all examples in ``batches``.
 
     Batches may be padded: examples whose ``EXAMPLE_MASK_KEY`` entry is false are ignored.
-    Statistics accumulate on the device; the host waits only once, for the final results.
-    Consecutive batches of one shape are dispatched together, up to 8 (and 1024 examples) at
-    a time, in one jitted step that still reduces and merges them batch by batch, in order.
-    The model runs once over a whole block only where a one-off probe (per model and shapes)
-    shows XLA rounds that exactly as one pass per batch; otherwise once per batch. Either way
-    the numbers are batch-by-batch evaluation's (and FedJAX's): the tests check them bit for
-    bit. Steps are compiled once per model, batch shape and block length (1, 2, 4 or 8), and
-    reused; the first call for a model and batch shape also runs the probe.
+    Consecutive batches of one shape are stacked, up to 8 at a time, and each stack is
+    evaluated by one jitted program that runs the model batch by batch and merges the
+    statistics in order, so the results equal batch-by-batch evaluation (FedJAX's) exactly.
+    Statistics stay on the device; the host waits once per call, for the results.
 
     Args:
         model: The Model (``apply_for_eval`` and ``eval_metrics`` are used).
@@ -759,7 +428,7 @@ def evaluate_model(
         and ``SumStat`` metrics), the same numbers FedJAX 0.0.17 returns, and emits a
         ``RuntimeWarning`` so an empty evaluation set does not pass unnoticed.
     """
-    return _evaluate_batches(model, params, batches, "evaluate_model")
+    return _evaluate(model, params, batches, "evaluate_model")
 
 
 class ModelEvaluator:
@@ -786,7 +455,7 @@ class ModelEvaluator:
     ) -> Iterator[tuple[ClientId, dict[str, np.ndarray]]]:
         """Yields ``(client_id, results)`` for each ``(client_id, batches, params)``."""
         for client_id, batches, params in clients:
-            yield client_id, _evaluate_batches(self._model, params, batches, "ModelEvaluator")
+            yield client_id, _evaluate(self._model, params, batches, "ModelEvaluator")
 
 
 # ----------------------------------------------------------------------------------------------
