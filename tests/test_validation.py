@@ -115,6 +115,7 @@ def test_the_default_config_passes_and_resolves():
         (["trainer.device_data=yes"], "trainer.device_data must be one of auto, true, false"),
         (["trainer.compute_dtype=int8"], "trainer.compute_dtype must be one of float32, bfloat16"),
         (["trainer.steps=1.5"], "trainer.steps must be an integer >= 0, got 1.5"),
+        (["logger.wandb=3"], "logger.wandb must be a mapping of its settings, got 3"),
     ],
 )
 def test_each_rule_rejects_with_one_line(overrides, expected):

@@ -83,6 +83,8 @@ def check_section(schema: type, values: Any, prefix: str) -> dict[str, Any]:
     """``values`` (plain, resolved) checked against ``schema``: unknown keys (also those added
     with ``+trainer.KEY=``), types, then every field's ``check``. Returns plain Python with
     counts as int (1e3 -> 1000)."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{prefix} must be a mapping of its settings, got {values!r}")
     base = OmegaConf.structured(schema)
     try:
         obj = OmegaConf.to_object(OmegaConf.merge(base, values))
