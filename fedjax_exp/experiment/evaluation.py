@@ -57,9 +57,7 @@ class Evaluator:
 
     The periodic subsets (the first ``num_batches[split]`` padded batches of each split) are
     materialised once, so every periodic evaluation sees the same examples and costs no data
-    loading. When a split's subset is the whole split, a final evaluation of the very
-    parameters the last periodic evaluation saw (the same arrays: periodic evaluation at the
-    last step) reuses its results instead of evaluating the same batches again.
+    loading.
     """
 
     def __init__(
@@ -74,60 +72,30 @@ class Evaluator:
         self.model = model
         self.datasets = dict(datasets)
         self.batch_size = batch_size
-        self._periodic: dict[str, list[Any]] = {}
-        self._covers_split: dict[str, bool] = {}
-        for split, fd in self.datasets.items():
-            limit = num_batches.get(split, 0)
-            if limit == 0:
-                continue
-            # One batch more than asked for tells whether the subset is the whole split.
-            batches = first_padded_batches(fd, batch_size, None if limit is None else limit + 1)
-            self._covers_split[split] = limit is None or len(batches) <= limit
-            self._periodic[split] = batches if limit is None else batches[:limit]
-        # (parameter leaves, {split: results}) of the latest periodic evaluation.
-        self._latest: tuple[list[Any], dict[str, dict[str, Any]]] | None = None
+        self._periodic = {
+            split: first_padded_batches(fd, batch_size, num_batches.get(split, 0))
+            for split, fd in self.datasets.items()
+            if num_batches.get(split, 0) != 0
+        }
 
     def periodic(self, params: Params) -> dict[str, float]:
         """``eval/<split>/<metric>`` on the fixed subsets."""
-        import jax
-
         from fedjax_exp.core.models import evaluate_model
 
-        results = {
-            split: evaluate_model(self.model, params, batches)
-            for split, batches in self._periodic.items()
-        }
-        self._latest = (jax.tree_util.tree_leaves(params), results)
         scalars: dict[str, float] = {}
-        for split, split_results in results.items():
-            scalars.update(flatten_results(f"eval/{split}", split_results))
+        for split, batches in self._periodic.items():
+            results = evaluate_model(self.model, params, batches)
+            scalars.update(flatten_results(f"eval/{split}", results))
         return scalars
-
-    def _reusable(self, params: Params, split: str) -> dict[str, Any] | None:
-        """The latest periodic results of ``split`` if they are the final ones of ``params``."""
-        import jax
-
-        if self._latest is None or not self._covers_split.get(split, False):
-            return None
-        leaves, results = self._latest
-        current = jax.tree_util.tree_leaves(params)
-        # Identity, not equality: JAX arrays are immutable, so the same array objects hold
-        # the same values (a donated array is deleted, never changed in place).
-        same = len(current) == len(leaves) and all(
-            a is b for a, b in zip(current, leaves, strict=True)
-        )
-        return results.get(split) if same else None
 
     def final(self, params: Params, split: str = "test") -> dict[str, float]:
         """``final/<split>/<metric>`` over every example of ``split``."""
         from fedjax_exp.core.federated_data import padded_batch_federated_data
         from fedjax_exp.core.models import evaluate_model
 
-        results = self._reusable(params, split)
-        if results is None:
-            batches = padded_batch_federated_data(self.datasets[split], batch_size=self.batch_size)
-            results = evaluate_model(self.model, params, batches)
-        return flatten_results(f"final/{split}", results)
+        # Streamed: the whole split is never held in memory as batches at once.
+        batches = padded_batch_federated_data(self.datasets[split], batch_size=self.batch_size)
+        return flatten_results(f"final/{split}", evaluate_model(self.model, params, batches))
 
     def per_client(
         self,
