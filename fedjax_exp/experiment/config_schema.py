@@ -1,10 +1,12 @@
 """Schemas of the ``trainer`` and ``logger`` config groups, registered in Hydra's ConfigStore.
 
-``conf/trainer/default.yaml`` and ``conf/logger/*.yaml`` list these first in their defaults
-(``base_trainer``, ``base_logger``), so Hydra refuses an unknown key or a value of the wrong
-type while it composes the config. The yaml files hold the values and their documentation.
-What OmegaConf's types cannot say (ranges, ``auto`` or a number, an existing path) is a
-``check`` in a field's metadata, run by :func:`~fedjax_exp.experiment.validation.validate_config`.
+Stored as ``schema/trainer`` and ``schema/logger`` (a group of their own, so the options of
+``trainer`` and ``logger`` stay the yaml files) and listed first in the defaults of
+``conf/trainer/default.yaml`` and ``conf/logger/*.yaml``: Hydra refuses an unknown key or a
+value of the wrong type while it composes the config. The yaml files hold the values and
+their documentation. What OmegaConf's types cannot say (ranges, ``auto`` or a number, an
+existing path) is a ``check`` in a field's metadata, run by
+:func:`~fedjax_exp.experiment.validation.validate_config`.
 
 Importing this module registers the schemas; ``fedjax_exp.experiment`` imports it. No JAX.
 """
@@ -137,5 +139,5 @@ SCHEMAS: dict[str, tuple[type, str]] = {
     "logger": (LoggerConfig, "logger=local"),
 }
 
-ConfigStore.instance().store(group="trainer", name="base_trainer", node=TrainerConfig)
-ConfigStore.instance().store(group="logger", name="base_logger", node=LoggerConfig)
+ConfigStore.instance().store(group="schema", name="trainer", node=TrainerConfig)
+ConfigStore.instance().store(group="schema", name="logger", node=LoggerConfig)
