@@ -29,6 +29,8 @@ def compose(model_name: str, batch_size: int, extra: Sequence[str] = (), seed: i
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
+    import fedjax_exp.experiment  # noqa: F401 - registers the config schemas conf/ refers to.
+
     overrides = [
         f"model={CONF_MODELS[model_name]}",
         "loss=cross_entropy",
