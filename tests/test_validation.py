@@ -10,6 +10,7 @@ import warnings
 import numpy as np
 import pytest
 from helpers import CONF_DIR, compose_config
+from omegaconf import OmegaConf
 
 from fedjax_exp.core.in_memory_federated_data import InMemoryFederatedData
 from fedjax_exp.experiment import builders
@@ -145,8 +146,10 @@ def test_exact_float_counts_become_integers_everywhere():
     resolved = validate_config(cfg)
     assert resolved["trainer"]["steps"] == 1000 and type(resolved["trainer"]["steps"]) is int
     assert type(resolved["seed"]) is int
-    # Written back into the config, so interpolations of it are integers too.
+    # Written back into the config, so interpolations of it are integers too; other
+    # interpolations stay as they are.
     assert type(cfg.trainer.steps) is int and type(cfg.algorithm.batch_size) is int
+    assert OmegaConf.to_container(cfg.trainer)["compilation_cache"].startswith("${oc.env:")
     assert resolved["optimizer"]["schedule"]["decay_steps"] == 1000
     assert type(resolved["optimizer"]["schedule"]["decay_steps"]) is int
 

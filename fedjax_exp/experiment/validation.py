@@ -60,6 +60,7 @@ def suggest_key(key: str, known: Iterable[str]) -> str | None:
 
 
 def unknown_key_message(key: str, known: Iterable[str]) -> str:
+    """``unknown config key 'KEY'; did you mean 'NEAREST'?``"""
     near = suggest_key(key, known)
     hint = f"did you mean {near!r}?" if near else "`python run.py --cfg job` prints every key"
     return f"unknown config key {key!r}; {hint}"
@@ -130,8 +131,9 @@ def validate_config(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
         if cfg.get(section) is None:
             raise ConfigError(f"the config has no {section} section: add {option}")
         values = OmegaConf.to_container(cfg[section], resolve=True)
-        cfg[section] = check_section(schema, values, section)
-    cfg.seed = integer("seed", cfg.get("seed"), 0)  # NumPy's generators refuse negative seeds.
+        _write_back(cfg, section, values, check_section(schema, values, section))
+    # Non-negative: NumPy's generators refuse negative seeds.
+    _write_back(cfg, "seed", cfg.get("seed"), integer("seed", cfg.get("seed"), 0))
     container = resolve(cfg)
     optimizer = container.get("optimizer")
     if not isinstance(optimizer, dict):
@@ -162,6 +164,15 @@ def validate_config(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
             f"optimized_metric={metric!r} is not a final metric; use one of: {options}"
         )
     return container
+
+
+def _write_back(cfg: DictConfig, key: str, old: Any, new: Any) -> None:
+    """Sets in ``cfg`` the values a check converted (1e3 -> 1000); interpolations stay."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        for name, value in new.items():
+            _write_back(cfg, f"{key}.{name}", old.get(name), value)
+    elif type(old) is not type(new) or old != new:
+        OmegaConf.update(cfg, key, new)
 
 
 def _check_schedule(schedule: dict[str, Any]) -> None:
