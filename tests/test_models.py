@@ -248,7 +248,7 @@ def test_evaluate_model_is_batching_and_padding_invariant(params):
 def test_evaluate_model_compiles_once_per_model_and_shape(params):
     log: list = []
     model = _linear_model(trace_log=log)
-    batches = [_pad(_batch(3, seed=s), 4) for s in range(3)]  # Blocks of 2 and 1.
+    batches = [_pad(_batch(3, seed=s), 4) for s in range(9)]  # Blocks of 8 and 1.
     first = models.evaluate_model(model, params, batches)
     traces_after_first_call = len(log)
     second = models.evaluate_model(model, params, batches)
@@ -276,7 +276,7 @@ def _count_dispatches(monkeypatch) -> list[int]:
 def _one_batch_per_dispatch(model, params, batches, monkeypatch) -> dict[str, np.ndarray]:
     """The reference: each batch evaluated by its own dispatch, merged in order."""
     with monkeypatch.context() as patch:
-        patch.setattr(models, "_MAX_BLOCK_BATCHES", 1)
+        patch.setattr(models, "_BLOCK_BATCHES", 1)
         return models.evaluate_model(model, params, batches)
 
 
@@ -287,7 +287,7 @@ def _assert_same_bits(got, want) -> None:
 
 
 def _stream(on_device: bool) -> list[dict]:
-    # 11 padded batches of 4 (blocks of 8, 2 and 1), then a short unpadded batch (its own
+    # 11 padded batches of 4 (a block of 8, then 3 of 1), then a short unpadded batch (its own
     # block), as NumPy batches (stacked on the host) or device arrays (stacked on device).
     batches = [_pad(_batch(1 + s % 4, seed=s), 4) for s in range(11)] + [_batch(3, seed=99)]
     return [jax.device_put(b) for b in batches] if on_device else batches
@@ -306,7 +306,7 @@ def test_evaluate_model_blocks_equal_batch_by_batch_bit_for_bit(params, monkeypa
     batches = _stream(on_device)
     dispatched = _count_dispatches(monkeypatch)
     blocked = models.evaluate_model(_linear_model(), params, iter(batches))
-    assert dispatched == [8, 2, 1, 1]
+    assert dispatched == [8, 1, 1, 1, 1]
     dispatched.clear()
     single = _one_batch_per_dispatch(_linear_model(), params, batches, monkeypatch)
     assert dispatched == [1] * 12
@@ -317,14 +317,14 @@ def test_evaluate_model_blocks_equal_batch_by_batch_bit_for_bit(params, monkeypa
 
 
 def test_evaluate_model_mixed_shapes_in_stream_order(params, monkeypatch):
-    # Shapes alternate (4, 4, 6, 4, 6, 6, 6, then 4): each run of one shape is its own block;
-    # device and host batches mix within a run.
-    sizes = [4, 4, 6, 4, 6, 6, 6, 4]
+    # Runs of one shape: 3 of 4 examples, 1 of 6, 9 of 4 (a block of 8 mixing a device batch
+    # with host batches, then 1), 2 of 6. A run's batches never join another run's block.
+    sizes = [4] * 3 + [6] + [4] * 9 + [6] * 2
     batches = [_pad(_batch(n - s % 2, seed=s), n) for s, n in enumerate(sizes)]
-    batches[1] = jax.device_put(batches[1])
+    batches[5] = jax.device_put(batches[5])
     dispatched = _count_dispatches(monkeypatch)
     got = models.evaluate_model(_linear_model(), params, batches)
-    assert dispatched == [2, 1, 1, 2, 1, 1]
+    assert dispatched == [1, 1, 1, 1, 8, 1, 1, 1]
     _assert_same_bits(got, _one_batch_per_dispatch(_linear_model(), params, batches, monkeypatch))
     want = _float64_reference(params, batches)
     np.testing.assert_allclose(float(got["loss"]), want["loss"], rtol=1e-5)

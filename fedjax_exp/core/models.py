@@ -291,10 +291,10 @@ def model_grad(
 
 Stats = dict[str, metrics.Stat]
 
-# Consecutive batches of one shape are stacked into blocks of up to this many and evaluated by
-# one dispatch of one compiled program. Block lengths are powers of two, so a batch shape
-# compiles at most four programs (8, 4, 2 and 1 batches).
-_MAX_BLOCK_BATCHES = 8
+# Consecutive batches of one shape are stacked into blocks of this many and evaluated by one
+# dispatch of one compiled program; a run's remaining batches go one by one, so a batch shape
+# compiles at most two programs (blocks of 8 batches and of 1).
+_BLOCK_BATCHES = 8
 
 
 def _batch_stats(model: Model, params: Params, batch: BatchExample) -> Stats:
@@ -351,26 +351,24 @@ def _stack(leaves: tuple[Any, ...]) -> Any:
 
 
 def _stacked_blocks(batches: Iterable[BatchExample]) -> Iterator[BatchExample]:
-    """Runs of consecutive same-shape batches, stacked into blocks of power-of-two lengths."""
+    """Consecutive same-shape batches stacked by ``_BLOCK_BATCHES``; the rest of a run of one
+    shape (fewer) stacked one by one."""
     pending: list[BatchExample] = []
     pending_signature = None
 
-    def flush() -> Iterator[BatchExample]:
-        while pending:
-            length = 1 << (len(pending).bit_length() - 1)
-            block = pending[:length]
-            del pending[:length]
-            yield jax.tree_util.tree_map(lambda *leaves: _stack(leaves), *block)
+    def stack(block: list[BatchExample]) -> BatchExample:
+        return jax.tree_util.tree_map(lambda *leaves: _stack(leaves), *block)
 
     for batch in batches:
         signature = _signature(batch)
         if signature != pending_signature:
-            yield from flush()
-            pending_signature = signature
+            yield from (stack([b]) for b in pending)
+            pending, pending_signature = [], signature
         pending.append(batch)
-        if len(pending) == _MAX_BLOCK_BATCHES:
-            yield from flush()
-    yield from flush()
+        if len(pending) == _BLOCK_BATCHES:
+            yield stack(pending)
+            pending = []
+    yield from (stack([b]) for b in pending)
 
 
 def _zero_stats(model: Model) -> Stats:
@@ -410,7 +408,7 @@ def evaluate_model(
     """Evaluates ``model.eval_metrics`` of ``params`` over all examples in ``batches``.
 
     Batches may be padded: examples whose ``EXAMPLE_MASK_KEY`` entry is false are ignored.
-    Consecutive batches of one shape are stacked, up to 8 at a time, and each stack is
+    Consecutive batches of one shape are stacked 8 at a time, and each stack is
     evaluated by one jitted program that runs the model batch by batch and merges the
     statistics in order, so the results equal batch-by-batch evaluation (FedJAX's) exactly.
     Statistics stay on the device; the host waits once per call, for the results.
