@@ -11,12 +11,12 @@ import pytest
 
 from fedjax_exp.core import optimizers
 from fedjax_exp.experiment.checkpoints import (
-    CHECKPOINT_DIR,
     Checkpointer,
     Snapshot,
     find_checkpoint_dir,
 )
 from fedjax_exp.experiment.errors import ConfigError
+from fedjax_exp.experiment.run_files import CHECKPOINTS_DIR
 
 
 def trained_state(seed: int = 0, width: int = 3):
@@ -131,7 +131,7 @@ def test_an_interrupted_save_is_never_restored(tmp_path, monkeypatch):
 
 def test_resume_path_may_be_a_run_dir_a_checkpoints_dir_or_a_step_dir(tmp_path):
     run_dir = tmp_path / "run"
-    checkpoints = run_dir / CHECKPOINT_DIR
+    checkpoints = run_dir / CHECKPOINTS_DIR
     ckpt = Checkpointer(checkpoints, keep=3)
     ckpt.save(snapshot(2, seed=2))
     ckpt.save(snapshot(4, seed=4))

@@ -24,8 +24,7 @@ import jax
 import numpy as np
 
 from fedjax_exp.experiment.errors import ConfigError
-
-CHECKPOINT_DIR = "checkpoints"
+from fedjax_exp.experiment.run_files import CHECKPOINTS_DIR
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,11 +61,37 @@ def find_checkpoint_dir(path: str | os.PathLike[str]) -> tuple[pathlib.Path, int
     (a dir named by its step number). Anything else is taken as a checkpoints dir.
     """
     path = pathlib.Path(path)
-    if (path / CHECKPOINT_DIR).is_dir():
-        return path / CHECKPOINT_DIR, None
+    if (path / CHECKPOINTS_DIR).is_dir():
+        return path / CHECKPOINTS_DIR, None
     if path.name.isdigit() and path.is_dir():
         return path.parent, int(path.name)
     return path, None
+
+
+def resume_source(resume: Any, own_dir: pathlib.Path) -> tuple[pathlib.Path, int | None] | None:
+    """Where ``trainer.resume`` resumes from: (checkpoints dir, step or None for the latest),
+    or None for a fresh start; ``own_dir`` is the run's own checkpoints dir."""
+
+    def has_checkpoints(d: pathlib.Path) -> bool:
+        return d.is_dir() and any(p.name.isdigit() for p in d.iterdir())
+
+    if resume is True:
+        return (own_dir, None) if has_checkpoints(own_dir) else None
+    if resume is False or resume is None:
+        if has_checkpoints(own_dir):
+            raise ConfigError(
+                f"{own_dir} already holds checkpoints and trainer.resume=false: resume with "
+                "trainer.resume=true or pick a new hydra.run.dir"
+            )
+        return None
+    directory, step = find_checkpoint_dir(resume)
+    if not has_checkpoints(directory):
+        raise ConfigError(
+            f"trainer.resume={resume!r} holds no checkpoints: give a run dir with a checkpoints/ "
+            "dir (or that dir, or one of its step dirs), or set trainer.resume=true to start "
+            "fresh (and resume this run dir later)"
+        )
+    return directory, step
 
 
 class Checkpointer:

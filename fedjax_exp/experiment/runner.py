@@ -73,32 +73,6 @@ def save_hydra_files(out: pathlib.Path, cfg: DictConfig) -> None:
     OmegaConf.save(hc.overrides.task, directory / "overrides.yaml")
 
 
-def _resume_source(resume: Any, own_dir: pathlib.Path) -> tuple[pathlib.Path, int | None] | None:
-    """Where to resume from: (checkpoints dir, step or None for latest), or None for fresh."""
-    from fedjax_exp.experiment.checkpoints import find_checkpoint_dir
-
-    def has_checkpoints(d: pathlib.Path) -> bool:
-        return d.is_dir() and any(p.name.isdigit() for p in d.iterdir())
-
-    if resume is True:
-        return (own_dir, None) if has_checkpoints(own_dir) else None
-    if resume is False or resume is None:
-        if has_checkpoints(own_dir):
-            raise ConfigError(
-                f"{own_dir} already holds checkpoints and trainer.resume=false: resume with "
-                "trainer.resume=true or pick a new hydra.run.dir"
-            )
-        return None
-    directory, step = find_checkpoint_dir(resume)
-    if not has_checkpoints(directory):
-        raise ConfigError(
-            f"trainer.resume={resume!r} holds no checkpoints: give a run dir with a checkpoints/ "
-            "dir (or that dir, or one of its step dirs), or set trainer.resume=true to start "
-            "fresh (and resume this run dir later)"
-        )
-    return directory, step
-
-
 @contextlib.contextmanager
 def _run_dir_lock(out: pathlib.Path) -> Iterator[None]:
     """An exclusive flock on the run dir itself (no file is written; the OS drops it when the
@@ -197,11 +171,12 @@ def _open_members(container, out, trials, start_step, resumed, clock) -> list[_M
 def _run_validated(cfg: DictConfig, container: dict[str, Any], out: pathlib.Path) -> float:
     """:func:`run` once the config is validated and the run dir is this process's."""
     from fedjax_exp.experiment import vectorized
+    from fedjax_exp.experiment.checkpoints import resume_source
 
     trainer = container["trainer"]
     trials = vectorized.trials_of(cfg, container)  # None: a plain run.
     own_checkpoints = out / CHECKPOINTS_DIR
-    source = _resume_source(trainer["resume"], own_checkpoints)
+    source = resume_source(trainer["resume"], own_checkpoints)
     if source is not None and source[0].resolve() == own_checkpoints.resolve():
         run_record.check_resumable(out, container)
 
