@@ -69,8 +69,6 @@ def compose_config(overrides: Sequence[str] = (), return_hydra_config: bool = Fa
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    import fedjax_exp.experiment  # noqa: F401 - registers the config schemas.
-
     import fedjax_exp.experiment  # noqa: F401 - registers the config schemas conf/ refers to.
 
     # A test that failed inside `initialize_config_dir` can leave Hydra initialized.
