@@ -71,10 +71,7 @@ def auto_steps_per_dispatch(model) -> int:
         {},
         jax.default_backend(),
         num_devices=1,
-        device_data_supported=False,
-        data_bytes=None,
-        device_bytes=None,
-        uses_convolution=conv,
+        uses_convolution=lambda: conv,
     )
     return settings.steps_per_dispatch
 
@@ -85,12 +82,13 @@ def main() -> None:
     parser.add_argument("--k", default="1,8,32")
     parser.add_argument("--steps", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--reuse-host-memory", choices=["auto", "false"], default="auto")
     args = parser.parse_args()
     from fedjax_exp.experiment import parallel
 
-    # As the runner does: without it, a big step's temporaries are page-faulted in every call
-    # (the stax CNN's K=1 step measured ~1.5x slower), which is not what a run sees.
-    parallel.configure_host_memory({}, jax.default_backend())
+    # As the runner does (--reuse-host-memory=false measures what that setting is worth).
+    reuse = {"reuse_host_memory": False} if args.reuse_host_memory == "false" else {}
+    parallel.configure_host_memory(reuse, jax.default_backend())
     ks = [int(k) for k in args.k.split(",")]
     results = {"backend": jax.default_backend(), "batch_size": args.batch_size, "steps_per_s": {}}
     for name in args.models.split(","):

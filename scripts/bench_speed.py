@@ -4,10 +4,11 @@
         [--e2e]   # also: the compilation cache, `python run.py` twice, cache on vs off
 
 Every row is the training loop of ``run.py`` (the objects it builds, ``loop.train``, the
-embedded FEMNIST sample, batch 8, Adam) in a fresh process, since host memory settings are
-process-wide. ``auto`` is the runner's default; each variant overrides one trainer option.
-Reported: median steps/s over timed windows after a warm-up (compilation excluded) and the
-ratio auto / variant (> 1: the mechanism wins). Figures go to docs/performance-notes.md.
+embedded FEMNIST sample, batch 8, Adam). ``auto`` is the runner's default; each variant
+overrides one trainer option. The variants of one model are timed in alternation in one
+process (windows of ``--steps`` steps, ``--rounds`` rounds, compilation excluded); host memory
+reuse is process-wide, so its row is the ``auto`` of a second process. Reported: median
+steps/s and auto / variant (> 1: the mechanism wins). Figures: docs/performance-notes.md.
 """
 
 from __future__ import annotations
@@ -27,24 +28,60 @@ VARIANTS = {
     "auto": [],
     "steps_per_dispatch=1": ["trainer.steps_per_dispatch=1"],
     "steps_per_dispatch=8": ["trainer.steps_per_dispatch=8"],
-    "device_data=false": ["trainer.device_data=false"],
-    "reuse_host_memory=false": ["trainer.reuse_host_memory=false"],
 }
 
 
-def child(model: str, overrides: list[str], steps: int) -> None:
+def child(model_name: str, steps: int, rounds: int, reuse_host_memory: bool) -> None:
+    """Steps/s of each variant, timed in alternation (``rounds`` windows of ``steps`` each)
+    so that the machine's drift hits every variant alike; prints medians as JSON."""
+    import statistics
+
+    import jax
     from bench import ours
+    from omegaconf import OmegaConf
 
     from fedjax_exp.datasets import sample
+    from fedjax_exp.experiment import builders, loop, parallel
 
+    parallel.configure_host_memory({"reuse_host_memory": reuse_host_memory}, "cpu")
     train, _ = sample.load_data()
-    _, run = ours.train(model, train, 8, steps, warmup=steps // 4, windows=3, overrides=overrides)
-    print(json.dumps({"steps_per_s": run.rate.median, "spread": run.rate.spread}))
+    runs = {}
+    for name, overrides in VARIANTS.items():
+        cfg = ours.compose(model_name, 8, overrides)
+        alg = builders.build_algorithm(
+            cfg, builders.build_model(cfg), builders.build_optimizer(cfg), train
+        )
+        speed = parallel.speed_up(alg, OmegaConf.to_container(cfg.trainer, resolve=True))
+        init_rng, rng = jax.random.split(jax.random.PRNGKey(0))
+        runs[name] = [alg, alg.init(init_rng), rng, speed.steps_per_dispatch, 0]
+    rates: dict[str, list[float]] = {name: [] for name in runs}
+    for round_ in range(rounds + 1):  # Round 0 compiles (and is not counted).
+        for name, run in runs.items():
+            alg, state, rng, k, done = run
+            settings = loop.LoopSettings(done + steps, steps, 0, 0, False, k)
+            start = time.perf_counter()
+            state, done, _ = loop.train(
+                alg,
+                state,
+                start_step=done,
+                seed=0,
+                rng=rng,
+                settings=settings,
+                writers=[ours._TimingWriter()],
+                evaluator=None,
+                checkpointer=None,
+                clock=loop.Clock(),
+            )
+            jax.block_until_ready(state)
+            if round_:
+                rates[name].append(steps / (time.perf_counter() - start))
+            run[1], run[4] = state, done
+    print(json.dumps({name: statistics.median(r) for name, r in rates.items()}))
 
 
-def measure(model: str, overrides: list[str], steps: int) -> dict[str, float]:
+def measure(model: str, steps: int, rounds: int, reuse: bool) -> dict[str, float]:
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))  # This checkout's fedjax_exp.
-    command = [sys.executable, __file__, "--child", model, str(steps), *overrides]
+    command = [sys.executable, __file__, "--child", model, str(steps), str(rounds), str(reuse)]
     proc = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -72,28 +109,23 @@ def e2e(cache: bool) -> float:
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
-        child(sys.argv[2], sys.argv[4:], int(sys.argv[3]))
+        child(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5] == "True")
         return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="logistic,stax_cnn,haiku_cnn")
-    parser.add_argument("--steps", type=int, default=400)
-    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--steps", type=int, default=200, help="per window (CNNs: a tenth)")
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--e2e", action="store_true")
     args = parser.parse_args()
     rows = []
     for model in args.models.split(","):
-        steps = args.steps if model in ("logistic", "mlp") else max(40, args.steps // 10)
-        auto = None
-        for name in args.variants.split(","):
-            result = measure(model, VARIANTS[name], steps)
-            auto = result["steps_per_s"] if name == "auto" else auto
-            ratio = auto / result["steps_per_s"] if auto else float("nan")
-            rows.append({"model": model, "variant": name, **result, "auto_over_variant": ratio})
-            print(
-                f"{model:10s} {name:26s} {result['steps_per_s']:9.1f} steps/s "
-                f"(spread {result['spread']:.0%})  auto/variant {ratio:.2f}x",
-                flush=True,
-            )
+        steps = args.steps if model in ("logistic", "mlp") else max(8, args.steps // 10)
+        rates = measure(model, steps, args.rounds, True)
+        rates["reuse_host_memory=false"] = measure(model, steps, args.rounds, False)["auto"]
+        for name, rate in rates.items():
+            ratio = rates["auto"] / rate
+            rows.append({"model": model, "variant": name, "steps_per_s": rate, "ratio": ratio})
+            print(f"{model:10s} {name:26s} {rate:9.1f} steps/s  auto/variant {ratio:.2f}x")
     if args.e2e:
         with_cache, without = e2e(True), e2e(False)
         rows.append({"e2e_cache_s": with_cache, "e2e_no_cache_s": without})

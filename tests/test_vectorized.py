@@ -159,26 +159,21 @@ def test_vectorized_trials_equal_trials_alone(model, data, lrs, seeds):
         np.testing.assert_allclose(logged[1][1]["loss"][i], np.mean(losses[3:]), rtol=1e-5)
 
 
-@pytest.mark.parametrize("device_data", [False, True])
 @pytest.mark.parametrize("seeds", [None, [0, 5]])
-def test_multi_step_and_device_data_equal_the_plain_vectorized_step(
-    model, data, device_data, seeds
-):
+def test_multi_step_equals_the_plain_vectorized_step(model, data, seeds):
     """K steps per dispatch (chunks cut at the logging interval) and batches gathered on the
     device give the plain one-step-per-dispatch sweep's states and logs, bit for bit."""
     trials = vectorized.expand_trials([1e-2, 5e-2], seeds, None, 0)
 
-    def train(steps_per_dispatch, device):
+    def train(steps_per_dispatch):
         training = vectorized.VectorizedTraining(
             _make_algorithm(model, data), optimizers.adam, trials
         )
-        if device:
-            training.enable_device_data()
         states, logged = _train_sweep(training, 11, 5, steps_per_dispatch)
         return jax.device_get(states), logged
 
-    plain_states, plain_log = train(1, False)
-    states, logged = train(4, device_data)
+    plain_states, plain_log = train(1)
+    states, logged = train(4)
     assert [s for s, _ in logged] == [s for s, _ in plain_log] == [5, 10, 11]
     for (_, a), (_, b) in zip(logged, plain_log, strict=True):
         np.testing.assert_array_equal(a["loss"], b["loss"])

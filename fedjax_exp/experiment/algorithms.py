@@ -53,12 +53,6 @@ class Algorithm(Protocol):
     def eval_params(self, state: Any, trial: int = 0) -> Params:
         """The parameters of trial ``trial`` to evaluate in ``state``."""
 
-    def device_data_bytes(self) -> int | None:
-        """Bytes of the train data if it can live on the device (else None)."""
-
-    def enable_device_data(self, sharding: Any = None) -> None:
-        """Puts the train data on the device: from then on the stream yields row indices."""
-
     def uses_convolution(self) -> bool | None:
         """Whether the step convolves (None: unknown); decides steps per dispatch on CPU."""
 
@@ -105,34 +99,30 @@ def centralized_update(
 def multi_step(
     update: Callable[[Any, Any, PRNGKey], tuple[Any, Mapping[str, jax.Array]]],
     num_steps: int,
-    gather: Callable[[Any, Any], Any] | None = None,
     shardings: tuple[Any, Any] | None = None,
 ) -> Callable[..., tuple[Any, dict[str, jax.Array]]]:
     """``num_steps`` steps of ``update`` as one jitted dispatch with a donated state.
 
-    The result is ``run(state, block, base_rng, first_step, columns=None) -> (state,
-    scalars)``: ``block`` stacks the step inputs along a leading axis; step ``first_step + i``
-    uses ``fold_in(base_rng, first_step + i)`` (per row for keys stacked over trials);
-    ``scalars`` have a leading ``num_steps`` axis.
-    With ``gather`` an input becomes a batch by ``gather(columns, input)`` (row indices into
-    device-resident columns). ``num_steps > 1`` is a ``lax.scan``. ``shardings =
+    The result is ``run(state, block, base_rng, first_step) -> (state, scalars)``: ``block``
+    stacks the step inputs along a leading axis; step ``first_step + i`` uses
+    ``fold_in(base_rng, first_step + i)`` (per row for keys stacked over trials); ``scalars``
+    have a leading ``num_steps`` axis. ``num_steps > 1`` is a ``lax.scan``. ``shardings =
     (replicated, block_sharding)`` compiles for a device mesh.
     """
 
-    def one(state: Any, inputs: Any, base_rng: PRNGKey, step: jax.Array, columns: Any) -> Any:
-        batch = inputs if gather is None else gather(columns, inputs)
+    def one(state: Any, batch: Any, base_rng: PRNGKey, step: jax.Array) -> Any:
         # Keys stacked over trials (a vectorized sweep): each trial folds in its own.
         fold = jax.random.fold_in if base_rng.ndim == 1 else jax.vmap(jax.random.fold_in, (0, None))
         return update(state, batch, fold(base_rng, step))
 
-    def run(state: Any, block: Any, base_rng: PRNGKey, first_step: jax.Array, columns: Any):
+    def run(state: Any, block: Any, base_rng: PRNGKey, first_step: jax.Array):
         if num_steps == 1:
             inputs = jax.tree_util.tree_map(lambda x: x[0], block)
-            state, scalars = one(state, inputs, base_rng, first_step, columns)
+            state, scalars = one(state, inputs, base_rng, first_step)
             return state, jax.tree_util.tree_map(lambda x: x[None], dict(scalars))
 
         def body(state: Any, xs: tuple[Any, jax.Array]) -> Any:
-            return one(state, xs[0], base_rng, xs[1], columns)
+            return one(state, xs[0], base_rng, xs[1])
 
         steps = first_step + jnp.arange(num_steps, dtype=jnp.int32)
         return jax.lax.scan(body, state, (block, steps))
@@ -141,20 +131,15 @@ def multi_step(
     if shardings is not None:
         replicated, block_sharding = shardings
         kwargs = dict(
-            in_shardings=(replicated, block_sharding, replicated, replicated, replicated),
+            in_shardings=(replicated, block_sharding, replicated, replicated),
             out_shardings=(replicated, replicated),
         )
     jitted = jax.jit(run, donate_argnums=0, **kwargs)
 
-    def call(state: Any, block: Any, base_rng: PRNGKey, first_step: int, columns: Any = None):
-        return jitted(state, block, base_rng, np.int32(first_step), columns)
+    def call(state: Any, block: Any, base_rng: PRNGKey, first_step: int):
+        return jitted(state, block, base_rng, np.int32(first_step))
 
     return call
-
-
-def gather_rows(columns: Mapping[str, jax.Array], indices: jax.Array) -> dict[str, jax.Array]:
-    """The batch of rows ``indices`` of every column (inside jit: a device-side gather)."""
-    return {k: jnp.take(v, indices, axis=0) for k, v in columns.items()}
 
 
 def uses_convolution(fn: Callable[..., Any], *args: Any) -> bool:
@@ -207,7 +192,6 @@ class CentralizedTraining:
         self.example_buffer_size = example_buffer_size
         self.update = centralized_update(model, optimizer)
         self.step = jax.jit(self.update, donate_argnums=0)
-        self.device_columns: dict[str, jax.Array] | None = None
         self.shardings: tuple[NamedSharding, NamedSharding] | None = None
         self._runs: dict[int, Callable[..., Any]] = {}
 
@@ -215,11 +199,6 @@ class CentralizedTraining:
         fd = self.train_data
         ok = isinstance(fd, InMemoryFederatedData) and fd.supports_column_batching
         return fd if ok else None
-
-    @property
-    def gather(self) -> Callable[[Any, Any], Any] | None:
-        """``(columns, inputs) -> batch`` inside the step, or None for host batches."""
-        return gather_rows if self.device_columns is not None else None
 
     def init(self, rng: PRNGKey) -> TrainState:
         params = self.model.init(rng)
@@ -231,10 +210,6 @@ class CentralizedTraining:
 
         fd = self._column_data()
         args = (self.batch_size, self.client_buffer_size, self.example_buffer_size, seed)
-        if fd is not None and self.device_columns is not None:
-            # int32 indices: a quarter of the bytes of int64 per transfer, and all a GPU needs.
-            indices = fd.shuffle_repeat_batch_indices(*args, start_batch=start)
-            return (idx.astype(np.int32) for idx in indices)
         if fd is not None:  # The column store restarts at any batch without replaying.
             return fd.shuffle_repeat_batches(*args, start_batch=start)
         stream = federated_data.shuffle_repeat_batch_federated_data(self.train_data, *args)
@@ -253,35 +228,11 @@ class CentralizedTraining:
     ) -> tuple[TrainState, dict[str, jax.Array]]:
         num_steps = int(jax.tree_util.tree_leaves(block)[0].shape[0])
         if num_steps not in self._runs:
-            self._runs[num_steps] = multi_step(self.update, num_steps, self.gather, self.shardings)
-        return self._runs[num_steps](state, block, base_rng, first_step, self.device_columns)
+            self._runs[num_steps] = multi_step(self.update, num_steps, self.shardings)
+        return self._runs[num_steps](state, block, base_rng, first_step)
 
     def eval_params(self, state: TrainState, trial: int = 0) -> Params:
         return state.params
-
-    def device_data_bytes(self) -> int | None:
-        fd = self._column_data()
-        return None if fd is None else fd.nbytes
-
-    def enable_device_data(self, sharding: Any = None) -> None:
-        """Puts the train columns on the device (replicated over the mesh if there is one).
-
-        The batch preprocessor is applied once to all rows before the copy, which equals
-        preprocessing each batch for per-example preprocessors (EMNIST's ``x = 1 - pixels``).
-
-        Raises:
-          ValueError: the train data is not an in-memory column store.
-        """
-        fd = self._column_data()
-        if fd is None:
-            raise ValueError(
-                "trainer.device_data=true needs in-memory column data without a client "
-                "preprocessor; set trainer.device_data=false"
-            )
-        if sharding is None and self.shardings is not None:
-            sharding = self.shardings[0]
-        self.device_columns = jax.device_put(dict(fd.batch_preprocessor(fd.columns)), sharding)
-        self._runs = {}
 
     def uses_convolution(self) -> bool | None:
         fd = self._column_data()

@@ -1,11 +1,8 @@
 """JAX's persistent compilation cache, on by default for runs (``trainer.compilation_cache``).
 
 Why: every run compiles the same programs again (init, the K-step train program, evaluation
-blocks): about 1-2 s of each logistic run on the 2-core CPU, more for CNNs. With the cache, the
-jobs of a sweep after the first and every re-run load the compiled programs from disk instead.
-Measured: `python run.py -m` over 8 learning rates (seed_logistic, 1000 steps) took 18.7 s
-without the cache, 11.8 s with an empty cache (jobs 2-8 hit it) and 8.4 s with a warm one.
-Loaded programs are the ones compiled before, so results do not change.
+blocks); with the cache, the jobs of a sweep after the first and every re-run load them from
+disk instead (figures: docs/performance-notes.md). Results do not change.
 
 The cache is keyed by the program, the JAX/XLA version and the device, so a stale entry is
 never used; it is best effort: a cache directory that cannot be written only costs the speed-up

@@ -1,17 +1,11 @@
 """Keeps large freed blocks in the process heap, so that XLA:CPU reuses them step after step.
 
-Why: glibc's ``malloc`` serves a block above its mmap threshold (dynamic, at most 32 MiB) with
-a fresh ``mmap`` and gives it back to the kernel on ``free``; it also returns free memory at
-the top of the heap once that exceeds its trim threshold. XLA:CPU allocates an executable's
-temporaries on every call, so a step whose temporaries are large (the stax CNN's 51 MB
-dense-layer gradient) pays a page fault and the kernel's zeroing for every page of them on
-every step. Measured on the 2-core CPU: that gradient took 20 ms with glibc's defaults and
-8 ms with the thresholds raised (the whole batch-8 step: 30 ms -> 17 ms). The same holds for
-host-side NumPy buffers (evaluation blocks joined on the host: 4.2 ms -> 1.1 ms per call).
-
-The cost: freed memory stays with the process for reuse instead of going back to the kernel,
-so a process's resident size does not shrink after a peak. The setting is process-wide, which
-is why the runner applies it (``trainer.reuse_host_memory``) and the library functions do not.
+Why: glibc's ``malloc`` serves a block above its mmap threshold with a fresh ``mmap`` and gives
+it back on ``free``, so a step whose temporaries are large (the stax CNN's 51 MB dense-layer
+gradient) page-faults and zeroes every page of them on every step. Raising the thresholds keeps
+freed blocks for reuse (figures: docs/performance-notes.md). The cost: a process's resident
+size does not shrink after a peak. The setting is process-wide, so the runner applies it
+(``trainer.reuse_host_memory``), never the library.
 """
 
 from __future__ import annotations
@@ -24,9 +18,7 @@ import platform
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 # Blocks up to this size come from the heap and are reused, and at most this much free memory
-# stays at the top of the heap. Measured on the stax CNN run (run.py model=cnn, 100 steps):
-# peak RSS 1.25 GB at 128 MiB, 1.58 GB at 1 GiB, 1.16 GB with glibc's defaults, for the same
-# step time at 128 MiB and 1 GiB.
+# stays at the top of the heap (the peak-RSS trade-off: docs/performance-notes.md).
 REUSE_THRESHOLD_BYTES = 128 << 20
 
 

@@ -1,5 +1,5 @@
-"""How the loop runs the steps on this machine: data parallelism, device-resident data, steps
-per dispatch, reduced-precision compute and host memory. None of it changes what is computed
+"""How the loop runs the steps on this machine: data parallelism, steps per dispatch,
+reduced-precision compute and host memory. None of it changes what is computed
 (up to floating-point reassociation for data parallelism and bf16 rounding for bf16).
 
 Why each ``auto`` default is what it is, with the measurements: docs/performance-notes.md.
@@ -21,9 +21,6 @@ from fedjax_exp.experiment.algorithms import DATA_AXIS, Algorithm
 
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 STEPS_PER_DISPATCH = 8
-# Host memory is the CPU "device": keep a copy of the train set there only when it is small.
-CPU_DEVICE_DATA_BYTES = 1 << 30
-DEVICE_DATA_FRACTION = 0.25
 
 
 def data_parallel_mesh(devices: Any = None) -> Mesh:
@@ -73,7 +70,6 @@ class SpeedSettings:
     """How the loop runs the steps (none of it changes what is computed)."""
 
     steps_per_dispatch: int
-    device_data: bool
     data_parallel: bool
 
 
@@ -82,16 +78,11 @@ def resolve_speed_settings(
     backend: str,
     *,
     num_devices: int,
-    data_bytes: int | None,
-    device_bytes: int | None,
     uses_convolution: Callable[[], bool | None],
 ) -> SpeedSettings:
     """The loop's speed settings from ``trainer`` (``auto`` or null resolved).
 
     - ``data_parallel``: with more than one device;
-    - ``device_data``: when the train data can live on the device (``data_bytes`` not None)
-      and fits (a quarter of an accelerator's memory; 1 GiB on CPU, where the "device" is
-      host memory and a copy doubles it);
     - ``steps_per_dispatch``: 8, but 1 on CPU for a step that convolves or may
       (``uses_convolution()`` not False).
     """
@@ -103,18 +94,11 @@ def resolve_speed_settings(
     data_parallel = setting("data_parallel")
     if data_parallel is None:
         data_parallel = num_devices > 1
-    device_data = setting("device_data")
-    if device_data is None:
-        if backend == "cpu":
-            limit = CPU_DEVICE_DATA_BYTES
-        else:
-            limit = DEVICE_DATA_FRACTION * (device_bytes if device_bytes else 2 << 30)
-        device_data = data_bytes is not None and data_bytes <= limit
     spd = setting("steps_per_dispatch")
     if spd is None:
         convolves = backend == "cpu" and uses_convolution() is not False
         spd = 1 if convolves else STEPS_PER_DISPATCH
-    return SpeedSettings(int(spd), bool(device_data), bool(data_parallel))
+    return SpeedSettings(int(spd), bool(data_parallel))
 
 
 def configure_host_memory(trainer: Mapping[str, Any], backend: str) -> bool:
@@ -130,26 +114,21 @@ def configure_host_memory(trainer: Mapping[str, Any], backend: str) -> bool:
 
 def speed_up(algorithm: Algorithm, trainer: Mapping[str, Any]) -> SpeedSettings:
     """Resolves ``trainer``'s speed settings for this machine and ``algorithm`` and applies
-    them to it (a data-parallel mesh, train data on the device); the loop takes
+    them to it (a data-parallel mesh); the loop takes
     ``steps_per_dispatch`` from the result.
 
     A vectorized sweep (several trials) runs on one device: ``auto`` never shards it.
 
     Raises:
-      ValueError: ``device_data=true`` for data that cannot live on the device, or a
-        data-parallel setting the algorithm or batch size does not allow.
+      ValueError: a data-parallel setting the algorithm or batch size does not allow.
     """
     num_devices = jax.local_device_count() if algorithm.num_trials == 1 else 1
     settings = resolve_speed_settings(
         trainer,
         jax.default_backend(),
         num_devices=num_devices,
-        data_bytes=algorithm.device_data_bytes(),
-        device_bytes=(jax.local_devices()[0].memory_stats() or {}).get("bytes_limit"),
         uses_convolution=algorithm.uses_convolution,
     )
     if settings.data_parallel:
         algorithm.use_mesh(data_parallel_mesh())
-    if settings.device_data:
-        algorithm.enable_device_data()
     return settings

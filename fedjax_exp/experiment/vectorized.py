@@ -206,19 +206,11 @@ class VectorizedTraining:
         """Like the plain run's; scalars are ``(steps, trials)``."""
         num_steps = int(jax.tree_util.tree_leaves(block)[0].shape[0])
         if num_steps not in self._runs:
-            self._runs[num_steps] = algorithms.multi_step(self.update, num_steps, self.base.gather)
-        return self._runs[num_steps](states, block, base_rng, first_step, self.base.device_columns)
+            self._runs[num_steps] = algorithms.multi_step(self.update, num_steps)
+        return self._runs[num_steps](states, block, base_rng, first_step)
 
     def eval_params(self, state: Any, trial: int = 0) -> Params:
         return self.base.eval_params(jax.tree_util.tree_map(lambda x: x[trial], state))
-
-    def device_data_bytes(self) -> int | None:
-        return self.base.device_data_bytes()
-
-    def enable_device_data(self, sharding: Any = None) -> None:
-        """The train columns on the device once, shared by all trials."""
-        self.base.enable_device_data(sharding)
-        self._runs = {}
 
     def uses_convolution(self) -> bool | None:
         return self.base.uses_convolution()
