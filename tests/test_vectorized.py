@@ -4,12 +4,19 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import RecordingWriter, compose_config, dropout_logistic_model, random_image_clients
+from helpers import (
+    RecordingWriter,
+    compose_config,
+    dropout_logistic_model,
+    random_image_clients,
+    run_py,
+)
 
 from fedjax_exp.core import optimizers
 from fedjax_exp.experiment import ConfigError, algorithms, loop, run, vectorized
@@ -315,3 +322,33 @@ def test_seed_sweep_rejects_seed_dependent_data(tmp_path):
     with pytest.raises(ConfigError, match="dataset config depends on seed"):
         run(cfg, output_dir=tmp_path / "run")
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+@pytest.mark.skipif(shutil.which("wandb") is None, reason="wandb CLI not found")
+def test_each_trial_is_its_own_wandb_run_and_a_diverging_trial_fails_alone(tmp_path):
+    from test_run_wandb import of_type, wandb_records
+
+    run_dir = tmp_path / "sweep"
+    sweep = ["optimizer=sgd", "trainer.vectorize.learning_rates=[0.1,1e38]", "logger=wandb"]
+    overrides = [*TINY, *sweep, "trainer.checkpoint_every=2", f"hydra.run.dir={run_dir}"]
+    proc = run_py(overrides, unset=["WANDB_MODE"])
+    assert proc.returncode == 0, proc.stderr
+    for name, ok in [("lr=0.1", True), ("lr=1e+38", False)]:
+        trial_dir = run_dir / "trials" / name
+        status = json.loads((trial_dir / "status.json").read_text())
+        assert status["status"] == ("completed" if ok else "failed")
+        assert ok or "non-finite train/loss" in status["error"]
+        records = wandb_records(trial_dir)  # Its own offline run, written live.
+        (run,) = of_type(records, "run")
+        assert run["config"]["update"]["optimizer"]["learning_rate"] == float(name[3:])
+        assert run["display_name"].endswith(f"/{name}")
+        history = {}
+        for h in of_type(records, "history"):
+            history.setdefault(h["step"]["num"], {}).update(h["item"])
+        local = read_metrics(trial_dir / "metrics.jsonl")
+        assert sorted(history) == sorted({r["step"] for r in local})
+        (exit_record,) = of_type(records, "exit")
+        assert (exit_record.get("exit_code", 0) == 0) == ok
+    sweep_status = json.loads((run_dir / "status.json").read_text())
+    assert sweep_status["status"] == "completed"
+    assert [t["error"] is None for t in sweep_status["trials"]] == [True, False]

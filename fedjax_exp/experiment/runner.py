@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import os
 import pathlib
@@ -329,21 +330,23 @@ def _end_run(actions: list[tuple[str, Callable[[], None]]], failed: bool) -> Non
         raise first
 
 
-def _finish(runs, trials, out, step, completed, error, checkpointer) -> None:
+def _finish(members, trials, out, step, completed, error, checkpointer) -> None:
     """Writes each run's status.json (and a sweep's own), then closes everything."""
     from fedjax_exp.experiment import writers
 
-    def status(member: _Member) -> Callable[[], None]:
-        ok = completed and member.error is None
-        return lambda: writers.write_status(
-            member.directory,
-            status="completed" if ok else "failed",
-            step=step,
-            error=member.error,
-            final=member.final,
-        )
+    def status(ok: bool) -> str:
+        return "completed" if ok else "failed"
 
-    actions = [("writing status.json", status(m)) for m in runs]
+    actions = []
+    for m in members:
+        ok = completed and m.error is None
+        write = functools.partial(writers.write_status, m.directory, status=status(ok))
+        actions.append(
+            (
+                "writing status.json",
+                functools.partial(write, step=step, error=m.error, final=m.final),
+            )
+        )
     if trials is not None:
         listed = [
             {
@@ -353,22 +356,20 @@ def _finish(runs, trials, out, step, completed, error, checkpointer) -> None:
                 "dir": str(m.directory.relative_to(out)),
                 "error": m.error,
             }
-            for t, m in zip(trials, runs, strict=True)
+            for t, m in zip(trials, members, strict=True)
         ]
-        sweep_status = "completed" if completed else "failed"
+        write = functools.partial(writers.write_status, out, status=status(completed), step=step)
         actions.append(
             (
                 "writing the sweep's status.json",
-                lambda: writers.write_status(
-                    out, status=sweep_status, step=step, error=error, trials=listed
-                ),
+                functools.partial(write, error=error, trials=listed),
             )
         )
     if checkpointer is not None:
         actions.append(("closing the checkpointer", checkpointer.close))
-    for m in runs:
+    for m in members:
         code = 0 if completed and m.error is None else 1
-        actions.append(("closing the metric writers", lambda m=m, code=code: m.writer.close(code)))
+        actions.append(("closing the metric writers", functools.partial(m.writer.close, code)))
     _end_run(actions, failed=not completed)
 
 
