@@ -371,11 +371,20 @@ def _stacked_blocks(batches: Iterable[BatchExample]) -> Iterator[BatchExample]:
     yield from (stack([b]) for b in pending)
 
 
+# Cached per model: metric.zero() runs small eager JAX ops (~0.2 ms, a fifth of evaluating a
+# client's single batch).
+@functools.lru_cache(maxsize=64)
 def _zero_stats(model: Model) -> Stats:
-    """Each metric's zero statistic as host arrays of JAX's canonical (not weak) dtypes: the
-    dtypes merged statistics have, so that the first block reuses the others' program."""
+    """Each metric's zero statistic as read-only host arrays of JAX's canonical (not weak)
+    dtypes: the dtypes merged statistics have, so that the first block reuses the others'
+    program."""
     zeros = {name: metric.zero() for name, metric in model.eval_metrics.items()}
-    return jax.tree_util.tree_map(lambda x: np.asarray(x, _canonical_dtype(x)), zeros)
+    return jax.tree_util.tree_map(lambda x: _read_only(np.array(x, _canonical_dtype(x))), zeros)
+
+
+def _read_only(array: np.ndarray) -> np.ndarray:
+    array.flags.writeable = False
+    return array
 
 
 def _canonical_dtype(leaf: Any) -> np.dtype:
