@@ -18,8 +18,8 @@ from fedjax_exp.experiment.validation import check_writable_dir
 class OutputDirCheck(Callback):
     """Exits with one error line when the run (or sweep) output dir cannot be written.
 
-    Hydra itself would fail later with a traceback while saving ``.hydra/``; checking here
-    reports the problem before any job starts.
+    Hydra itself would fail later with a traceback while creating the job's dir; checking
+    here reports the problem before any job starts.
     """
 
     def _check(self, path: str, override: str) -> None:
