@@ -102,7 +102,6 @@ class TrainerConfig:
     resume: Any = choice(True, False, None, other=_resume_path)
     progress_bar: bool = MISSING
     steps_per_dispatch: Any = choice("auto", other=lambda key, value: integer(key, value, 1))
-    device_data: Any = choice("auto", True, False)
     data_parallel: Any = choice("auto", True, False)
     reuse_host_memory: Any = choice("auto", True, False)
     compilation_cache: Optional[str] = MISSING  # noqa: UP045
