@@ -346,6 +346,8 @@ def _signature(batch: BatchExample) -> Any:
 
 def _stack(leaves: tuple[Any, ...]) -> Any:
     if all(isinstance(leaf, np.ndarray) for leaf in leaves):
+        if len(leaves) == 1:
+            return leaves[0][np.newaxis]  # A view: no copy for a lone batch.
         return np.stack(leaves)  # On the host: one transfer per block instead of per batch.
     return jnp.stack(leaves)
 
@@ -372,19 +374,15 @@ def _stacked_blocks(batches: Iterable[BatchExample]) -> Iterator[BatchExample]:
 
 
 # Cached per model: metric.zero() runs small eager JAX ops (~0.2 ms, a fifth of evaluating a
-# client's single batch).
+# client's single batch). Device arrays are immutable, so one set serves every call.
 @functools.lru_cache(maxsize=64)
 def _zero_stats(model: Model) -> Stats:
-    """Each metric's zero statistic as read-only host arrays of JAX's canonical (not weak)
-    dtypes: the dtypes merged statistics have, so that the first block reuses the others'
-    program."""
+    """Each metric's zero statistic as device arrays of JAX's canonical (not weak) dtypes: the
+    dtypes merged statistics have, so that the first block reuses the others' program."""
     zeros = {name: metric.zero() for name, metric in model.eval_metrics.items()}
-    return jax.tree_util.tree_map(lambda x: _read_only(np.array(x, _canonical_dtype(x))), zeros)
-
-
-def _read_only(array: np.ndarray) -> np.ndarray:
-    array.flags.writeable = False
-    return array
+    return jax.tree_util.tree_map(
+        lambda x: jax.device_put(np.asarray(x, _canonical_dtype(x))), zeros
+    )
 
 
 def _canonical_dtype(leaf: Any) -> np.dtype:
