@@ -36,8 +36,10 @@ def _instantiate(key: str, node: Any, **kwargs: Any) -> Any:
 
 def build_model(cfg: DictConfig) -> Any:
     """The model of ``cfg.model`` with ``cfg.loss.fn`` as train loss and ``cfg.metrics``."""
+    from fedjax_exp.core.models import Model
+
     model = _instantiate("model", cfg.model)
-    if not hasattr(model, "replace") or not hasattr(model, "apply_for_train"):
+    if not isinstance(model, Model):
         raise ConfigError(
             f"model._target_={cfg.model.get('_target_')!r} returned {type(model).__name__}, "
             "not a fedjax_exp Model: point it at a function that returns a Model"
