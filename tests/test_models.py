@@ -266,7 +266,7 @@ def _count_dispatches(monkeypatch) -> list[int]:
     evaluate_block = models._evaluate_block
 
     def counting(model, params, block, stats):
-        dispatched.append(len(block["y"]))
+        dispatched.append(len(block))
         return evaluate_block(model, params, block, stats)
 
     monkeypatch.setattr(models, "_evaluate_block", counting)
@@ -288,7 +288,7 @@ def _assert_same_bits(got, want) -> None:
 
 def _stream(on_device: bool) -> list[dict]:
     # 11 padded batches of 4 (a block of 8, then 3 of 1), then a short unpadded batch (its own
-    # block), as NumPy batches (stacked on the host) or device arrays (stacked on device).
+    # block), as NumPy batches or device arrays.
     batches = [_pad(_batch(1 + s % 4, seed=s), 4) for s in range(11)] + [_batch(3, seed=99)]
     return [jax.device_put(b) for b in batches] if on_device else batches
 

@@ -155,7 +155,7 @@ def test_evaluate_model_blocks_match_fedjax_bit_for_bit(monkeypatch):
     evaluate_block = models._evaluate_block
 
     def counting(model, params, block, stats):
-        dispatched.append(len(block["y"]))
+        dispatched.append(len(block))
         return evaluate_block(model, params, block, stats)
 
     monkeypatch.setattr(models, "_evaluate_block", counting)
