@@ -17,6 +17,7 @@ checkpoints are deleted only after the new one is in place.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from collections.abc import Sequence
@@ -225,10 +226,8 @@ def _remove_stale_partials(root_dir: str) -> None:
     """Deletes temporary files that a killed writer (no chance to clean up) left behind."""
     for name in os.listdir(root_dir or "."):
         if _PARTIAL_NAME.match(name):
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 os.remove(os.path.join(root_dir, name))
-            except FileNotFoundError:
-                pass
 
 
 def save_checkpoint(
@@ -245,19 +244,16 @@ def save_checkpoint(
     root = os.fspath(root_dir)
     path = checkpoint_path(root, round_num)
     data = serialization.msgpack_serialize(state_to_dict(state))
-    with AtomicFile(path) as out:
-        with open(out.tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            # On disk before the rename: otherwise a power cut could leave the new name on an
-            # empty file after the old checkpoints are gone.
-            os.fsync(f.fileno())
+    with AtomicFile(path) as out, open(out.tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        # On disk before the rename: otherwise a power cut could leave the new name on an
+        # empty file after the old checkpoints are gone.
+        os.fsync(f.fileno())
     _remove_stale_partials(root)
     for _, old_path in list_checkpoints(root)[:-keep]:
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.remove(old_path)
-        except FileNotFoundError:
-            pass
 
 
 def load_latest_checkpoint(
