@@ -186,9 +186,8 @@ def terngrad_quantize_pytree(params: Params, rng: PRNGKey) -> Params:
 
 def _drive(x: jax.Array) -> jax.Array:
     abs_sum = jnp.sum(jnp.abs(x))
-    scaled_signs = jnp.sum(jnp.square(x)) * jnp.sign(x) / abs_sum
-    # An all-zero leaf (e.g. a frozen layer's update) stays zero instead of becoming 0/0.
-    return jnp.where(abs_sum > 0, scaled_signs, jnp.zeros_like(x))
+    # An all-zero leaf (e.g. a frozen layer's update) gives 0 / 1 = 0 rather than 0 / 0 = NaN.
+    return jnp.sum(jnp.square(x)) * jnp.sign(x) / jnp.where(abs_sum > 0, abs_sum, 1.0)
 
 
 @jax.jit
