@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import functools
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -260,6 +261,16 @@ def _identity_final(shared_input: SharedInput, state: ClientStepState) -> Client
     return state
 
 
+@functools.lru_cache(maxsize=64)
+def _without_step_result(client_step: Callable) -> ClientStep:
+    # Cached: the same client_step gets the same wrapper, so backends that cache compiled
+    # programs by function (jit's own cache, the parallel program cache) reuse them.
+    def step(state, batch):
+        return client_step(state, batch), ()
+
+    return step
+
+
 def for_each_client(
     client_init: ClientInit,
     client_step: ClientStep | Callable[[ClientStepState, BatchExample], ClientStepState],
@@ -290,11 +301,7 @@ def for_each_client(
     backend = get_for_each_client_backend()
     if with_step_result:
         return backend(client_init, client_step, client_final)
-
-    def step_without_result(state, batch):
-        return client_step(state, batch), ()
-
-    run_with_results = backend(client_init, step_without_result, client_final)
+    run_with_results = backend(client_init, _without_step_result(client_step), client_final)
 
     def run(shared_input, clients):
         for client_id, output, _ in run_with_results(shared_input, clients):

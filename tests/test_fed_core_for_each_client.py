@@ -1,0 +1,343 @@
+"""for_each_client: FedJAX's semantics, and every backend equal to the sequential one."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import textwrap
+
+import fedjax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import fedjax_exp
+from fedjax_exp.core import for_each_client as fec
+from fedjax_exp.core import optimizers, parallel_for_each_client
+from fedjax_exp.core.client_datasets import ClientDataset
+from fedjax_exp.core.models import model_grad
+
+TESTS_DIR = pathlib.Path(__file__).resolve().parent
+sys.path.insert(0, str(TESTS_DIR))
+from helpers import dropout_logistic_model  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _fedjax_on_current_jax(monkeypatch):
+    # FedJAX 0.0.17 calls jax.tree_map, which current JAX removed; restore it for the reference.
+    monkeypatch.setattr(jax, "tree_map", jax.tree_util.tree_map, raising=False)
+
+
+# --- A counting computation (integers: every backend must agree exactly) -------------------
+
+
+def count_init(shared_input, client_input):
+    return {"limit": shared_input["limit"], "count": client_input["start"]}
+
+
+def count_step(state, batch):
+    num = jnp.sum(batch["x"] > state["limit"])
+    return {"limit": state["limit"], "count": state["count"] + num}, {"num": num}
+
+
+def count_final(shared_input, state):
+    del shared_input
+    return state["count"]
+
+
+def count_clients():
+    rng = np.random.RandomState(0)
+    sizes = [2, 20, 1, 5, 3, 1, 7, 20, 4, 1, 2]  # 11 clients: blocks of 4 pad the last block.
+    return [
+        (
+            f"c{i}".encode(),
+            [{"x": rng.randint(0, 10, size=4)} for _ in range(n)],
+            {"start": np.int32(i)},
+        )
+        for i, n in enumerate(sizes)
+    ]
+
+
+def run(backend, init, step, final, shared, clients, with_step_result=True):
+    with fedjax_exp.for_each_client_backend(backend):
+        func = fedjax_exp.for_each_client(init, step, final, with_step_result=with_step_result)
+    return list(func(shared, clients))
+
+
+def assert_same_results(ours, reference, exact=True):
+    assert [r[0] for r in ours] == [r[0] for r in reference]
+    for mine, theirs in zip(ours, reference, strict=True):
+        assert len(mine) == len(theirs)
+        if len(mine) == 3:
+            assert len(mine[2]) == len(theirs[2])  # Padded steps are not reported.
+        mine_leaves = jax.tree_util.tree_leaves(mine[1:])
+        their_leaves = jax.tree_util.tree_leaves(theirs[1:])
+        assert len(mine_leaves) == len(their_leaves)
+        for a, b in zip(mine_leaves, their_leaves, strict=True):
+            assert np.shape(a) == np.shape(b) and np.asarray(a).dtype == np.asarray(b).dtype
+            if exact:
+                np.testing.assert_array_equal(a, b)
+            else:
+                np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6)
+
+
+BACKENDS = {
+    "debug": "debug",
+    "parallel": "parallel",
+    "parallel-block1": parallel_for_each_client.ForEachClientParallelBackend(block_size=1),
+    "parallel-block4": parallel_for_each_client.ForEachClientParallelBackend(block_size=4),
+    "sharded-1-device": "sharded",
+}
+
+
+def test_matches_fedjax_sequential_results_with_step_results():
+    clients = count_clients()
+    shared = {"limit": np.int32(4)}
+    ours = run("jit", count_init, count_step, count_final, shared, clients)
+    theirs = list(
+        fedjax.for_each_client(count_init, count_step, count_final, with_step_result=True)(
+            shared, clients
+        )
+    )
+    assert_same_results(ours, theirs)
+
+
+@pytest.mark.parametrize("name", list(BACKENDS))
+def test_backends_equal_sequential_exactly_on_integer_steps(name):
+    clients = count_clients()
+    shared = {"limit": np.int32(4)}
+    reference = run("jit", count_init, count_step, count_final, shared, clients)
+    assert_same_results(
+        run(BACKENDS[name], count_init, count_step, count_final, shared, clients), reference
+    )
+
+
+@pytest.mark.parametrize("name", list(BACKENDS))
+def test_without_step_results_yields_pairs(name):
+    def step(state, batch):
+        return count_step(state, batch)[0]
+
+    clients = count_clients()
+    shared = {"limit": np.int32(4)}
+    ours = run(BACKENDS[name], count_init, step, count_final, shared, clients, False)
+    assert [len(r) for r in ours] == [2] * len(clients)
+    expected = [
+        int(client_input["start"]) + sum(int(np.sum(b["x"] > 4)) for b in batches)
+        for _, batches, client_input in clients
+    ]
+    assert [int(output) for _, output in ours] == expected
+
+
+def test_default_client_final_is_identity_and_generators_are_accepted():
+    clients = ((cid, iter(batches), ci) for cid, batches, ci in count_clients()[:3])
+    with fedjax_exp.for_each_client_backend("parallel"):
+        func = fedjax_exp.for_each_client(count_init, lambda s, b: count_step(s, b)[0])
+    results = list(func({"limit": np.int32(4)}, clients))
+    assert set(results[0][1]) == {"limit", "count"}
+
+
+# --- FedAvg-style local training with a model that draws dropout masks from its rng -------
+
+MODEL = dropout_logistic_model(10)
+OPTIMIZER = optimizers.sgd(0.1)
+GRAD = model_grad(MODEL)
+
+
+def train_init(shared_params, client_rng):
+    return {"params": shared_params, "opt_state": OPTIMIZER.init(shared_params), "rng": client_rng}
+
+
+def train_step(state, batch):
+    rng, use_rng = jax.random.split(state["rng"])
+    grads = GRAD(state["params"], batch, use_rng)
+    opt_state, params = OPTIMIZER.apply(grads, state["opt_state"], state["params"])
+    norm = fedjax_exp.tree_util.tree_l2_norm(grads)
+    return {"params": params, "opt_state": opt_state, "rng": rng}, {"grad_norm": norm}
+
+
+def train_final(shared_params, state):
+    return jax.tree_util.tree_map(jnp.subtract, shared_params, state["params"])
+
+
+def image_clients(sizes, batch_size=5, drop_remainder=True, seed=0):
+    rng = np.random.RandomState(seed)
+    clients = []
+    for i, n in enumerate(sizes):
+        data = ClientDataset(
+            {
+                "x": rng.uniform(size=(n, 28, 28, 1)).astype(np.float32),
+                "y": rng.randint(0, 10, size=n).astype(np.int32),
+            }
+        )
+        batches = data.batch(batch_size=batch_size, drop_remainder=drop_remainder)
+        clients.append((f"client{i}".encode(), batches, jax.random.PRNGKey(100 + i)))
+    return clients
+
+
+def train_results(backend, clients, with_step_result=True):
+    params = MODEL.init(jax.random.PRNGKey(0))
+    return run(backend, train_init, train_step, train_final, params, clients, with_step_result)
+
+
+# 1 batch next to 20 batches; 9 clients so blocks of 4 get a padding client.
+TRAIN_SIZES = [5, 100, 10, 35, 5, 60, 20, 5, 45]
+
+
+def test_training_client_results_match_fedjax_jit_backend():
+    clients = image_clients(TRAIN_SIZES[:4])
+    params = MODEL.init(jax.random.PRNGKey(0))
+    func = fedjax.for_each_client(train_init, train_step, train_final, with_step_result=True)
+    assert_same_results(train_results("jit", clients), list(func(params, clients)))
+
+
+@pytest.mark.parametrize("name", [n for n in BACKENDS if n != "debug"])
+def test_training_backends_equal_sequential(name):
+    clients = image_clients(TRAIN_SIZES)
+    reference = train_results("jit", clients)
+    # The same arithmetic vmapped may round differently in the last bits (batched matmul).
+    assert_same_results(train_results(BACKENDS[name], clients), reference, exact=False)
+
+
+def test_ragged_last_batches_are_masked_to_the_same_result():
+    # Without drop_remainder the last batch of most clients is smaller: the parallel backend
+    # pads it with masked-out examples, which the masked-mean gradient ignores.
+    clients = image_clients([7, 23, 5, 12], batch_size=5, drop_remainder=False)
+    reference = train_results("jit", clients)
+    assert_same_results(train_results("parallel", clients), reference, exact=False)
+
+
+def test_step_results_are_per_step_and_unpadded():
+    clients = image_clients([5, 100])
+    results = train_results("parallel", clients)
+    assert [len(r[2]) for r in results] == [1, 20]
+    assert all(float(r["grad_norm"]) > 0 for _, _, steps in results for r in steps)
+
+
+# --- Bad input ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["jit", *BACKENDS])
+def test_client_without_examples_is_rejected(name):
+    clients = count_clients()[:2] + [(b"empty", [], {"start": np.int32(0)})]
+    with pytest.raises(ValueError, match="client b'empty' has no batches"):
+        run(
+            BACKENDS.get(name, name),
+            count_init,
+            count_step,
+            count_final,
+            {"limit": np.int32(4)},
+            clients,
+        )
+
+
+def test_parallel_rejects_mismatched_features():
+    clients = count_clients()[:2]
+    clients[1] = (clients[1][0], [{"z": np.zeros(4)}], clients[1][2])
+    with pytest.raises(ValueError, match="same features"):
+        run("parallel", count_init, count_step, count_final, {"limit": np.int32(4)}, clients)
+
+
+def test_unknown_backend_name_is_rejected():
+    with pytest.raises(ValueError, match="Unsupported for_each_client backend 'gpu'"):
+        fedjax_exp.set_for_each_client_backend("gpu")
+
+
+def test_backend_choice_is_scoped_by_the_context_manager():
+    assert isinstance(fedjax_exp.get_for_each_client_backend(), fec.ForEachClientJitBackend)
+    with fedjax_exp.for_each_client_backend("pmap"):
+        backend = fedjax_exp.get_for_each_client_backend()
+        assert isinstance(backend, parallel_for_each_client.ForEachClientShardedBackend)
+    assert isinstance(fedjax_exp.get_for_each_client_backend(), fec.ForEachClientJitBackend)
+
+
+def test_debug_backend_wraps_errors_with_context():
+    def failing_step(state, batch):
+        raise RuntimeError("boom")
+
+    with fedjax_exp.for_each_client_backend("debug"):
+        func = fedjax_exp.for_each_client(count_init, failing_step)
+    with pytest.raises(fec.ForEachClientError, match="Stage: client_step") as info:
+        list(func({"limit": 1}, count_clients()[:1]))
+    assert info.value.context["client_id"] == b"c0"
+
+
+def test_padded_num_steps_bounds_padding():
+    assert [parallel_for_each_client.padded_num_steps(n) for n in [1, 8, 9, 17, 33, 100]] == [
+        1,
+        8,
+        10,
+        20,
+        40,
+        112,
+    ]
+    for n in range(1, 500):
+        padded = parallel_for_each_client.padded_num_steps(n)
+        assert n <= padded < n * 1.25 + 1
+
+
+# --- Sharded over 4 forced CPU devices -----------------------------------------------------
+
+_SHARDED_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    import jax, numpy as np
+    sys.path.insert(0, TESTS_DIR)
+    import test_fed_core_for_each_client as t
+    from fedjax_exp.core import parallel_for_each_client as p
+
+    def max_diff(ours, reference):
+        leaves = lambda r: jax.tree_util.tree_leaves([x[1:] for x in r])
+        return max(
+            float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
+            for a, b in zip(leaves(ours), leaves(reference))
+        )
+
+    clients = t.image_clients(t.TRAIN_SIZES)
+    single = t.train_results("parallel", clients)
+    sequential = t.train_results("jit", clients)
+    report = {"devices": jax.device_count()}
+    for block_size in (4, 8):
+        backend = p.ForEachClientShardedBackend(block_size=block_size)
+        sharded = t.train_results(backend, clients)
+        t.assert_same_results(sharded, sequential, exact=False)
+        report[f"block{block_size}_vs_single"] = max_diff(sharded, single)
+        report[f"block{block_size}_steps"] = [len(r[2]) for r in sharded]
+        report["output_devices"] = sorted(
+            {str(d) for r in sharded for leaf in jax.tree_util.tree_leaves(r[1])
+             for d in leaf.devices()})
+    counts = t.count_clients()
+    shared = {"limit": np.int32(4)}
+    exact = t.run("sharded", t.count_init, t.count_step, t.count_final, shared, counts)
+    t.assert_same_results(exact, t.run("jit", t.count_init, t.count_step, t.count_final,
+                                       shared, counts))
+    report["block_size_default"] = p.ForEachClientShardedBackend().block_size
+    print(json.dumps(report))
+    """
+)
+
+
+def test_sharded_over_four_devices_equals_one_device():
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    env["JAX_PLATFORMS"] = "cpu"
+    env["PYTHONPATH"] = os.pathsep.join([str(TESTS_DIR.parent), env.get("PYTHONPATH", "")])
+    result = subprocess.run(
+        [sys.executable, "-c", f"TESTS_DIR = {str(TESTS_DIR)!r}\n{_SHARDED_SCRIPT}"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=TESTS_DIR.parent,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["devices"] == 4
+    assert report["block_size_default"] == 8
+    assert report["block4_steps"] == [1, 20, 2, 7, 1, 12, 4, 1, 9]
+    # Same lanes, split over devices: the per-lane arithmetic is the same as on one device.
+    assert report["block4_vs_single"] <= 1e-6
+    assert report["block8_vs_single"] <= 1e-6
+    assert report["output_devices"] == ["cpu:0"]
