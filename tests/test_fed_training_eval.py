@@ -178,7 +178,8 @@ def test_fed_avg_experiment_evaluates_and_resumes(tmp_path):
     assert load_latest_checkpoint(tmp_path / "resumed")[1] == 2
     resumed, _, _ = _fed_avg_experiment(tmp_path / "resumed", 4, checkpoint_frequency=1)
     assert type(resumed) is fed_avg.ServerState
-    for a, b in zip(jax.tree_util.tree_leaves(resumed), jax.tree_util.tree_leaves(whole)):
+    leaves = jax.tree_util.tree_leaves(resumed), jax.tree_util.tree_leaves(whole)
+    for a, b in zip(*leaves, strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
