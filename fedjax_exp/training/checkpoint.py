@@ -278,4 +278,7 @@ def load_latest_checkpoint(
     try:
         return state_from_dict(target, state_dict), round_num
     except ValueError as exc:
-        raise ValueError(f"cannot restore checkpoint {path!r}: {exc}") from None
+        raise ValueError(
+            f"cannot restore checkpoint {path!r}: {exc}. Restore it into a state of the same "
+            "structure, or use another root_dir to start over"
+        ) from None
