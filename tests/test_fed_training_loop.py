@@ -190,10 +190,13 @@ def test_rounds_and_evaluation_schedule_with_the_right_params(tmp_path):
     assert load_latest_checkpoint(tmp_path) is None  # checkpoint_frequency=0: none.
 
 
-def test_no_periodic_evaluation_when_frequency_is_zero(tmp_path):
-    _, periodic, final = _run(tmp_path, 3)
+@pytest.mark.parametrize("frequency", [0, -1])
+def test_no_periodic_evaluation_or_checkpoint_when_frequency_is_not_positive(tmp_path, frequency):
+    # FedJAX documents "<= 0: never"; its code checkpointed every round for negative values.
+    _, periodic, final = _run(tmp_path, 3, eval_frequency=frequency, checkpoint_frequency=frequency)
     assert periodic["test"].calls == [] and periodic["train"].calls == []
     assert [r for r, _ in final["final"].calls] == [3]
+    assert load_latest_checkpoint(tmp_path) is None
 
 
 def test_checkpoint_schedule_and_keep(tmp_path):

@@ -9,6 +9,17 @@ TensorFlow is not used anywhere (metrics go to a JSON-lines file, see
 
 FedJAX's ``set_tf_cpu_only`` is kept as a no-op so ported scripts that call it still run: it
 only kept TensorFlow's data loading off the accelerators, and no TensorFlow runs here.
+
+Where this differs from FedJAX 0.0.17 (each where FedJAX fails or contradicts its own docs):
+
+- A negative ``checkpoint_frequency`` or ``eval_frequency`` means never, as documented
+  (FedJAX's ``round_num % -1 == 0`` made it every round).
+- A sampler without ``set_round_num`` (``UniformShuffledClientSampler``) works on a fresh start
+  (FedJAX raised NotImplementedError); resuming with one is a clear error.
+- A resumed run with no rounds left still runs the final evaluations, at the checkpoint's round
+  (FedJAX failed on an unset loop variable).
+- Bad configuration and evaluation functions of the wrong type fail before round 1, not after
+  the first evaluated round.
 """
 
 from __future__ import annotations
