@@ -68,9 +68,19 @@ def _signature(params: Params) -> tuple[jax.tree_util.PyTreeDef, list[tuple]]:
     return treedef, [(np.shape(leaf), _dtype(leaf)) for leaf in leaves]
 
 
+class _LeafSpec(str):
+    """A leaf's ``dtype[shape]``, printed without quotes inside its tree."""
+
+    __repr__ = str.__str__
+
+
 def _summary(params: Params) -> str:
     """The tree with every leaf shown as ``dtype[shape]``, e.g. ``{'b': float32[2]}``."""
-    return str(jax.tree_util.tree_map(lambda leaf: f"{_dtype(leaf)}{list(np.shape(leaf))}", params))
+    return str(
+        jax.tree_util.tree_map(
+            lambda leaf: _LeafSpec(f"{_dtype(leaf)}{list(np.shape(leaf))}"), params
+        )
+    )
 
 
 def check_matching_params(

@@ -1,9 +1,9 @@
 """Compressed aggregation: clients send quantized updates (``fedjax.aggregators.compression``).
 
-Each aggregator here quantizes every client's params with an unbiased (or, for TernGrad, nearly
-unbiased) stochastic quantizer, averages the quantized trees with the clients' weights, and adds
-the bits one client would transmit to its state's running ``num_bits``. Every leaf of a tree is
-quantized separately, with its own range and its own key.
+Each aggregator here quantizes every client's params with a stochastic quantizer (unbiased, or
+nearly so for TernGrad's clipping and DRIVE's structured rotation), averages the quantized trees
+with the clients' weights, and adds the bits one client would transmit to its state's running
+``num_bits``. Every leaf of a tree is quantized separately, with its own range and its own key.
 
 Quantizers (``E`` over the random key):
 
@@ -14,8 +14,10 @@ Quantizers (``E`` over the random key):
   (Suresh et al., 2017, https://arxiv.org/abs/1611.00429).
 - rotated uniform: the uniform quantizer applied after a random structured rotation
   (``walsh_hadamard``), which shrinks ``b - a`` for vectors with a few large coordinates.
-- DRIVE: one bit per coordinate, ``S * sign(R x)`` in the rotated space with the unbiased scale
-  ``S = ||R x||_2^2 / ||R x||_1`` (Vargaftik et al., 2021, https://arxiv.org/abs/2105.08339).
+- DRIVE: one bit per coordinate, ``S * sign(R x)`` in the rotated space with the scale
+  ``S = ||R x||_2^2 / ||R x||_1``, which makes ``<x_hat, x> = ||x||^2`` exactly; the estimate is
+  unbiased over uniformly random rotations, only approximately over the structured ones used
+  here (Vargaftik et al., 2021, https://arxiv.org/abs/2105.08339).
 - TernGrad: coordinates clipped to ``2.5 std(v)``, then ``s * sign(v) * Bernoulli(|v| / s)``
   with ``s = max |v|`` (Wen et al., 2017, https://arxiv.org/abs/1705.07878).
 
