@@ -192,6 +192,27 @@ class ForEachClientDebugBackend(ForEachClientBackend):
         return run
 
 
+# Defined in parallel_for_each_client (which imports this module), re-exported lazily here so
+# FedJAX code naming fedjax.core.for_each_client.ForEachClientPmapBackend keeps working.
+_PARALLEL_NAMES = {
+    "ForEachClientParallelBackend": "ForEachClientParallelBackend",
+    "ForEachClientShardedBackend": "ForEachClientShardedBackend",
+    "ForEachClientPmapBackend": "ForEachClientShardedBackend",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _PARALLEL_NAMES:
+        from fedjax_exp.core import parallel_for_each_client
+
+        return getattr(parallel_for_each_client, _PARALLEL_NAMES[name])
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_PARALLEL_NAMES])
+
+
 def _backend_by_name(name: str) -> ForEachClientBackend:
     if name == "jit":
         return ForEachClientJitBackend()
