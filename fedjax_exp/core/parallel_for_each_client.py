@@ -75,20 +75,12 @@ def _stack(leaves: Sequence[Any]) -> Any:
     """Stacks one leaf of several pytrees along a new leading axis (on the host if possible)."""
     if any(_is_key_array(leaf) for leaf in leaves):
         return jax.random.wrap_key_data(
-            np.stack([np.asarray(jax.random.key_data(leaf)) for leaf in leaves]),
+            jnp.stack([jax.random.key_data(leaf) for leaf in leaves]),
             impl=jax.random.key_impl(leaves[0]),
         )
     if any(isinstance(leaf, jax.Array) for leaf in leaves):
         return jnp.stack(leaves)  # One op on the device instead of a transfer per client.
     return np.stack(leaves)
-
-
-def _zeros_like(leaf: Any) -> Any:
-    if _is_key_array(leaf):
-        return jax.random.wrap_key_data(
-            np.zeros_like(np.asarray(jax.random.key_data(leaf))), impl=jax.random.key_impl(leaf)
-        )
-    return np.zeros_like(np.asarray(leaf))
 
 
 def _select(mask: jax.Array, new: PyTree, old: PyTree) -> PyTree:
@@ -145,32 +137,31 @@ class _BatchLayout:
         # A smaller batch is padded to batch_size; its padding rows are masked out.
         self.with_mask = has_mask or len(sizes) > 1
 
-    def empty(self, num_blocks: int, num_steps: int, block_size: int) -> dict[str, np.ndarray]:
-        lead = (num_blocks, num_steps, block_size, self.batch_size)
-        arrays = {k: np.zeros(lead + self.trailing[k], self.dtypes[k]) for k in self.features}
-        if self.with_mask:
-            arrays[EXAMPLE_MASK_KEY] = np.zeros(lead, bool)
-        return arrays
+    def stack(self, batches: Sequence[Mapping[str, Any]]) -> dict[str, np.ndarray]:
+        """All batches of the call as ``[num_batches, batch_size, ...]`` arrays, one per feature.
 
-    def fill(self, arrays: dict[str, np.ndarray], block: int, lane: int, batches: list) -> None:
-        """Writes one client's batches into its lane of ``arrays``."""
-        num = len(batches)
-        num_examples = (self.batch_size,)
+        A batch smaller than ``batch_size`` is padded with zeros and its padding examples are
+        masked out.
+        """
         sizes = {len(batch[self.features[0]]) for batch in batches}
         if sizes == {self.batch_size}:
-            # The common case: one stacking copy per feature for the whole client.
-            for key in self.features:
-                arrays[key][block, :num, lane] = np.stack([np.asarray(b[key]) for b in batches])
+            # The common case: one copy per feature for the whole call.
+            data = {k: np.stack([np.asarray(b[k]) for b in batches]) for k in self.features}
             if self.with_mask:
-                arrays[EXAMPLE_MASK_KEY][block, :num, lane] = np.stack(
-                    [np.broadcast_to(b.get(EXAMPLE_MASK_KEY, True), num_examples) for b in batches]
+                shape = (self.batch_size,)
+                data[EXAMPLE_MASK_KEY] = np.stack(
+                    [np.broadcast_to(b.get(EXAMPLE_MASK_KEY, True), shape) for b in batches]
                 )
-            return
-        for t, batch in enumerate(batches):
+            return data
+        lead = (len(batches), self.batch_size)
+        data = {k: np.zeros(lead + self.trailing[k], self.dtypes[k]) for k in self.features}
+        data[EXAMPLE_MASK_KEY] = np.zeros(lead, bool)
+        for row, batch in enumerate(batches):
             size = len(batch[self.features[0]])
             for key in self.features:
-                arrays[key][block, t, lane, :size] = batch[key]
-            arrays[EXAMPLE_MASK_KEY][block, t, lane, :size] = batch.get(EXAMPLE_MASK_KEY, True)
+                data[key][row, :size] = batch[key]
+            data[EXAMPLE_MASK_KEY][row, :size] = batch.get(EXAMPLE_MASK_KEY, True)
+        return data
 
 
 @functools.lru_cache(maxsize=64)
@@ -194,42 +185,52 @@ def _block_program(
             lambda x: jax.lax.with_sharding_constraint(x, lanes_sharding), tree
         )
 
-    def run_block(shared_input, block):
-        client_inputs, batches, step_mask, num_steps = block
-        states = constrain(jax.vmap(client_init, in_axes=(None, 0))(shared_input, client_inputs))
+    def run_block(shared_input, client_inputs, data, block):
+        lane_clients, step_rows, step_mask, num_steps = block
+        # Gathered on the device: padding lanes repeat client 0's input (never stepped).
+        lane_inputs = jax.tree_util.tree_map(lambda x: x[lane_clients], client_inputs)
+        states = constrain(jax.vmap(client_init, in_axes=(None, 0))(shared_input, lane_inputs))
         vmapped_step = jax.vmap(client_step)
 
-        def masked_step(states, batch, mask):
+        def masked_step(states, rows, mask):
+            batch = constrain(jax.tree_util.tree_map(lambda x: x[rows], data))
             new_states, results = vmapped_step(states, batch)
             zeros = jax.tree_util.tree_map(jnp.zeros_like, results)
             return constrain(_select(mask, new_states, states)), _select(mask, results, zeros)
 
-        result_shapes = jax.eval_shape(
-            masked_step, states, *jax.tree_util.tree_map(lambda x: x[0], (batches, step_mask))
-        )[1]
+        result_shapes = jax.eval_shape(masked_step, states, step_rows[0], step_mask[0])[1]
 
-        def skipped_step(states, batch, mask):
-            del batch, mask
+        def skipped_step(states, rows, mask):
+            del rows, mask
             zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), result_shapes)
             return states, zeros
 
         def body(states, xs):
-            t, batch, mask = xs
+            t, rows, mask = xs
             # Past the block's longest client every lane is padding: skip the work entirely.
-            return jax.lax.cond(t < num_steps, masked_step, skipped_step, states, batch, mask)
+            return jax.lax.cond(t < num_steps, masked_step, skipped_step, states, rows, mask)
 
         steps = jnp.arange(step_mask.shape[0])
-        states, results = jax.lax.scan(body, states, (steps, batches, step_mask))
+        states, results = jax.lax.scan(body, states, (steps, step_rows, step_mask))
         outputs = jax.vmap(client_final, in_axes=(None, 0))(shared_input, states)
         return outputs, results
 
     @functools.partial(jax.jit, static_argnames=("num_clients",))
     def program(
-        shared_input, client_inputs, batches, step_mask, block_steps, order, *, num_clients
+        shared_input,
+        client_inputs,
+        data,
+        lane_clients,
+        step_rows,
+        step_mask,
+        block_steps,
+        order,
+        *,
+        num_clients,
     ):
         outputs, results = jax.lax.map(
-            functools.partial(run_block, shared_input),
-            (client_inputs, batches, step_mask, block_steps),
+            functools.partial(run_block, shared_input, client_inputs, data),
+            (lane_clients, step_rows, step_mask, block_steps),
         )
         num_lanes = step_mask.shape[0] * step_mask.shape[2]
         # [blocks, lanes, ...] -> [clients in the order given, ...].
@@ -309,59 +310,62 @@ class ForEachClientParallelBackend(ForEachClientBackend):
 
 
 def _prepare(clients, block_size: int, granularity: int):
-    """Host-side layout of a call: stacked inputs, padded batches, masks, client order."""
+    """Host-side layout of a call: stacked inputs and batches, and the index arrays that
+    place clients in lanes and batches in steps (the program gathers on the device)."""
     num_clients = len(clients)
     num_blocks = -(-num_clients // block_size)
     # Longest clients first, so each block's clients have similar lengths.
     by_length = sorted(range(num_clients), key=lambda i: -len(clients[i][1]))
     num_steps = padded_num_steps(len(clients[by_length[0]][1]), granularity)
     layout = _BatchLayout(clients)
-    batches = layout.empty(num_blocks, num_steps, block_size)
+    lane_clients = np.zeros((num_blocks, block_size), np.int32)
+    step_rows = np.zeros((num_blocks, num_steps, block_size), np.int32)
     step_mask = np.zeros((num_blocks, num_steps, block_size), bool)
     block_steps = np.zeros(num_blocks, np.int32)
     order = np.empty(num_clients, np.int32)
-    input_leaves, input_tree = jax.tree_util.tree_flatten(clients[0][2])
-    lane_inputs = [[_zeros_like(leaf) for leaf in input_leaves]] * (num_blocks * block_size)
+    first_row = np.cumsum([0] + [len(batches) for _, batches, _ in clients])
     for position, index in enumerate(by_length):
         block, lane = divmod(position, block_size)
-        _, client_batches, client_input = clients[index]
-        layout.fill(batches, block, lane, client_batches)
-        step_mask[block, : len(client_batches), lane] = True
-        block_steps[block] = max(block_steps[block], len(client_batches))
+        count = len(clients[index][1])
+        lane_clients[block, lane] = index
+        step_rows[block, :count, lane] = np.arange(first_row[index], first_row[index] + count)
+        step_mask[block, :count, lane] = True
+        block_steps[block] = max(block_steps[block], count)
         order[index] = position
+    data = layout.stack([batch for _, batches, _ in clients for batch in batches])
+    input_tree = jax.tree_util.tree_structure(clients[0][2])
+    columns = []
+    for client_id, _, client_input in clients:
         leaves, tree = jax.tree_util.tree_flatten(client_input)
         if tree != input_tree:
             raise ValueError(
-                f"for_each_client: client {clients[index][0]!r} has client input {tree}, "
-                f"others {input_tree}; every client input of a call needs the same structure."
+                f"for_each_client: client {client_id!r} has client input {tree}, others "
+                f"{input_tree}; every client input of a call needs the same structure."
             )
-        lane_inputs[position] = leaves
-    stacked = [_stack(column) for column in zip(*lane_inputs, strict=True)]
-    client_inputs = jax.tree_util.tree_map(
-        lambda x: x.reshape((num_blocks, block_size) + x.shape[1:]),
-        jax.tree_util.tree_unflatten(input_tree, stacked),
+        columns.append(leaves)
+    client_inputs = jax.tree_util.tree_unflatten(
+        input_tree, [_stack(column) for column in zip(*columns, strict=True)]
     )
-    return client_inputs, batches, step_mask, block_steps, order
+    return client_inputs, data, lane_clients, step_rows, step_mask, block_steps, order
 
 
 def _place(mesh: Mesh, shared_input, inputs):
     """Puts a call's arrays on the mesh in one transfer: lanes split, the rest replicated."""
-    client_inputs, batches, step_mask, block_steps, order = inputs
     replicated = NamedSharding(mesh, P())
-    arrays = (shared_input, client_inputs, batches, step_mask, block_steps, order)
+    lanes = NamedSharding(mesh, P(None, _CLIENTS_AXIS))
+    steps_lanes = NamedSharding(mesh, P(None, None, _CLIENTS_AXIS))
+    client_inputs, data, *_ = inputs
     shardings = (
         jax.tree_util.tree_map(lambda _: replicated, shared_input),
-        jax.tree_util.tree_map(
-            lambda _: NamedSharding(mesh, P(None, _CLIENTS_AXIS)), client_inputs
-        ),
-        jax.tree_util.tree_map(
-            lambda _: NamedSharding(mesh, P(None, None, _CLIENTS_AXIS)), batches
-        ),
-        NamedSharding(mesh, P(None, None, _CLIENTS_AXIS)),
-        replicated,
-        replicated,
+        jax.tree_util.tree_map(lambda _: replicated, client_inputs),
+        jax.tree_util.tree_map(lambda _: replicated, data),
+        lanes,  # lane_clients
+        steps_lanes,  # step_rows
+        steps_lanes,  # step_mask
+        replicated,  # block_steps
+        replicated,  # order
     )
-    return jax.device_put(arrays, shardings)
+    return jax.device_put((shared_input, *inputs), shardings)
 
 
 def _split_steps(results: PyTree, num_steps: int) -> list[PyTree]:
