@@ -243,6 +243,18 @@ def _key_sequence(key: PRNGKey) -> Iterator[PRNGKey]:
 RoundPlan = tuple[PRNGKey, Iterator[PRNGKey], Callable[[Params, PRNGKey], Params]]
 
 
+def _keys_per_client(
+    quantize: Callable[[Params, PRNGKey], Params],
+) -> Callable[[PRNGKey], RoundPlan]:
+    """The usual round: the state's key splits into the next state's key and the clients' keys."""
+
+    def plan_round(state_rng: PRNGKey) -> RoundPlan:
+        next_rng, clients_rng = jax.random.split(state_rng)
+        return next_rng, _key_sequence(clients_rng), quantize
+
+    return plan_round
+
+
 def _compressing_aggregator(
     rng: PRNGKey, plan_round: Callable[[PRNGKey], RoundPlan], bits_per_value: float | None
 ) -> Aggregator:
@@ -300,14 +312,9 @@ def uniform_stochastic_quantizer(
     if encode_algorithm not in (None, "arithmetic"):
         raise ValueError(f"encode_algorithm must be None or 'arithmetic', got {encode_algorithm!r}")
 
-    def plan_round(state_rng: PRNGKey) -> RoundPlan:
-        next_rng, clients_rng = jax.random.split(state_rng)
-        return (
-            next_rng,
-            _key_sequence(clients_rng),
-            lambda params, key: uniform_stochastic_quantize_pytree(params, num_levels, key),
-        )
-
+    plan_round = _keys_per_client(
+        lambda params, key: uniform_stochastic_quantize_pytree(params, num_levels, key)
+    )
     bits_per_value = None if encode_algorithm == "arithmetic" else math.log2(num_levels)
     return _compressing_aggregator(rng, plan_round, bits_per_value)
 
@@ -330,8 +337,8 @@ def rotated_uniform_stochastic_quantizer(num_levels: int, rng: PRNGKey) -> Aggre
     _check_num_levels(num_levels)
 
     def plan_round(state_rng: PRNGKey) -> RoundPlan:
+        # The round's rotation key is split off first; the rest is the usual round.
         state_rng, rotation_key = jax.random.split(state_rng)
-        next_rng, clients_rng = jax.random.split(state_rng)
 
         def quantize(params: Params, key: PRNGKey) -> Params:
             return _in_rotated_space(
@@ -340,7 +347,7 @@ def rotated_uniform_stochastic_quantizer(num_levels: int, rng: PRNGKey) -> Aggre
                 lambda rotated: uniform_stochastic_quantize_pytree(rotated, num_levels, key),
             )
 
-        return next_rng, _key_sequence(clients_rng), quantize
+        return _keys_per_client(quantize)(state_rng)
 
     return _compressing_aggregator(rng, plan_round, math.log2(num_levels))
 
@@ -351,22 +358,10 @@ def structured_drive_quantizer(rng: PRNGKey) -> Aggregator:
     Counts one bit per (unpadded) value and two floats per leaf.
     """
 
-    def plan_round(state_rng: PRNGKey) -> RoundPlan:
-        next_rng, clients_rng = jax.random.split(state_rng)
-        return (
-            next_rng,
-            _key_sequence(clients_rng),
-            lambda params, key: _in_rotated_space(params, key, drive_pytree),
-        )
-
+    plan_round = _keys_per_client(lambda params, key: _in_rotated_space(params, key, drive_pytree))
     return _compressing_aggregator(rng, plan_round, 1.0)
 
 
 def terngrad_quantizer(rng: PRNGKey) -> Aggregator:
     """The weighted mean of TernGrad-quantized params; ``log2(3)`` bits per value."""
-
-    def plan_round(state_rng: PRNGKey) -> RoundPlan:
-        next_rng, clients_rng = jax.random.split(state_rng)
-        return next_rng, _key_sequence(clients_rng), terngrad_quantize_pytree
-
-    return _compressing_aggregator(rng, plan_round, math.log2(3))
+    return _compressing_aggregator(rng, _keys_per_client(terngrad_quantize_pytree), math.log2(3))
