@@ -12,12 +12,19 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from fedjax_exp.core import tree_util
-from fedjax_exp.core.typing import ClientId, PyTree
+from fedjax_exp.core.typing import ClientId, Params, PyTree
 
-__all__ = ["RunningWeightedMean", "check_update_matches", "client_num_examples"]
+__all__ = [
+    "RunningWeightedMean",
+    "check_tree_matches",
+    "check_update_matches",
+    "client_num_examples",
+    "params_delta",
+]
 
 
 def client_num_examples(clients: Sequence[tuple[ClientId, Any, Any]]) -> dict[ClientId, int]:
@@ -41,24 +48,43 @@ def _leaf_shapes(tree: PyTree) -> list[tuple[int, ...]]:
     return [tuple(np.shape(leaf)) for leaf in jax.tree_util.tree_leaves(tree)]
 
 
-def check_update_matches(client_id: ClientId, update: PyTree, reference: PyTree) -> None:
-    """Raises ValueError unless ``update`` has ``reference``'s tree structure and leaf shapes."""
-    update_def = jax.tree_util.tree_structure(update)
+def check_tree_matches(tree: PyTree, reference: PyTree, what: str) -> None:
+    """Raises ValueError unless ``tree`` has ``reference``'s tree structure and leaf shapes.
+
+    Structures and shapes are static under ``jax.jit``, so this also works (at trace time, for
+    free at run time) inside ``client_final``.
+    """
+    tree_def = jax.tree_util.tree_structure(tree)
     reference_def = jax.tree_util.tree_structure(reference)
-    if update_def != reference_def:
-        problem = f"tree structure {update_def} but the server params have {reference_def}"
-    elif _leaf_shapes(update) != _leaf_shapes(reference):
+    if tree_def != reference_def:
+        problem = f"tree structure {tree_def} but the server params have {reference_def}"
+    elif _leaf_shapes(tree) != _leaf_shapes(reference):
         problem = (
-            f"leaf shapes {_leaf_shapes(update)} but the server params have "
-            f"{_leaf_shapes(reference)}"
+            f"leaf shapes {_leaf_shapes(tree)} but the server params have {_leaf_shapes(reference)}"
         )
     else:
         return
     raise ValueError(
-        f"the update of client {client_id!r} cannot be aggregated: it has {problem}. Client "
-        "updates must have the server params' structure and shapes; check that the gradient "
-        "function (or loss) and the params given to init belong to the same model."
+        f"{what} cannot be combined with the server params: it has {problem}. Client updates and "
+        "per-client states must have the server params' structure and shapes; check that the "
+        "gradient function, the optimizers and any stored client state belong to the same "
+        "model as the params given to init."
     )
+
+
+def check_update_matches(client_id: ClientId, update: PyTree, reference: PyTree) -> None:
+    """:func:`check_tree_matches` for the update of ``client_id`` about to be aggregated."""
+    check_tree_matches(update, reference, f"the update of client {client_id!r}")
+
+
+def params_delta(start_params: Params, trained_params: Params) -> Params:
+    """A client's delta ``start_params - trained_params``, after checking the two match.
+
+    Without the check a trained tree with another structure fails inside ``tree_map`` with a
+    message about tree internals, and a leaf of another shape broadcasts silently.
+    """
+    check_tree_matches(trained_params, start_params, "a client's trained params")
+    return jax.tree_util.tree_map(jnp.subtract, start_params, trained_params)
 
 
 class RunningWeightedMean:

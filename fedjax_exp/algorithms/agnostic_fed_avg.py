@@ -25,7 +25,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from fedjax_exp.algorithms._aggregation import RunningWeightedMean, client_num_examples
+from fedjax_exp.algorithms._aggregation import (
+    RunningWeightedMean,
+    client_num_examples,
+    params_delta,
+)
 from fedjax_exp.core import client_datasets, for_each_client, metrics, optimizers, tree_util
 from fedjax_exp.core.dataclasses import dataclass
 from fedjax_exp.core.federated_algorithm import FederatedAlgorithm
@@ -140,7 +144,7 @@ def create_train_for_each_client(
         return {**state, "params": params, "opt_state": opt_state, "rng": rng}
 
     def client_final(shared: dict[str, Any], state: dict[str, Any]) -> Params:
-        return jax.tree_util.tree_map(jnp.subtract, shared["params"], state["params"])
+        return params_delta(shared["params"], state["params"])
 
     return for_each_client.for_each_client(client_init, client_step, client_final)
 

@@ -21,7 +21,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from fedjax_exp.algorithms._aggregation import RunningWeightedMean, client_num_examples
+from fedjax_exp.algorithms._aggregation import (
+    RunningWeightedMean,
+    check_tree_matches,
+    client_num_examples,
+    params_delta,
+)
 from fedjax_exp.core import (
     client_datasets,
     for_each_client,
@@ -152,7 +157,7 @@ def create_train_for_each_client(grad_fn: GradFn, client_optimizer: optimizers.O
         }
 
     def client_final(server_params: Params, step_state: dict[str, Any]) -> dict[str, Any]:
-        delta = jax.tree_util.tree_map(jnp.subtract, server_params, step_state["server_params"])
+        delta = params_delta(server_params, step_state["server_params"])
         return {"state": step_state["state"], "delta_params": delta}
 
     return for_each_client.for_each_client(client_init, client_step, client_final)
@@ -188,6 +193,13 @@ def adaptive_personalized_federated_learning(
         server_state: ServerState, clients: Sequence[tuple[ClientId, Any, PRNGKey]]
     ) -> tuple[ServerState, Mapping[ClientId, Any]]:
         num_examples = client_num_examples(clients)
+        for cid, _, _ in clients:
+            if cid in server_state.client_states:
+                check_tree_matches(
+                    server_state.client_states[cid].params,
+                    server_state.params,
+                    f"the stored params of client {cid!r}",
+                )
         new_client = ClientState(
             server_state.params,
             jax.tree_util.tree_map(lambda _: client_coefficient, server_state.params),

@@ -88,7 +88,8 @@ def epsilon_spent(
         privacy_accountant = dp_accounting.rdp.RdpAccountant()
     else:
         privacy_accountant = dp_accounting.pld.PLDAccountant()
-    return float(privacy_accountant.compose(event).get_epsilon(target_delta))
+    privacy_accountant.compose(event)
+    return float(privacy_accountant.get_epsilon(target_delta))
 
 
 def add_gaussian_noise(tree: Params, stddev: float, rng: PRNGKey) -> Params:

@@ -17,9 +17,12 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 
-from fedjax_exp.algorithms._aggregation import RunningWeightedMean, client_num_examples
+from fedjax_exp.algorithms._aggregation import (
+    RunningWeightedMean,
+    client_num_examples,
+    params_delta,
+)
 from fedjax_exp.core import client_datasets, for_each_client, optimizers, tree_util
 from fedjax_exp.core.dataclasses import dataclass
 from fedjax_exp.core.federated_algorithm import FederatedAlgorithm
@@ -53,7 +56,7 @@ def create_train_for_each_client(grad_fn: GradFn, client_optimizer: optimizers.O
         return {"params": params, "opt_state": opt_state, "rng": rng}
 
     def client_final(server_params: Params, state: dict[str, Any]) -> Params:
-        return jax.tree_util.tree_map(jnp.subtract, server_params, state["params"])
+        return params_delta(server_params, state["params"])
 
     return for_each_client.for_each_client(client_init, client_step, client_final)
 

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 from fedjax_exp.algorithms._aggregation import (
     RunningWeightedMean,
     client_num_examples,
+    params_delta,
 )
 from fedjax_exp.core import client_datasets, for_each_client, models, optimizers
 from fedjax_exp.core.dataclasses import dataclass
@@ -95,7 +96,7 @@ class _BaseClientTrainer:
             del shared_params
             _, params, _, start_params = state
             if return_delta:
-                return jax.tree_util.tree_map(jnp.subtract, start_params, params)
+                return params_delta(start_params, params)
             return params
 
         self._train_each_client = for_each_client.for_each_client(

@@ -23,6 +23,7 @@ from fedjax_exp.algorithms._aggregation import (
     RunningWeightedMean,
     check_update_matches,
     client_num_examples,
+    params_delta,
 )
 from fedjax_exp.core import client_datasets, for_each_client, models, optimizers, tree_util
 from fedjax_exp.core.dataclasses import dataclass
@@ -123,7 +124,7 @@ def create_train_for_each_client(grad_fn: GradFn, base_optimizer: optimizers.Opt
         return {**state, "params": params, "rng": rng}
 
     def client_final(shared: dict[str, Any], state: dict[str, Any]) -> Params:
-        return jax.tree_util.tree_map(jnp.subtract, shared["params"], state["params"])
+        return params_delta(shared["params"], state["params"])
 
     return for_each_client.for_each_client(client_init, client_step, client_final)
 

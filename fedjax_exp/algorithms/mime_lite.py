@@ -20,7 +20,11 @@ import jax
 import jax.numpy as jnp
 
 from fedjax_exp.algorithms import mime
-from fedjax_exp.algorithms._aggregation import RunningWeightedMean, client_num_examples
+from fedjax_exp.algorithms._aggregation import (
+    RunningWeightedMean,
+    client_num_examples,
+    params_delta,
+)
 from fedjax_exp.core import client_datasets, for_each_client, models, optimizers, tree_util
 from fedjax_exp.core.federated_algorithm import FederatedAlgorithm
 from fedjax_exp.core.typing import BatchExample, ClientId, Params, PRNGKey
@@ -48,7 +52,7 @@ def create_train_for_each_client(grad_fn: GradFn, base_optimizer: optimizers.Opt
         return {"params": params, "opt_state": state["opt_state"], "rng": rng}
 
     def client_final(shared: dict[str, Any], state: dict[str, Any]) -> Params:
-        return jax.tree_util.tree_map(jnp.subtract, shared["params"], state["params"])
+        return params_delta(shared["params"], state["params"])
 
     return for_each_client.for_each_client(client_init, client_step, client_final)
 

@@ -35,7 +35,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from fedjax_exp.algorithms._aggregation import RunningWeightedMean, client_num_examples
+from fedjax_exp.algorithms._aggregation import (
+    RunningWeightedMean,
+    check_tree_matches,
+    client_num_examples,
+    params_delta,
+)
 from fedjax_exp.core import client_datasets, for_each_client, optimizers, tree_util
 from fedjax_exp.core.dataclasses import dataclass
 from fedjax_exp.core.federated_algorithm import FederatedAlgorithm
@@ -77,7 +82,7 @@ def create_train_for_each_client(grad_fn: GradFn, client_learning_rate: float):
         return {**state, "params": params, "rng": rng, "num_steps": state["num_steps"] + 1}
 
     def client_final(shared: dict[str, Any], state: dict[str, Any]) -> dict[str, Params]:
-        delta = jax.tree_util.tree_map(jnp.subtract, shared["params"], state["params"])
+        delta = params_delta(shared["params"], state["params"])
         # for_each_client rejects clients without batches, so num_steps >= 1 here.
         step_scale = state["num_steps"] * client_learning_rate
         new_control_variate = jax.tree_util.tree_map(
@@ -160,6 +165,11 @@ def scaffold(
             )
         zeros = tree_util.tree_zeros_like(server_state.params)
         known = server_state.client_control_variates
+        for cid, _, _ in clients:
+            if cid in known:
+                check_tree_matches(
+                    known[cid], server_state.params, f"the stored control variate of client {cid!r}"
+                )
         batched = [
             (
                 cid,
