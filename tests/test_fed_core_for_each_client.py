@@ -289,18 +289,14 @@ def test_debug_backend_wraps_errors_with_context():
     assert info.value.context["client_id"] == b"c0"
 
 
-def test_padded_num_steps_bounds_padding():
-    assert [parallel_for_each_client.padded_num_steps(n) for n in [1, 8, 9, 17, 33, 100]] == [
-        1,
-        8,
-        10,
-        20,
-        40,
-        112,
-    ]
-    for n in range(1, 500):
-        padded = parallel_for_each_client.padded_num_steps(n)
-        assert n <= padded < n * 1.25 + 1
+def test_padded_size_bounds_padding():
+    padded = parallel_for_each_client.padded_size
+    assert [padded(n, 4) for n in [1, 8, 9, 17, 33, 100]] == [1, 8, 10, 20, 40, 112]
+    assert [padded(n, 1) for n in [1, 2, 3, 5, 17, 100]] == [1, 2, 4, 8, 32, 128]
+    assert [padded(n, 2) for n in [4, 5, 7, 9, 13, 100]] == [4, 6, 8, 12, 16, 128]
+    for granularity in (1, 2, 4):
+        for n in range(1, 500):
+            assert n <= padded(n, granularity) < n * (1 + 1 / granularity) + 1
 
 
 # --- Sharded over 4 forced CPU devices -----------------------------------------------------

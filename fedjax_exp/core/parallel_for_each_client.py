@@ -8,9 +8,12 @@ whole call is one XLA program:
   ``block_size`` lanes; the client count is padded to a multiple of ``block_size`` with
   padding clients that take no step, so one program serves every call with the same number of
   blocks.
-- Every client's batches are padded to a common number of steps ``T`` (rounded up to one of a
-  few sizes, so a new longest client rarely means a new compilation). A padded step is masked:
-  the client's state and step result stay as they were, bit for bit.
+- All batches of the call go to the device once, as one array per feature (row count rounded
+  up to a few sizes); the program gathers each step's batches by index, so nothing is padded
+  on the host but those rows.
+- Every client is padded to a common number of steps ``T`` (rounded up to a power of two, so
+  a new longest client rarely means a new compilation). A padded step is masked: the
+  client's state and step result stay as they were, bit for bit.
 - ``lax.map`` walks the blocks; in each block ``client_init``/``client_step``/``client_final``
   are vmapped over the lanes and ``lax.scan`` runs the steps. Steps past the block's longest
   client are skipped by ``lax.cond``, so sorting makes blocks of small clients cheap.
@@ -48,23 +51,24 @@ from fedjax_exp.core.typing import EXAMPLE_MASK_KEY, PyTree
 __all__ = [
     "ForEachClientParallelBackend",
     "ForEachClientShardedBackend",
-    "padded_num_steps",
+    "padded_size",
 ]
 
 _CLIENTS_AXIS = "clients"
 
 
-def padded_num_steps(num_steps: int, granularity: int = 4) -> int:
-    """``num_steps`` rounded up to one of ``granularity`` sizes per doubling (beyond 2g).
+def padded_size(size: int, granularity: int) -> int:
+    """``size`` rounded up to one of ``granularity`` values per doubling (beyond 2g).
 
-    Up to ``2 * granularity`` steps are kept exact; above, values are rounded up to a multiple
-    of a power of two so at most 1/granularity of the steps are padding and the number of
-    distinct programs grows only logarithmically with the longest client.
+    Up to ``2 * granularity`` is kept exact; above, sizes are rounded up to a multiple of a
+    power of two, so less than 1/granularity of the result is padding and the number of
+    distinct programs grows only logarithmically with the size. Granularity 1 gives powers
+    of two.
     """
     unit = 1
-    while num_steps > 2 * granularity * unit:
+    while size > 2 * granularity * unit:
         unit *= 2
-    return -(-num_steps // unit) * unit
+    return -(-size // unit) * unit
 
 
 def _is_key_array(x: Any) -> bool:
@@ -137,30 +141,38 @@ class _BatchLayout:
         # A smaller batch is padded to batch_size; its padding rows are masked out.
         self.with_mask = has_mask or len(sizes) > 1
 
-    def stack(self, batches: Sequence[Mapping[str, Any]]) -> dict[str, np.ndarray]:
-        """All batches of the call as ``[num_batches, batch_size, ...]`` arrays, one per feature.
+    def stack(self, batches: Sequence[Mapping[str, Any]], num_rows: int) -> dict[str, np.ndarray]:
+        """All batches of the call as ``[num_rows, batch_size, ...]`` arrays, one per feature.
 
-        A batch smaller than ``batch_size`` is padded with zeros and its padding examples are
-        masked out.
+        Rows past the batches are zeros (no step reads them; they only fix the shape). A batch
+        smaller than ``batch_size`` is padded with zeros and its padding examples masked out.
         """
+        lead = (num_rows, self.batch_size)
+        data = {k: np.empty(lead + self.trailing[k], self.dtypes[k]) for k in self.features}
+        if self.with_mask:
+            data[EXAMPLE_MASK_KEY] = np.empty(lead, bool)
+        num = len(batches)
+        for array in data.values():
+            array[num:] = 0
         sizes = {len(batch[self.features[0]]) for batch in batches}
         if sizes == {self.batch_size}:
             # The common case: one copy per feature for the whole call.
-            data = {k: np.stack([np.asarray(b[k]) for b in batches]) for k in self.features}
+            for key in self.features:
+                np.stack([b[key] for b in batches], out=data[key][:num])
             if self.with_mask:
                 shape = (self.batch_size,)
-                data[EXAMPLE_MASK_KEY] = np.stack(
-                    [np.broadcast_to(b.get(EXAMPLE_MASK_KEY, True), shape) for b in batches]
+                np.stack(
+                    [np.broadcast_to(b.get(EXAMPLE_MASK_KEY, True), shape) for b in batches],
+                    out=data[EXAMPLE_MASK_KEY][:num],
                 )
             return data
-        lead = (len(batches), self.batch_size)
-        data = {k: np.zeros(lead + self.trailing[k], self.dtypes[k]) for k in self.features}
-        data[EXAMPLE_MASK_KEY] = np.zeros(lead, bool)
         for row, batch in enumerate(batches):
             size = len(batch[self.features[0]])
             for key in self.features:
                 data[key][row, :size] = batch[key]
+                data[key][row, size:] = 0
             data[EXAMPLE_MASK_KEY][row, :size] = batch.get(EXAMPLE_MASK_KEY, True)
+            data[EXAMPLE_MASK_KEY][row, size:] = False
         return data
 
 
@@ -262,17 +274,23 @@ class ForEachClientParallelBackend(ForEachClientBackend):
             parallel hardware but pad more; a call with n clients compiles one program per
             ``ceil(n / block_size)`` and padded step count.
         step_granularity: how finely the common number of steps is rounded up (see
-            ``padded_num_steps``); coarser means fewer compilations, more padding data.
+            ``padded_size``). Padded steps past a block's longest client are skipped at run
+            time, so coarse rounding (default: powers of two) costs little and compiles few
+            programs.
+        data_granularity: the same for the number of batches of the call, which are sent to
+            the device together: padding here is data transferred for nothing, hence finer
+            (default 2: ..., 64, 96, 128, 192, ...).
     """
 
-    def __init__(self, block_size: int = 8, step_granularity: int = 4):
-        if block_size < 1 or step_granularity < 1:
+    def __init__(self, block_size: int = 8, step_granularity: int = 1, data_granularity: int = 2):
+        if min(block_size, step_granularity, data_granularity) < 1:
             raise ValueError(
-                f"block_size and step_granularity must be positive, got {block_size} and "
-                f"{step_granularity}."
+                "block_size, step_granularity and data_granularity must be positive, got "
+                f"{block_size}, {step_granularity} and {data_granularity}."
             )
         self.block_size = block_size
         self.step_granularity = step_granularity
+        self.data_granularity = data_granularity
 
     def _mesh(self) -> Mesh | None:
         return None
@@ -284,7 +302,7 @@ class ForEachClientParallelBackend(ForEachClientBackend):
         lanes_sharding = None if mesh is None else NamedSharding(mesh, P(_CLIENTS_AXIS))
         program = _block_program(client_init, client_step, client_final, lanes_sharding)
         block_size = self.block_size
-        granularity = self.step_granularity
+        granularity = (self.step_granularity, self.data_granularity)
 
         def run(shared_input, clients: Iterable):
             clients = [(cid, list(batches), client_input) for cid, batches, client_input in clients]
@@ -309,14 +327,15 @@ class ForEachClientParallelBackend(ForEachClientBackend):
         return run
 
 
-def _prepare(clients, block_size: int, granularity: int):
+def _prepare(clients, block_size: int, granularity: tuple[int, int]):
     """Host-side layout of a call: stacked inputs and batches, and the index arrays that
     place clients in lanes and batches in steps (the program gathers on the device)."""
     num_clients = len(clients)
     num_blocks = -(-num_clients // block_size)
     # Longest clients first, so each block's clients have similar lengths.
     by_length = sorted(range(num_clients), key=lambda i: -len(clients[i][1]))
-    num_steps = padded_num_steps(len(clients[by_length[0]][1]), granularity)
+    step_granularity, data_granularity = granularity
+    num_steps = padded_size(len(clients[by_length[0]][1]), step_granularity)
     layout = _BatchLayout(clients)
     lane_clients = np.zeros((num_blocks, block_size), np.int32)
     step_rows = np.zeros((num_blocks, num_steps, block_size), np.int32)
@@ -332,7 +351,8 @@ def _prepare(clients, block_size: int, granularity: int):
         step_mask[block, :count, lane] = True
         block_steps[block] = max(block_steps[block], count)
         order[index] = position
-    data = layout.stack([batch for _, batches, _ in clients for batch in batches])
+    all_batches = [batch for _, batches, _ in clients for batch in batches]
+    data = layout.stack(all_batches, padded_size(len(all_batches), data_granularity))
     input_tree = jax.tree_util.tree_structure(clients[0][2])
     columns = []
     for client_id, _, client_input in clients:
@@ -384,20 +404,21 @@ class ForEachClientShardedBackend(ForEachClientParallelBackend):
         devices: the devices of the mesh; all local devices by default.
         block_size: lanes per block; rounded up to a multiple of the device count (the
             default gives every device 8 lanes... divided as evenly as possible).
-        step_granularity: see ``ForEachClientParallelBackend``.
+        step_granularity, data_granularity: see ``ForEachClientParallelBackend``.
     """
 
     def __init__(
         self,
         devices: Sequence[jax.Device] | None = None,
         block_size: int | None = None,
-        step_granularity: int = 4,
+        step_granularity: int = 1,
+        data_granularity: int = 2,
     ):
         self.devices = list(devices) if devices is not None else jax.local_devices()
         num_devices = len(self.devices)
         block_size = block_size or max(8, num_devices)
         block_size = -(-block_size // num_devices) * num_devices
-        super().__init__(block_size=block_size, step_granularity=step_granularity)
+        super().__init__(block_size, step_granularity, data_granularity)
 
     def _mesh(self) -> Mesh:
         return Mesh(np.array(self.devices), (_CLIENTS_AXIS,))
