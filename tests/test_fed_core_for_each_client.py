@@ -185,7 +185,7 @@ def train_final(shared_params, state):
     return jax.tree_util.tree_map(jnp.subtract, shared_params, state["params"])
 
 
-def image_clients(sizes, batch_size=5, drop_remainder=True, seed=0):
+def image_clients(sizes, batch_size=5, drop_remainder=True, seed=0, padded=False):
     rng = np.random.RandomState(seed)
     clients = []
     for i, n in enumerate(sizes):
@@ -195,7 +195,10 @@ def image_clients(sizes, batch_size=5, drop_remainder=True, seed=0):
                 "y": rng.randint(0, NUM_CLASSES, size=n).astype(np.int32),
             }
         )
-        batches = data.batch(batch_size=batch_size, drop_remainder=drop_remainder)
+        if padded:
+            batches = data.padded_batch(batch_size=batch_size, num_batch_size_buckets=4)
+        else:
+            batches = data.batch(batch_size=batch_size, drop_remainder=drop_remainder)
         clients.append((f"client{i}".encode(), batches, jax.random.PRNGKey(100 + i)))
     return clients
 
@@ -233,10 +236,14 @@ def test_training_backends_equal_sequential_bit_for_bit(sequential_training, nam
     assert_same_results(results, reference)
 
 
-def test_ragged_last_batches_are_masked_to_the_same_result():
-    # Without drop_remainder the last batch of most clients is smaller: the parallel backend
-    # pads it with masked-out examples, which the masked-mean gradient ignores.
-    clients = image_clients([7, 23, 5, 12], batch_size=5, drop_remainder=False)
+@pytest.mark.parametrize("padded", [False, True])
+def test_ragged_last_batches_are_masked_to_the_same_result(padded):
+    # Without drop_remainder the last batch of most clients is smaller (with padded batches,
+    # smaller and already masked): the parallel backend pads it to the common size with
+    # masked-out examples, which the masked-mean gradient ignores.
+    clients = image_clients([7, 23, 5, 12], batch_size=8, drop_remainder=False, padded=padded)
+    shapes = {np.shape(b["x"]) for _, batches, _ in clients for b in batches}
+    assert len(shapes) > 1
     reference = train_results("jit", clients)
     assert_same_results(train_results("parallel", clients), reference, exact=False)
 

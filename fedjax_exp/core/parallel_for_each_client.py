@@ -6,7 +6,7 @@ whole call is one XLA program:
 
 - Clients are sorted by their number of batches (longest first) and grouped into blocks of
   ``block_size`` lanes; the client count is padded to a multiple of ``block_size`` with
-  padding clients that take no step, so one program serves every call with the same number of
+  padding lanes that take no step, so one program serves every call with the same number of
   blocks.
 - All batches of the call go to the device once, as one array per feature (row count rounded
   up to a few sizes); the program gathers each step's batches by index, so nothing is padded
@@ -134,7 +134,8 @@ class _BatchLayout:
                             f"shape {shape}, other batches have (n, *{self.trailing[key]}); "
                             "batches may differ only in their number of examples."
                         )
-                    self.dtypes.setdefault(key, np.asarray(batch[key]).dtype)
+                    if key not in self.dtypes:
+                        self.dtypes[key] = np.asarray(batch[key]).dtype
         if None in sizes:
             raise ValueError("for_each_client: batch features must have an examples axis.")
         self.batch_size = max(sizes)
