@@ -30,7 +30,7 @@ from fedjax_exp.algorithms._aggregation import (
     client_num_examples,
     params_delta,
 )
-from fedjax_exp.core import client_datasets, for_each_client, metrics, optimizers, tree_util
+from fedjax_exp.core import client_datasets, for_each_client, optimizers, tree_util, util
 from fedjax_exp.core.dataclasses import dataclass
 from fedjax_exp.core.federated_algorithm import FederatedAlgorithm
 from fedjax_exp.core.typing import EXAMPLE_MASK_KEY, BatchExample, ClientId, Params, PRNGKey
@@ -281,7 +281,7 @@ def agnostic_federated_averaging(
         )
         domain_weights = update_domain_weights(
             server_state.domain_weights,
-            metrics._safe_divide(sum_domain_loss, sum_domain_num),
+            util.safe_div(sum_domain_loss, sum_domain_num),
             domain_learning_rate,
             domain_algorithm,
         )
