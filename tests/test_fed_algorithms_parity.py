@@ -396,3 +396,25 @@ def test_hyp_cluster_kmeans_init_and_evaluator_match_fedjax():
             {k: their_eval[cid][k] for k in sorted(their_eval[cid])},
             f"eval {cid}",
         )
+
+
+@pytest.mark.parametrize(
+    "module",
+    ["fed_avg", "fed_prox", "mime", "mime_lite", "hyp_cluster", "agnostic_fed_avg", "apfl"],
+)
+def test_public_names_of_fedjax_algorithm_modules_exist(module):
+    import importlib
+    import inspect
+
+    theirs = importlib.import_module(f"fedjax.algorithms.{module}")
+    ours = importlib.import_module(f"fedjax_exp.algorithms.{module}")
+    public = [
+        name
+        for name, value in vars(theirs).items()
+        if not name.startswith("_")
+        and (inspect.isfunction(value) or inspect.isclass(value))
+        and value.__module__ == theirs.__name__
+    ]
+    public += [name for name in ("ServerState", "Grads") if hasattr(theirs, name)]
+    assert public
+    assert [name for name in public if not hasattr(ours, name)] == []
