@@ -89,17 +89,18 @@ def main() -> None:
     parser.add_argument("--models", default="logistic,dense")
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--clients", type=int, default=10)
+    parser.add_argument("--block-sizes", default="4,8,16")
     args = parser.parse_args()
     rounds = _rounds(args.rounds, args.clients, batch_size=10)
-    backends = {
-        "sequential": fec.ForEachClientJitBackend(),
-        "parallel_block8": parallel_for_each_client.ForEachClientParallelBackend(block_size=8),
-        "parallel_block16": parallel_for_each_client.ForEachClientParallelBackend(block_size=16),
-    }
+    backends = {"sequential": fec.ForEachClientJitBackend()}
+    for size in map(int, args.block_sizes.split(",")):
+        backend = parallel_for_each_client.ForEachClientParallelBackend(block_size=size)
+        backends[f"parallel_block{size}"] = backend
     makers = {"logistic": emnist.create_logistic_model, "dense": emnist.create_dense_model}
     report = {
         "backend": jax.default_backend(),
         "steps_per_round": float(np.mean([sum(len(b) for _, b, _ in c) for c in rounds])),
+        "longest_client_steps": float(np.mean([max(len(b) for _, b, _ in c) for c in rounds])),
         "layout_ms_per_round": _layout_ms(rounds, 8),
     }
     for name in args.models.split(","):

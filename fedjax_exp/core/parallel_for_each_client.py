@@ -51,6 +51,7 @@ from fedjax_exp.core.typing import EXAMPLE_MASK_KEY, PyTree
 __all__ = [
     "ForEachClientParallelBackend",
     "ForEachClientShardedBackend",
+    "default_lanes",
     "padded_size",
 ]
 
@@ -69,6 +70,18 @@ def padded_size(size: int, granularity: int) -> int:
     while size > 2 * granularity * unit:
         unit *= 2
     return -(-size // unit) * unit
+
+
+def default_lanes(platform: str) -> int:
+    """Clients vmapped together by default on ``platform`` (per device when sharded).
+
+    Measured on a 2-core CPU (FedAvg rounds of 10 EMNIST-sized clients of 2-28 steps):
+    2 lanes were fastest for the logistic and dense models (1.5x the sequential backend);
+    8 lanes were slower than sequential for the dense model, as lanes wait for the block's
+    longest client and XLA:CPU gains little from batching small matmuls. Accelerators run
+    wide batches at nearly the cost of one, hence 8 there.
+    """
+    return 2 if platform == "cpu" else 8
 
 
 def _is_key_array(x: Any) -> bool:
@@ -272,8 +285,9 @@ class ForEachClientParallelBackend(ForEachClientBackend):
 
     Args:
         block_size: lanes per block (clients vmapped together). Larger blocks use more
-            parallel hardware but pad more; a call with n clients compiles one program per
-            ``ceil(n / block_size)`` and padded step count.
+            parallel hardware but pad more (every lane runs as long as the block's longest
+            client); a call with n clients compiles one program per ``ceil(n / block_size)``
+            and padded step count. Default: ``default_lanes(platform)``.
         step_granularity: how finely the common number of steps is rounded up (see
             ``padded_size``). Padded steps past a block's longest client are skipped at run
             time, so coarse rounding (default: powers of two) costs little and compiles few
@@ -283,7 +297,14 @@ class ForEachClientParallelBackend(ForEachClientBackend):
             (default 2: ..., 64, 96, 128, 192, ...).
     """
 
-    def __init__(self, block_size: int = 8, step_granularity: int = 1, data_granularity: int = 2):
+    def __init__(
+        self,
+        block_size: int | None = None,
+        step_granularity: int = 1,
+        data_granularity: int = 2,
+    ):
+        if block_size is None:
+            block_size = default_lanes(jax.default_backend())
         if min(block_size, step_granularity, data_granularity) < 1:
             raise ValueError(
                 "block_size, step_granularity and data_granularity must be positive, got "
@@ -403,8 +424,8 @@ class ForEachClientShardedBackend(ForEachClientParallelBackend):
 
     Args:
         devices: the devices of the mesh; all local devices by default.
-        block_size: lanes per block; rounded up to a multiple of the device count (the
-            default gives every device 8 lanes... divided as evenly as possible).
+        block_size: lanes per block, rounded up to a multiple of the device count; by
+            default ``default_lanes`` lanes per device.
         step_granularity, data_granularity: see ``ForEachClientParallelBackend``.
     """
 
@@ -417,7 +438,7 @@ class ForEachClientShardedBackend(ForEachClientParallelBackend):
     ):
         self.devices = list(devices) if devices is not None else jax.local_devices()
         num_devices = len(self.devices)
-        block_size = block_size or max(8, num_devices)
+        block_size = block_size or num_devices * default_lanes(self.devices[0].platform)
         block_size = -(-block_size // num_devices) * num_devices
         super().__init__(block_size, step_granularity, data_granularity)
 
