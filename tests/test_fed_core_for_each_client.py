@@ -248,6 +248,26 @@ def test_ragged_last_batches_are_masked_to_the_same_result(padded):
     assert_same_results(train_results("parallel", clients), reference, exact=False)
 
 
+@pytest.mark.parametrize("name", ["parallel", "parallel-block4"])
+def test_typed_prng_keys_in_client_input_and_state(name):
+    def init(shared, key):
+        return {"key": key, "total": shared}
+
+    def step(state, batch):
+        key, use = jax.random.split(state["key"])
+        draw = jax.random.uniform(use, batch["x"].shape)
+        return {"key": key, "total": state["total"] + jnp.sum(draw * batch["x"])}, draw[0]
+
+    clients = [
+        (cid, batches, jax.random.key(i)) for i, (cid, batches, _) in enumerate(count_clients())
+    ]
+    shared = jnp.float32(0.5)
+    reference = run("jit", init, step, lambda _, s: s["total"], shared, clients)
+    assert_same_results(
+        run(BACKENDS[name], init, step, lambda _, s: s["total"], shared, clients), reference
+    )
+
+
 # --- Bad input ----------------------------------------------------------------------------
 
 
