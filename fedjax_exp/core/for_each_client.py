@@ -282,10 +282,26 @@ def _identity_final(shared_input: SharedInput, state: ClientStepState) -> Client
     return state
 
 
-@functools.lru_cache(maxsize=64)
+def cached_by_functions(build: Callable) -> Callable:
+    """Caches ``build(*functions)`` by the functions' identity/hash (unhashable: uncached).
+
+    Wrappers and programs built from the same user functions are then the same objects, so
+    jit's compilation cache (keyed by function) is hit when for_each_client is rebuilt.
+    """
+    cached = functools.lru_cache(maxsize=64)(build)
+
+    def get(*args: Any) -> Any:
+        try:
+            hash(args)
+        except TypeError:  # e.g. a callable dataclass holding arrays.
+            return build(*args)
+        return cached(*args)
+
+    return get
+
+
+@cached_by_functions
 def _without_step_result(client_step: Callable) -> ClientStep:
-    # Cached: the same client_step gets the same wrapper, so backends that cache compiled
-    # programs by function (jit's own cache, the parallel program cache) reuse them.
     def step(state, batch):
         return client_step(state, batch), ()
 

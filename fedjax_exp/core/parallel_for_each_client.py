@@ -44,6 +44,7 @@ from fedjax_exp.core.for_each_client import (
     ClientStep,
     ForEachClient,
     ForEachClientBackend,
+    cached_by_functions,
     empty_client_error,
 )
 from fedjax_exp.core.typing import EXAMPLE_MASK_KEY, PyTree
@@ -190,7 +191,7 @@ class _BatchLayout:
         return data
 
 
-@functools.lru_cache(maxsize=64)
+@cached_by_functions
 def _block_program(
     client_init: ClientInit,
     client_step: ClientStep,
