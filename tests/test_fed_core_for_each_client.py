@@ -268,6 +268,27 @@ def test_typed_prng_keys_in_client_input_and_state(name):
     )
 
 
+def test_unhashable_step_function_is_accepted():
+    class Step:  # A callable without a hash (e.g. a dataclass holding arrays).
+        __hash__ = None
+
+        def __call__(self, state, batch):
+            return state + jnp.sum(batch["x"])
+
+    clients = [(b"a", [{"x": np.ones(3, np.float32)}] * 2, np.float32(2))]
+    for backend in ("jit", "parallel"):
+        results = run(
+            backend,
+            lambda s, c: s + c,
+            Step(),
+            fec._identity_final,
+            np.float32(1),
+            clients,
+            with_step_result=False,
+        )
+        assert [(cid, float(out)) for cid, out in results] == [(b"a", 9.0)]
+
+
 # --- Bad input ----------------------------------------------------------------------------
 
 
