@@ -24,6 +24,7 @@ import abc
 import contextlib
 import functools
 import threading
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -121,7 +122,12 @@ class ForEachClientJitBackend(ForEachClientBackend):
                     step_results.append(step_result)
                 if not step_results:
                     raise empty_client_error(client_id)
-                yield client_id, final(shared_input, state), step_results
+                with warnings.catch_warnings():
+                    # The final state is donated; parts client_final drops (e.g. a step count)
+                    # cannot be reused for its output, which is expected, not worth a warning.
+                    warnings.filterwarnings("ignore", "Some donated buffers were not usable")
+                    output = final(shared_input, state)
+                yield client_id, output, step_results
 
         return run
 
