@@ -23,8 +23,9 @@ whole call is one XLA program:
 When to use it (measured on a 2-core CPU, FedAvg, 10 EMNIST-sized clients of 2-28 steps,
 ``scripts/bench_for_each_client.py``): small models gain (logistic ~1.5-2.7x the sequential
 backend's rounds/s, dense MLP ~1.4x), but convolutions inside XLA:CPU's compiled loops run
-far slower than dispatched step by step (Haiku CNN: 51 s a round against 4.0 s), so keep the
-sequential ``'jit'`` backend for convolutional models on CPU. Accelerators are launch-bound
+far slower than dispatched step by step, even unbatched (Haiku CNN: 51 s a round with 2
+lanes, 37 s with 1, against 4.0 s), so keep the sequential ``'jit'`` backend for
+convolutional models on CPU. Accelerators are launch-bound
 on tiny steps, where one program per round is the point; measure there.
 
 Batches of a client must share one shape, except that a smaller batch (e.g. the last one of
