@@ -73,6 +73,15 @@ _export(
     "shuffle_repeat_batch_federated_data",
 )
 _export("fedjax_exp.core.in_memory_federated_data", "InMemoryFederatedData")
+_export("fedjax_exp.core.federated_algorithm", "FederatedAlgorithm")
+_export(
+    "fedjax_exp.core.for_each_client",
+    "ForEachClientBackend",
+    "for_each_client",
+    "for_each_client_backend",
+    "get_for_each_client_backend",
+    "set_for_each_client_backend",
+)
 _export(
     "fedjax_exp.core.sqlite_federated_data", "SQLiteFederatedData", "SQLiteFederatedDataBuilder"
 )
@@ -84,6 +93,11 @@ _SUBMODULES: dict[str, str] = {
     "losses": "fedjax_exp.core.losses",
     "regularizers": "fedjax_exp.core.regularizers",
     "tree_util": "fedjax_exp.core.tree_util",
+    "client_samplers": "fedjax_exp.core.client_samplers",
+    "serialization": "fedjax_exp.core.serialization",
+    "algorithms": "fedjax_exp.algorithms",
+    "aggregators": "fedjax_exp.aggregators",
+    "training": "fedjax_exp.training",
     "core": "fedjax_exp.core",
     "models": "fedjax_exp.models",
     "datasets": "fedjax_exp.datasets",
