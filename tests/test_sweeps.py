@@ -112,7 +112,8 @@ def test_optuna_search_config_composes(repo_root):
     sweeper = cfg.hydra.sweeper
     assert sweeper._target_.endswith("OptunaSweeper")
     assert sweeper.direction == "maximize"
-    assert cfg.optimized_metric == "final/test/accuracy"
+    assert cfg.optimized_metric == "final/validation/accuracy"
+    assert cfg.dataset.validation.mode == "examples"
     assert sweeper.sampler._target_ == "optuna.samplers.TPESampler"
     assert sweeper.sampler.seed == cfg.seed
     assert dict(sweeper.params) == {
@@ -314,11 +315,13 @@ def test_optuna_search_three_trials(repo_root, tmp_path):
     for job in jobs:
         status = read_status(job)
         assert status["status"] == "completed"
-        finals.append(compare.load_run(job).final["final/test/accuracy"])
+        final = compare.load_run(job).final
+        assert "final/test/accuracy" in final  # Reported, not selected on.
+        finals.append(final["final/validation/accuracy"])
         overrides = yaml.safe_load((job / ".hydra" / "overrides.yaml").read_text())
         assert any(o.startswith("optimizer.learning_rate=") for o in overrides)
     # The sweeper's best value is the best trial's returned metric, i.e. the best job's final
-    # test accuracy in its status file.
+    # validation accuracy in its status file.
     assert results["best_value"] == pytest.approx(max(finals))
     assert 1e-4 <= results["best_params"]["optimizer.learning_rate"] <= 1e-1
     assert results["best_params"]["trainer.batch_size"] in (8, 16, 32)

@@ -77,29 +77,43 @@ def build_datasets(cfg: DictConfig) -> tuple[Any, Any]:
     return loaded[0], loaded[1]
 
 
-def build_model_and_data(cfg: DictConfig) -> tuple[Any, Any, Any, Any]:
-    """``(model, train_model, train_data, test_data)`` for a training run.
+def build_model_and_data(cfg: DictConfig) -> tuple[Any, Any, Any, dict[str, Any]]:
+    """``(model, train_model, train_data, eval_splits)`` for a training run.
+
+    ``eval_splits`` maps split names to data: ``train`` and ``test``, plus ``validation``
+    when ``dataset.validation.mode`` holds part of the train split out (then ``train`` is
+    what remains).
 
     ``train_model`` is ``model`` with the training forward pass in ``trainer.compute_dtype``
     (evaluation keeps the float32 ``model``). The data is checked to hold every feature the
     loss and metrics read (e.g. ``domain_id`` for ``metrics=full``) now, before any training
     time is spent, rather than at the first evaluation.
     """
+    from fedjax_exp.datasets.validation_split import apply_validation_split
     from fedjax_exp.experiment.parallel import with_compute_dtype
     from fedjax_exp.experiment.validation import check_data_features
 
     trainer = cfg.trainer
     model = build_model(cfg)
     train_data, test_data = build_datasets(cfg)
+    try:
+        train_data, validation_data = apply_validation_split(
+            train_data, cfg.dataset.get("validation")
+        )
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+    splits = {"train": train_data, "test": test_data}
+    if validation_data is not None:
+        splits["validation"] = validation_data
     check_data_features(
         model,
-        {"train": train_data, "test": test_data},
+        splits,
         batch_size=int(trainer.eval_batch_size),
         num_classes=cfg.dataset.get("num_classes"),
         input_shape=cfg.dataset.get("input_shape"),
     )
     train_model = with_compute_dtype(model, trainer.get("compute_dtype", "float32"))
-    return model, train_model, train_data, test_data
+    return model, train_model, train_data, splits
 
 
 def build_algorithm(cfg: DictConfig, model: Any, optimizer: Any, train_data: Any) -> Any:

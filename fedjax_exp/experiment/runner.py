@@ -194,7 +194,7 @@ def _run_validated(cfg: DictConfig, container: dict[str, Any], out: pathlib.Path
     # Before anything large is allocated / compiled (see docs/performance-notes.md).
     parallel.configure_host_memory(trainer, jax.default_backend())
     compilation_cache.enable(trainer.get("compilation_cache"))
-    model, train_model, train_data, test_data = builders.build_model_and_data(cfg)
+    model, train_model, train_data, eval_splits = builders.build_model_and_data(cfg)
 
     def make_algorithm(optimizer: Any) -> Any:
         return builders.build_algorithm(cfg, train_model, optimizer, train_data)
@@ -239,7 +239,7 @@ def _run_validated(cfg: DictConfig, container: dict[str, Any], out: pathlib.Path
     members = _open_members(container, out, trials, start_step, source is not None, clock)
     evaluator = Evaluator(
         model,
-        {"train": train_data, "test": test_data},
+        eval_splits,
         batch_size=int(trainer["eval_batch_size"]),
         num_batches=dict(trainer["eval_batches"]),
     )
@@ -276,6 +276,8 @@ def _run_validated(cfg: DictConfig, container: dict[str, Any], out: pathlib.Path
         for index, member in enumerate(members):
             params = algorithm.eval_params(state, index)
             member.final = evaluator.final(params, "test")
+            if "validation" in eval_splits:
+                member.final.update(evaluator.final(params, "validation"))
             if trainer.get("per_client_eval"):
                 limit = trainer.get("per_client_max_clients")
                 summary, values = evaluator.per_client(params, "test", limit)
