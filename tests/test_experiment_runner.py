@@ -301,3 +301,20 @@ def test_nan_in_the_data_fails_before_training_naming_the_feature(tmp_path):
     overrides += [f"dataset.loader.test_path={data}", "dataset.loader.empty_clients=drop"]
     with pytest.raises(ConfigError, match="NaN or infinite values in feature 'x'"):
         run(make_config(*overrides), output_dir=tmp_path / "run")
+
+
+def test_validation_split_is_evaluated_at_the_end_and_leaves_test_alone(tmp_path):
+    _, plain = final_metrics(tmp_path / "plain")
+    _, held = final_metrics(tmp_path / "held", "dataset.validation.mode=examples")
+    assert set(held) == set(plain) | {"final/validation/accuracy", "final/validation/loss"}
+    assert 0.0 <= held["final/validation/accuracy"] <= 1.0
+    # Test is the same split either way (training differs, so only its presence is compared).
+    assert "final/test/accuracy" in held
+
+
+def test_bad_validation_fraction_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="fraction"):
+        run(
+            make_config("dataset.validation.mode=clients", "dataset.validation.fraction=1.5"),
+            output_dir=tmp_path,
+        )
