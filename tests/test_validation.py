@@ -113,7 +113,7 @@ def test_the_default_config_passes_and_resolves():
             "logger.wandb.mode must be one of offline, online, disabled, shared; got 'offlin'",
         ),
         (["trainer.steps_per_dispatch=0"], "trainer.steps_per_dispatch must be a positive integer"),
-        (["trainer.device_data=yes"], "trainer.device_data must be one of auto, true, false"),
+        (["trainer.data_parallel=yes"], "trainer.data_parallel must be one of auto, true, false"),
         (["trainer.compute_dtype=int8"], "trainer.compute_dtype must be one of float32, bfloat16"),
         (["trainer.steps=1.5"], "trainer.steps must be an integer >= 0, got 1.5"),
         (["logger.wandb=3"], "logger.wandb must be a mapping of its settings, got 3"),
