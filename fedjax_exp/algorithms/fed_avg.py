@@ -92,7 +92,22 @@ def federated_averaging(
         A :class:`FederatedAlgorithm` whose ``init(params)`` gives a :class:`ServerState` and whose
         ``apply`` reports ``{'delta_l2_norm': ...}`` for each client.
     """
-    train_for_each_client = create_train_for_each_client(grad_fn, client_optimizer)
+    return averaging_algorithm(
+        create_train_for_each_client(grad_fn, client_optimizer),
+        server_optimizer,
+        client_batch_hparams,
+    )
+
+
+def averaging_algorithm(
+    train_for_each_client: Callable[..., Any],
+    server_optimizer: optimizers.Optimizer,
+    client_batch_hparams: client_datasets.ShuffleRepeatBatchHParams,
+) -> FederatedAlgorithm:
+    """FedAvg's round around a client trainer: each client's delta (from
+    ``train_for_each_client(server_params, clients)``) averaged weighted by its example count
+    and applied by ``server_optimizer``; ``delta_l2_norm`` per client. FedProx shares it.
+    """
 
     def init(params: Params) -> ServerState:
         return ServerState(params, server_optimizer.init(params))

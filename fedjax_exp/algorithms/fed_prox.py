@@ -11,7 +11,7 @@ Reference:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -19,13 +19,11 @@ import jax.numpy as jnp
 
 from fedjax_exp.algorithms import fed_avg
 from fedjax_exp.algorithms._aggregation import (
-    RunningWeightedMean,
-    client_num_examples,
     params_delta,
 )
 from fedjax_exp.core import client_datasets, for_each_client, optimizers, tree_util
 from fedjax_exp.core.federated_algorithm import FederatedAlgorithm
-from fedjax_exp.core.typing import BatchExample, ClientId, Params, PRNGKey
+from fedjax_exp.core.typing import BatchExample, Params, PRNGKey
 
 __all__ = ["ServerState", "create_train_for_each_client", "fed_prox"]
 
@@ -90,26 +88,6 @@ def fed_prox(
         return jnp.mean(per_example_loss(params, batch, rng) + proximal)
 
     train_for_each_client = create_train_for_each_client(jax.grad(proximal_loss), client_optimizer)
-
-    def init(params: Params) -> ServerState:
-        return ServerState(params, server_optimizer.init(params))
-
-    def apply(
-        server_state: ServerState, clients: Sequence[tuple[ClientId, Any, PRNGKey]]
-    ) -> tuple[ServerState, Mapping[ClientId, Any]]:
-        num_examples = client_num_examples(clients)
-        batched = [
-            (cid, dataset.shuffle_repeat_batch(client_batch_hparams), rng)
-            for cid, dataset, rng in clients
-        ]
-        mean_delta = RunningWeightedMean(server_state.params)
-        diagnostics = {}
-        for cid, delta in train_for_each_client(server_state.params, batched):
-            mean_delta.add(cid, delta, num_examples[cid])
-            diagnostics[cid] = {"delta_l2_norm": tree_util.tree_l2_norm(delta)}
-        opt_state, params = server_optimizer.apply(
-            mean_delta.result(), server_state.opt_state, server_state.params
-        )
-        return ServerState(params, opt_state), diagnostics
-
-    return FederatedAlgorithm(init, apply)
+    return fed_avg.averaging_algorithm(
+        train_for_each_client, server_optimizer, client_batch_hparams
+    )
