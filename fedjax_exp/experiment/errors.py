@@ -9,3 +9,9 @@ class ConfigError(ValueError):
 
 class RunFailed(RuntimeError):
     """Training started but could not finish (e.g. a non-finite loss)."""
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """Training was stopped by Ctrl-C (SIGINT); the message says where and what is kept.
+
+    A KeyboardInterrupt, so that code catching ``Exception`` (Hydra's job runner) lets it pass."""
