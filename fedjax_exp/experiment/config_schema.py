@@ -121,6 +121,7 @@ class WandbConfig:
     name: Optional[str] = MISSING  # noqa: UP045
     tags: list[str] = MISSING
     notes: Optional[str] = MISSING  # noqa: UP045
+    silent: bool = True
 
 
 @dataclasses.dataclass

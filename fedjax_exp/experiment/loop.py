@@ -9,11 +9,13 @@ evaluation and its own divergence; the run stops when every trial has diverged.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
+import logging
 import math
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import jax
@@ -25,6 +27,11 @@ from fedjax_exp.experiment.checkpoints import Checkpointer, Snapshot
 from fedjax_exp.experiment.errors import RunFailed
 from fedjax_exp.experiment.evaluation import Evaluator
 from fedjax_exp.experiment.writers import MetricWriter
+
+log = logging.getLogger(__name__)
+
+# A logged mean training loss above this many times the first one logged gets one warning.
+LOSS_GROWTH_WARNING = 10.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +66,99 @@ def chunk_sizes(start: int, stop: int, per_dispatch: int, intervals: Iterable[in
         sizes.append(end - step)
         step = end
     return sizes
+
+
+def format_loss(value: float) -> str:
+    """4 decimals, as a loss usually reads; scientific notation (3.2e+12) when that is wider."""
+    return f"{value:.4f}" if value == 0 or 1e-3 <= abs(value) < 1e4 else f"{value:.3g}"
+
+
+def loss_growth_warning(start: tuple[int, float], step: int, loss: float) -> str | None:
+    """The warning when the logged mean ``loss`` at ``step`` exceeds
+    :data:`LOSS_GROWTH_WARNING` times the loss of the run's first step (``start``: its step
+    and loss) though it is still finite (the run has not diverged yet), else None."""
+    if not (math.isfinite(loss) and start[1] > 0 and loss > LOSS_GROWTH_WARNING * start[1]):
+        return None
+    ratio = loss / start[1]
+    times = f"{ratio:,.0f}" if ratio < 1e6 else f"{ratio:.1e}"
+    return (
+        f"loss {format_loss(loss)} at step {step} is {times}x its value at step {start[0]} "
+        f"({format_loss(start[1])}; warned once, above {LOSS_GROWTH_WARNING:g}x): the "
+        "learning rate may be too high (optimizer.learning_rate)"
+    )
+
+
+def parallel_job_label() -> str | None:
+    """``job 3 (seed=1)`` in a sweep job that runs beside others (any Hydra launcher but the
+    sequential basic one: joblib, submitit), else None."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        hc = HydraConfig.get()
+    except (ImportError, ValueError):
+        return None
+    if hc.mode != RunMode.MULTIRUN or "BasicLauncher" in str(hc.launcher.get("_target_")):
+        return None
+    return f"job {hc.job.num}" + (
+        f" ({hc.job.override_dirname})" if hc.job.override_dirname else ""
+    )
+
+
+def _console_handlers() -> list[logging.Handler]:
+    root = logging.getLogger()
+    return [h for h in root.handlers if type(h) is logging.StreamHandler]  # Not log files.
+
+
+class _JobFormatter(logging.Formatter):
+    """Starts each message with the job's label."""
+
+    def __init__(self, inner: logging.Formatter | None, label: str):
+        super().__init__()
+        self.inner, self.label = inner or logging.Formatter(), label
+
+    def format(self, record: logging.LogRecord) -> str:
+        labelled = logging.makeLogRecord(record.__dict__)
+        labelled.msg, labelled.args = f"{self.label}: {record.getMessage()}", None
+        return self.inner.format(labelled)
+
+
+def label_console_lines() -> None:
+    """In a parallel sweep job (:func:`parallel_job_label`), starts every console log line
+    with the job, so that the lines of jobs sharing one terminal say whose they are (Hydra
+    sets up logging afresh for each job, also in a reused joblib worker)."""
+    label = parallel_job_label()
+    for handler in _console_handlers() if label else []:
+        if not isinstance(handler.formatter, _JobFormatter):
+            handler.setFormatter(_JobFormatter(handler.formatter, label))
+
+
+class _AboveTheBar(logging.Handler):
+    """A console handler's lines printed above the progress bar: the bar is cleared before
+    the line and redrawn after it (flushed in between, as stdout to a pipe is buffered)."""
+
+    def __init__(self, console: logging.Handler, bar: Any):
+        super().__init__(console.level)
+        self.console, self.bar = console, bar
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.bar.clear()
+        self.console.handle(record)
+        self.console.flush()
+        self.bar.refresh()
+
+
+@contextlib.contextmanager
+def _logs_above(bar: Any) -> Iterator[None]:
+    """While ``bar`` shows, console log lines never glue onto it (see :class:`_AboveTheBar`)."""
+    root, saved = logging.getLogger(), logging.getLogger().handlers
+    if not bar.disable:
+        consoles = _console_handlers()
+        root.handlers = [_AboveTheBar(h, bar) if h in consoles else h for h in saved]
+    try:
+        yield
+    finally:
+        root.handlers = saved
 
 
 class Clock:
@@ -134,6 +234,8 @@ def train(
     from tqdm.auto import tqdm
 
     trials = algorithm.num_trials
+    start_loss: list[float] = []  # Per trial: the loss of the first step trained.
+    warned: set[int] = set()
     if len(writers) != trials:
         raise ValueError(f"{trials} trials need {trials} writers, got {len(writers)}")
     intervals = [settings.log_every]
@@ -155,11 +257,19 @@ def train(
         if step == last_logged:
             return
         first, last_logged = last_logged + 1, step
+        if not start_loss and "loss" in pending:  # Steps x trials values; one sync a run.
+            start_loss.extend(np.asarray(pending["loss"][0]).reshape(-1, trials)[0].tolist())
         means_per_trial = _pop_means(pending, trials)
         for trial, (means, writer) in enumerate(zip(means_per_trial, writers, strict=True)):
             writer.write_scalars(step, means)
+            loss = means.get("train/loss", math.nan)
             if trials == 1 and "train/loss" in means:
-                progress.set_postfix(loss=f"{means['train/loss']:.4f}", refresh=False)
+                progress.set_postfix(loss=format_loss(loss), refresh=False)
+            start = (start_step + 1, start_loss[trial] if start_loss else math.nan)
+            warning = trial not in warned and loss_growth_warning(start, step, loss)
+            if warning:
+                warned.add(trial)
+                log.warning("%s%s", f"trial {trial}: " if trials > 1 else "", warning)
             bad = ", ".join(f"{k}={v}" for k, v in means.items() if not math.isfinite(v))
             if bad and trial not in diverged:
                 diverge(
@@ -181,11 +291,12 @@ def train(
     progress = tqdm(
         total=settings.steps,
         initial=start_step,
-        disable=not settings.progress_bar,
+        # Bars of jobs running side by side would overwrite each other on one terminal.
+        disable=not settings.progress_bar or parallel_job_label() is not None,
         desc="train",
         dynamic_ncols=True,
     )
-    try:
+    with progress, _logs_above(progress):
         for size in sizes:
             items = list(itertools.islice(stream, size))
             if len(items) != size:
@@ -212,6 +323,4 @@ def train(
                 )
                 checkpointer.save(snapshot)
         log_pending()
-    finally:
-        progress.close()
     return state, step, diverged

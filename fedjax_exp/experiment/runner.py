@@ -191,6 +191,8 @@ def _run_validated(cfg: DictConfig, container: dict[str, Any], out: pathlib.Path
     from fedjax_exp.experiment.checkpoints import Checkpointer
     from fedjax_exp.experiment.evaluation import Evaluator
 
+    loop.label_console_lines()  # In a parallel sweep job: lines say which job.
+
     # Before anything large is allocated / compiled (see docs/performance-notes.md).
     parallel.configure_host_memory(trainer, jax.default_backend())
     compilation_cache.enable(trainer.get("compilation_cache"))
