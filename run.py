@@ -84,8 +84,8 @@ def main(cfg: DictConfig) -> float:
         if isinstance(e, ConfigError):
             _after_rejection(cfg, e)
         if _in_multirun():
-            kind = "config error" if isinstance(e, ConfigError) else "run failed"
-            log.error("%s: %s", kind, e)
+            if isinstance(e, ConfigError):  # A failed run's reason is in its run.log already.
+                log.error("config error: %s", e)
             # Hydra records the job as failed (the other jobs still run) and prints the
             # traceback: cut to this frame, as the message already says what to fix.
             raise e.with_traceback(None)  # noqa: B904 - the same exception, re-raised.
