@@ -3,8 +3,7 @@
 Written with orbax-checkpoint's CheckpointManager: each step is written to
 ``<step>.orbax-checkpoint-tmp`` and renamed to ``<step>`` only when complete, so a run killed
 mid-save leaves the previous checkpoints intact, and the half-written dir is neither listed nor
-restored (the next run that writes there removes it). Ctrl-C during a save waits for the save
-to end, so an interrupted run leaves only complete checkpoints. Only the last ``keep`` are kept.
+restored (the next run that writes there removes it). Only the last ``keep`` are kept.
 Saves are synchronous: the states here are at most a few hundred MB, and a blocking save keeps
 the order of saves and metrics lines simple.
 
@@ -15,14 +14,11 @@ stax parameter lists, user dataclasses) without teaching orbax about each node t
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import os
 import pathlib
 import shutil
-import signal
-import threading
 from typing import Any
 
 import jax
@@ -99,23 +95,6 @@ def resume_source(resume: Any, own_dir: pathlib.Path) -> tuple[pathlib.Path, int
     return directory, step
 
 
-@contextlib.contextmanager
-def _sigint_deferred():
-    """Holds SIGINT (Ctrl-C) back until the block ends, then delivers it to the handler that
-    was there before. Signal handlers can only be set in the main thread."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    received: list[int] = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-        if received:
-            signal.raise_signal(signal.SIGINT)
-
-
 class Checkpointer:
     """Saves and restores :class:`Snapshot` s under one directory. ``own=True`` (a run's own
     dir) removes the half-written saves of a killed run there; another run's dir is only read
@@ -153,14 +132,12 @@ class Checkpointer:
 
         A checkpoint of the same step (e.g. from a run resumed from an earlier step) is
         replaced; that delete-then-write is the one non-atomic moment, and older steps are
-        still there if it is killed (Ctrl-C waits for the save).
+        still there if it is interrupted.
         """
-        with _sigint_deferred():
-            if snapshot.step in self._manager.all_steps():
-                self._manager.delete(snapshot.step)
-            item = _to_item(snapshot)
-            self._manager.save(snapshot.step, args=self._ocp.args.StandardSave(item))
-            self._manager.wait_until_finished()
+        if snapshot.step in self._manager.all_steps():
+            self._manager.delete(snapshot.step)
+        self._manager.save(snapshot.step, args=self._ocp.args.StandardSave(_to_item(snapshot)))
+        self._manager.wait_until_finished()
 
     def restore(
         self, template_state: Any, template_rng: np.ndarray, step: int | None = None

@@ -107,8 +107,8 @@ def _run_dir_lock(out: pathlib.Path) -> Iterator[None]:
 @contextlib.contextmanager
 def _ctrl_c_between_steps() -> Iterator[list[int]]:
     """While training, a first Ctrl-C (SIGINT) only asks to stop (the list it yields is then
-    non-empty): stopping inside a step could leave a save half-written, or surface as an XLA
-    error when the step runs a Python host callback. A second Ctrl-C stops at once."""
+    non-empty) and the run stops after the step: stopping inside one could leave a checkpoint
+    half-written, or surface as an XLA error in a host callback. A second one stops at once."""
     requested: list[int] = []
 
     def request(signum: int, frame: Any) -> None:
