@@ -12,6 +12,9 @@ class RunFailed(RuntimeError):
 
 
 class RunInterrupted(KeyboardInterrupt):
-    """Training was stopped by Ctrl-C (SIGINT); the message says where and what is kept.
+    """Training was stopped by Ctrl-C (SIGINT) after its last checkpoint ``checkpoint_step``
+    (None: none yet). A KeyboardInterrupt: code that catches ``Exception`` lets it pass."""
 
-    A KeyboardInterrupt, so that code catching ``Exception`` (Hydra's job runner) lets it pass."""
+    def __init__(self, message: str, checkpoint_step: int | None = None):
+        super().__init__(message)
+        self.checkpoint_step = checkpoint_step
