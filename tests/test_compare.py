@@ -258,7 +258,8 @@ def test_group_by_a_config_group_choice(tmp_path):
             choices={"optimizer": opt, "model": "logistic"},
         )
     runs = compare.find_runs([root])
-    assert runs[0].choices == {"optimizer": "sgd", "model": "logistic"}
+    assert runs[0].config["optimizer"] == "sgd" and runs[0].config["model"] == "logistic"
+    assert "hydra/launcher" not in runs[0].config
     groups = compare.group_runs(runs, compare.grouping_keys(runs, ["optimizer"]))
     table = compare.grouped_table(groups, ["optimizer"], ["final/test/accuracy"])
     assert table.values.tolist() == [["adam", "1", "0", "0.7"], ["sgd", "2", "0", "0.55 ± 0.05"]]
@@ -268,7 +269,7 @@ def test_group_by_a_config_group_choice(tmp_path):
 
 def test_choices_fall_back_to_group_overrides(tmp_path):
     job = make_job(tmp_path / "j", [{"step": 1}], {"seed": 0}, ["optimizer=sgd", "seed=0"])
-    assert compare.load_run(job).choices == {"optimizer": "sgd"}
+    assert compare.load_run(job).config == {"seed": 0, "optimizer": "sgd"}
 
 
 def test_legend_sits_beside_the_axes_and_log_scale(sweep):

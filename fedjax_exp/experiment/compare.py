@@ -57,8 +57,9 @@ class Run:
 
     ``name`` is the path relative to the directory the user gave; ``label`` (set by
     :func:`label_runs`) the overrides that tell the run apart; ``config`` the flattened config
-    and ``choices`` the config-group choices (``{"optimizer": "adam"}``); ``status`` is
-    ``completed``, ``failed`` or ``incomplete`` (no status file). ``history`` maps metric ->
+    (dotted keys) with the config-group choices under the groups' names (``"optimizer":
+    "adam"``); ``status`` is ``completed``, ``failed`` or ``incomplete`` (no status file).
+    ``history`` maps metric ->
     {step: value}, ``final/`` metrics included (a step logged twice, by a resumed run, keeps
     the last value; NaN for a non-finite value).
     """
@@ -69,7 +70,6 @@ class Run:
     error: str | None
     config: dict[str, Any]
     overrides: list[str]
-    choices: dict[str, str]
     history: dict[str, dict[int, float]]
     label: str = ""
 
@@ -87,10 +87,6 @@ class Run:
         """The (steps, values) of ``metric``, sorted by step; empty when never logged."""
         points = sorted(self.history.get(metric, {}).items())
         return [s for s, _ in points], [v for _, v in points]
-
-    def value(self, key: str) -> Any:
-        """A config value (dotted key) or a config-group choice; None when neither exists."""
-        return self.config[key] if key in self.config else self.choices.get(key)
 
 
 # ---- reading runs ---------------------------------------------------------------------------
@@ -150,10 +146,12 @@ def load_run(job_dir: str | os.PathLike[str], name: str | None = None) -> Run:
     # values (optimizer=sgd, not seed=1).
     hydra = _load(job_dir / run_files.HYDRA_DIR / "hydra.yaml") or {}
     recorded = ((hydra.get("hydra") or {}).get("runtime") or {}).get("choices") or {}
-    choices = {str(k): str(v) for k, v in recorded.items() if not str(k).startswith("hydra/")}
+    for key, value in recorded.items():
+        if not str(key).startswith("hydra/"):
+            config.setdefault(str(key), str(value))
     for key, _, value in (o.lstrip("+~").partition("=") for o in overrides):
         if value and "." not in key and key not in config:
-            choices.setdefault(key, value)
+            config[key] = value
     return Run(
         path=job_dir,
         name=job_dir.name if name is None else name,
@@ -161,7 +159,6 @@ def load_run(job_dir: str | os.PathLike[str], name: str | None = None) -> Run:
         error=status.get("error"),
         config=config,
         overrides=overrides,
-        choices=choices,
         history=read_history(job_dir / run_files.METRICS_FILE),
     )
 
@@ -270,7 +267,7 @@ def grouping_keys(runs: Sequence[Run], group_by: Sequence[str]) -> list[str] | N
     """The keys to group by: ``group_by`` (checked), else the differing config keys but the
     seeds (keys named ``*seed``) when some runs differ only by their seeds (``[]``: all runs
     differ only so, one group); None: no grouping."""
-    unknown = [k for k in group_by if all(run.value(k) is None for run in runs)]
+    unknown = [k for k in group_by if all(run.config.get(k) is None for run in runs)]
     if unknown:
         raise CompareError(
             f"--group-by {', '.join(unknown)} is neither a config key nor a config group of "
@@ -280,16 +277,16 @@ def grouping_keys(runs: Sequence[Run], group_by: Sequence[str]) -> list[str] | N
         return list(group_by)
     differing = differing_keys(runs)
     others = [k for k in differing if not k.rsplit(".", 1)[-1].endswith("seed")]
-    values = [tuple(_canonical(run.value(k)) for k in others) for run in runs]
+    values = [tuple(_canonical(run.config.get(k)) for k in others) for run in runs]
     return others if len(others) < len(differing) and len(set(values)) < len(values) else None
 
 
 def group_runs(runs: Sequence[Run], keys: Sequence[str]) -> Groups:
     """Runs grouped by their values of ``keys``, groups in numeric/natural order of the values."""
-    ordered = sorted(runs, key=lambda run: [_sort_key(run.value(k)) for k in keys])
+    ordered = sorted(runs, key=lambda run: [_sort_key(run.config.get(k)) for k in keys])
     groups: Groups = {}
     for run in ordered:
-        groups.setdefault(tuple(_format(run.value(k)) for k in keys), []).append(run)
+        groups.setdefault(tuple(_format(run.config.get(k)) for k in keys), []).append(run)
     return groups
 
 
@@ -338,7 +335,9 @@ def runs_table(runs: Sequence[Run], metrics: Sequence[str]) -> pd.DataFrame:
         dtype=object,
     )
     table = pd.concat([table, summary_frame(runs, metrics).reset_index(drop=True)], axis=1)
-    order = sorted(range(len(runs)), key=lambda i: [_sort_key(runs[i].value(k)) for k in differing])
+    order = sorted(
+        range(len(runs)), key=lambda i: [_sort_key(runs[i].config.get(k)) for k in differing]
+    )
     return table.iloc[order].map(_format).reset_index(drop=True)
 
 
