@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from fedjax_exp.experiment import loop
 from fedjax_exp.experiment.run_files import read_metrics
+from fedjax_exp.training import console
 
 SMALL = [
     "logger=wandb",
@@ -63,47 +64,47 @@ def log_lines(lines: list[str]) -> list[str]:
 
 
 def test_format_loss_switches_to_scientific_notation_only_when_huge_or_tiny():
-    assert [loop.format_loss(v) for v in (2.5, 0.0, 0.0123, 9999.5)] == [
+    assert [console.format_loss(v) for v in (2.5, 0.0, 0.0123, 9999.5)] == [
         "2.5000",
         "0.0000",
         "0.0123",
         "9999.5000",
     ]
-    assert [loop.format_loss(v) for v in (3.2e12, 12345.0, -4.5e7, 1.5e-5)] == [
+    assert [console.format_loss(v) for v in (3.2e12, 12345.0, -4.5e7, 1.5e-5)] == [
         "3.2e+12",
         "1.23e+04",
         "-4.5e+07",
         "1.5e-05",
     ]
-    assert loop.format_loss(float("nan")) == "nan"
+    assert console.format_loss(float("nan")) == "nan"
 
 
 def test_loss_growth_warning_rule():
-    assert loop.loss_growth_warning((1, 4.1), 300, 41.0) is None  # 10x exactly: no warning.
-    assert loop.loss_growth_warning((1, 4.1), 300, float("inf")) is None  # Diverged instead.
-    assert loop.loss_growth_warning((1, 0.0), 300, 5.0) is None  # No scale to compare with.
-    assert loop.loss_growth_warning((1, float("nan")), 300, 5.0) is None
-    assert loop.loss_growth_warning((1, 4.1), 300, 4100.0) == (
+    assert console.loss_growth_warning((1, 4.1), 300, 41.0) is None  # 10x exactly: no warning.
+    assert console.loss_growth_warning((1, 4.1), 300, float("inf")) is None  # Diverged instead.
+    assert console.loss_growth_warning((1, 0.0), 300, 5.0) is None  # No scale to compare with.
+    assert console.loss_growth_warning((1, float("nan")), 300, 5.0) is None
+    assert console.loss_growth_warning((1, 4.1), 300, 4100.0) == (
         "loss 4100.0000 at step 300 is 1,000x its value at step 1 (4.1000; warned once, above "
         "10x): the learning rate may be too high (optimizer.learning_rate)"
     )
-    assert "is 1.0e+12x its value at step 51 (3.0000;" in loop.loss_growth_warning(
+    assert "is 1.0e+12x its value at step 51 (3.0000;" in console.loss_growth_warning(
         (51, 3.0), 60, 3e12
     )
 
 
 def _bar_with_a_log_line(redirect: bool) -> list[str]:
     out = io.StringIO()
-    console = logging.StreamHandler(out)  # Hydra's console handler is a plain StreamHandler.
-    logging.getLogger().addHandler(console)
+    handler = logging.StreamHandler(out)  # Hydra's console handler is a plain StreamHandler.
+    logging.getLogger().addHandler(handler)
     try:
         bar = tqdm(total=10, file=out, desc="train", mininterval=0)
-        with bar, loop._logs_above(bar) if redirect else contextlib.nullcontext():
+        with bar, console.logs_above(bar) if redirect else contextlib.nullcontext():
             bar.update(3)
             logging.getLogger("test_console").warning("a log line")
             bar.update(7)
     finally:
-        logging.getLogger().removeHandler(console)
+        logging.getLogger().removeHandler(handler)
     return rendered(out.getvalue())
 
 
@@ -118,6 +119,24 @@ def test_log_lines_print_above_the_progress_bar():
 
 def test_parallel_job_label_is_none_outside_a_sweep():
     assert loop.parallel_job_label() is None
+
+
+def test_prefixed_console_lines_say_whose_they_are(tmp_path):
+    out = io.StringIO()
+    handlers = [logging.StreamHandler(out), logging.FileHandler(tmp_path / "run.log")]
+    handlers[0].setFormatter(logging.Formatter("[%(levelname)s] - %(message)s"))
+    root = logging.getLogger()
+    saved = root.handlers
+    root.handlers = handlers
+    try:
+        console.prefix_console_lines("job 3 (seed=1)")
+        console.prefix_console_lines("job 3 (seed=1)")  # Once only.
+        logging.getLogger("test_console").warning("finished step %d", 4)
+    finally:
+        root.handlers = saved
+        handlers[1].close()
+    assert out.getvalue() == "[WARNING] - job 3 (seed=1): finished step 4\n"
+    assert (tmp_path / "run.log").read_text() == "finished step 4\n"  # Log files as they were.
 
 
 def test_a_run_prints_clean_lines_a_huge_loss_and_one_growth_warning(tmp_path):
@@ -142,7 +161,7 @@ def test_a_run_prints_clean_lines_a_huge_loss_and_one_growth_warning(tmp_path):
     bar = [line for line in lines if line.startswith("train: 100%|")]
     last = [r for r in read_metrics(tmp_path / "metrics.jsonl") if "train/loss" in r][-1]
     assert last["train/loss"] > 1e4  # So the bar shows e.g. loss=1.98e+04, not 19812.3421.
-    assert len(bar) == 1 and f"loss={loop.format_loss(last['train/loss'])}]" in bar[0]
+    assert len(bar) == 1 and f"loss={console.format_loss(last['train/loss'])}]" in bar[0]
     assert re.search(r"loss=\d\.\d+e\+04\]", bar[0]), bar[0]
     # Disk: by default only the latest checkpoint (what a resume needs) is kept.
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["40"]

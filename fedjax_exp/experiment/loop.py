@@ -9,13 +9,12 @@ evaluation and its own divergence; the run stops when every trial has diverged.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import itertools
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import jax
@@ -27,11 +26,9 @@ from fedjax_exp.experiment.checkpoints import Checkpointer, Snapshot
 from fedjax_exp.experiment.errors import RunFailed
 from fedjax_exp.experiment.evaluation import Evaluator
 from fedjax_exp.experiment.writers import MetricWriter
+from fedjax_exp.training import console
 
 log = logging.getLogger(__name__)
-
-# A logged mean training loss above this many times the first one logged gets one warning.
-LOSS_GROWTH_WARNING = 10.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,26 +65,6 @@ def chunk_sizes(start: int, stop: int, per_dispatch: int, intervals: Iterable[in
     return sizes
 
 
-def format_loss(value: float) -> str:
-    """4 decimals, as a loss usually reads; scientific notation (3.2e+12) when that is wider."""
-    return f"{value:.4f}" if value == 0 or 1e-3 <= abs(value) < 1e4 else f"{value:.3g}"
-
-
-def loss_growth_warning(start: tuple[int, float], step: int, loss: float) -> str | None:
-    """The warning when the logged mean ``loss`` at ``step`` exceeds
-    :data:`LOSS_GROWTH_WARNING` times the loss of the run's first step (``start``: its step
-    and loss) though it is still finite (the run has not diverged yet), else None."""
-    if not (math.isfinite(loss) and start[1] > 0 and loss > LOSS_GROWTH_WARNING * start[1]):
-        return None
-    ratio = loss / start[1]
-    times = f"{ratio:,.0f}" if ratio < 1e6 else f"{ratio:.1e}"
-    return (
-        f"loss {format_loss(loss)} at step {step} is {times}x its value at step {start[0]} "
-        f"({format_loss(start[1])}; warned once, above {LOSS_GROWTH_WARNING:g}x): the "
-        "learning rate may be too high (optimizer.learning_rate)"
-    )
-
-
 def parallel_job_label() -> str | None:
     """``job 3 (seed=1)`` in a sweep job that runs beside others (any Hydra launcher but the
     sequential basic one: joblib, submitit), else None."""
@@ -105,60 +82,12 @@ def parallel_job_label() -> str | None:
     )
 
 
-def _console_handlers() -> list[logging.Handler]:
-    root = logging.getLogger()
-    return [h for h in root.handlers if type(h) is logging.StreamHandler]  # Not log files.
-
-
-class _JobFormatter(logging.Formatter):
-    """Starts each message with the job's label."""
-
-    def __init__(self, inner: logging.Formatter | None, label: str):
-        super().__init__()
-        self.inner, self.label = inner or logging.Formatter(), label
-
-    def format(self, record: logging.LogRecord) -> str:
-        labelled = logging.makeLogRecord(record.__dict__)
-        labelled.msg, labelled.args = f"{self.label}: {record.getMessage()}", None
-        return self.inner.format(labelled)
-
-
 def label_console_lines() -> None:
     """In a parallel sweep job (:func:`parallel_job_label`), starts every console log line
-    with the job, so that the lines of jobs sharing one terminal say whose they are (Hydra
-    sets up logging afresh for each job, also in a reused joblib worker)."""
+    with the job, so that the lines of jobs sharing one terminal say whose they are."""
     label = parallel_job_label()
-    for handler in _console_handlers() if label else []:
-        if not isinstance(handler.formatter, _JobFormatter):
-            handler.setFormatter(_JobFormatter(handler.formatter, label))
-
-
-class _AboveTheBar(logging.Handler):
-    """A console handler's lines printed above the progress bar: the bar is cleared before
-    the line and redrawn after it (flushed in between, as stdout to a pipe is buffered)."""
-
-    def __init__(self, console: logging.Handler, bar: Any):
-        super().__init__(console.level)
-        self.console, self.bar = console, bar
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.bar.clear()
-        self.console.handle(record)
-        self.console.flush()
-        self.bar.refresh()
-
-
-@contextlib.contextmanager
-def _logs_above(bar: Any) -> Iterator[None]:
-    """While ``bar`` shows, console log lines never glue onto it (see :class:`_AboveTheBar`)."""
-    root, saved = logging.getLogger(), logging.getLogger().handlers
-    if not bar.disable:
-        consoles = _console_handlers()
-        root.handlers = [_AboveTheBar(h, bar) if h in consoles else h for h in saved]
-    try:
-        yield
-    finally:
-        root.handlers = saved
+    if label is not None:
+        console.prefix_console_lines(label)
 
 
 class Clock:
@@ -264,9 +193,9 @@ def train(
             writer.write_scalars(step, means)
             loss = means.get("train/loss", math.nan)
             if trials == 1 and "train/loss" in means:
-                progress.set_postfix(loss=format_loss(loss), refresh=False)
+                progress.set_postfix(loss=console.format_loss(loss), refresh=False)
             start = (start_step + 1, start_loss[trial] if start_loss else math.nan)
-            warning = trial not in warned and loss_growth_warning(start, step, loss)
+            warning = trial not in warned and console.loss_growth_warning(start, step, loss)
             if warning:
                 warned.add(trial)
                 log.warning("%s%s", f"trial {trial}: " if trials > 1 else "", warning)
@@ -296,7 +225,7 @@ def train(
         desc="train",
         dynamic_ncols=True,
     )
-    with progress, _logs_above(progress):
+    with progress, console.logs_above(progress):
         for size in sizes:
             items = list(itertools.islice(stream, size))
             if len(items) != size:
