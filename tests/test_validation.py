@@ -117,13 +117,14 @@ def test_the_default_config_passes_and_resolves():
         (["trainer.compute_dtype=int8"], "trainer.compute_dtype must be one of float32, bfloat16"),
         (["trainer.steps=1.5"], "trainer.steps must be an integer >= 0, got 1.5"),
         (["logger.wandb=3"], "logger.wandb must be a mapping of its settings, got 3"),
-        (["trainer.vectorize.learning_rates=[]"], "learning_rates must be a non-empty list"),
-        (["trainer.vectorize.seeds=[1,1]"], "trainer.vectorize.seeds has duplicates: [1, 1]"),
         (
-            ["trainer.vectorize.learning_rates=[0.1,-0.1]"],
-            "trainer.vectorize.learning_rates must be positive numbers, got -0.1",
+            ["trainer.vectorize.learning_rates=[]"],
+            "trainer.vectorize.learning_rates must be null or a non-empty list of distinct "
+            "positive numbers, got []",
         ),
-        (["trainer.vectorize.seeds=[-1]"], "seeds must be non-negative integers, got -1"),
+        (["trainer.vectorize.seeds=[1,1]"], "list of distinct non-negative integers, got [1, 1]"),
+        (["trainer.vectorize.learning_rates=[0.1,-0.1]"], "positive numbers, got [0.1, -0.1]"),
+        (["trainer.vectorize.seeds=[-1]"], "distinct non-negative integers, got [-1]"),
     ],
 )
 def test_each_rule_rejects_with_one_line(overrides, expected):

@@ -77,18 +77,16 @@ def _existing_path(key: str, value: Any) -> Any:
 
 
 def _sweep_list(kind: str, valid: Callable[[Any], bool]) -> Any:
-    """An optional list of distinct values, each ``valid`` (OmegaConf checks the type)."""
+    """An optional non-empty list of distinct values, each ``valid`` (OmegaConf checks types)."""
 
     def check(key: str, values: Any) -> Any:
-        if values is None:
-            return None
-        if not values:
-            raise ConfigError(f"{key} must be a non-empty list, got {values!r}")
-        if len(set(values)) != len(values):
-            raise ConfigError(f"{key} has duplicates: {values}; list each value once")
-        if bad := [v for v in values if not valid(v)]:
-            raise ConfigError(f"{key} must be {kind}, got {bad[0]!r}")
-        return values
+        if values is None or (
+            values and len(set(values)) == len(values) and all(map(valid, values))
+        ):
+            return values
+        raise ConfigError(
+            f"{key} must be null or a non-empty list of distinct {kind}, got {values}"
+        )
 
     return checked(check)
 
