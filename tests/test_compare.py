@@ -324,6 +324,14 @@ def test_write_report_markdown_and_html(sweep, tmp_path):
     assert "plots/" not in page  # self-contained
 
 
+def test_the_summary_counts_every_status(sweep, tmp_path):
+    make_job(sweep / "4", [{"step": 3, "train/loss": 1.0}], status={"status": "interrupted"})
+    make_job(sweep / "5", [{"step": 3, "train/loss": 1.0}])  # No status file: killed.
+    compare.write_report(compare.find_runs([sweep]), tmp_path / "out", formats=["md"])
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "6 run(s): 3 completed, 1 failed, 1 interrupted, 1 without a status file" in md
+
+
 def test_write_report_metric_selection_and_format(sweep, tmp_path):
     runs = compare.find_runs([sweep])
     out = tmp_path / "r"

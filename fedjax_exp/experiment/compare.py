@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import collections
 import dataclasses
 import fnmatch
 import html
@@ -487,11 +488,11 @@ def write_report(
         heading = f"Grouped by {', '.join(keys)}" if group_by else "Seeds aggregated"
         tables.insert(0, (f"{heading} (mean ± std)", grouped_table(groups, keys or [], chosen)))
 
-    count = {s: sum(run.status == s for run in runs) for s in ("completed", "failed")}
-    summary = (
-        f"{len(runs)} run(s): {count['completed']} completed, {count['failed']} failed, "
-        f"{len(runs) - sum(count.values())} without a status file (killed or running)"
-    )
+    count = collections.Counter(run.status for run in runs)
+    statuses = [f"{count.pop(s, 0)} {s}" for s in ("completed", "failed")]  # then interrupted...
+    statuses += [f"{n} {s}" for s, n in count.items() if s != "incomplete"]
+    statuses += [f"{count['incomplete']} without a status file (killed or running)"]
+    summary = f"{len(runs)} run(s): {', '.join(statuses)}"
     if not_started:
         listed = "; ".join(f"{name} ({error})" if error else name for name, error in not_started)
         summary += f"; {len(not_started)} job(s) never started (rejected, or starting): {listed}"
