@@ -163,8 +163,7 @@ def train(
     from tqdm.auto import tqdm
 
     trials = algorithm.num_trials
-    start_loss: list[float] = []  # Per trial: the loss of the first step trained.
-    warned: set[int] = set()
+    start_loss: list[float] = []  # Per trial: the loss of the first step (inf once warned).
     if len(writers) != trials:
         raise ValueError(f"{trials} trials need {trials} writers, got {len(writers)}")
     intervals = [settings.log_every]
@@ -195,9 +194,8 @@ def train(
             if trials == 1 and "train/loss" in means:
                 progress.set_postfix(loss=console.format_loss(loss), refresh=False)
             start = (start_step + 1, start_loss[trial] if start_loss else math.nan)
-            warning = trial not in warned and console.loss_growth_warning(start, step, loss)
-            if warning:
-                warned.add(trial)
+            if warning := console.loss_growth_warning(start, step, loss):
+                start_loss[trial] = math.inf  # One warning a run.
                 log.warning("%s%s", f"trial {trial}: " if trials > 1 else "", warning)
             bad = ", ".join(f"{k}={v}" for k, v in means.items() if not math.isfinite(v))
             if bad and trial not in diverged:
