@@ -11,6 +11,7 @@ import os
 import re
 import subprocess
 import sys
+import warnings
 
 from helpers import REPO_ROOT
 from tqdm import tqdm
@@ -93,28 +94,34 @@ def test_loss_growth_warning_rule():
     )
 
 
-def _bar_with_a_log_line(redirect: bool) -> list[str]:
+def _bar_with_a_log_line_and_a_warning(redirect: bool) -> list[str]:
     out = io.StringIO()
     handler = logging.StreamHandler(out)  # Hydra's console handler is a plain StreamHandler.
     logging.getLogger().addHandler(handler)
     try:
-        bar = tqdm(total=10, file=out, desc="train", mininterval=0)
-        with bar, console.logs_above(bar) if redirect else contextlib.nullcontext():
-            bar.update(3)
-            logging.getLogger("test_console").warning("a log line")
-            bar.update(7)
+        with warnings.catch_warnings():  # Python prints a warning to stderr: here, to `out`.
+            warnings.simplefilter("always")
+            warnings.showwarning = lambda message, *args, **kwargs: out.write(f"W: {message}\n")
+            bar = tqdm(total=10, file=out, desc="train", mininterval=0, miniters=1)
+            with bar, console.logs_above(bar) if redirect else contextlib.nullcontext():
+                bar.update(3)
+                logging.getLogger("test_console").warning("a log line")
+                bar.update(2)
+                warnings.warn("a warning", UserWarning, stacklevel=1)
+                bar.update(5)
     finally:
         logging.getLogger().removeHandler(handler)
     return rendered(out.getvalue())
 
 
-def test_log_lines_print_above_the_progress_bar():
-    lines = _bar_with_a_log_line(redirect=True)
-    assert "a log line" in lines  # A line of its own ...
+def test_log_lines_and_warnings_print_above_the_progress_bar():
+    lines = _bar_with_a_log_line_and_a_warning(redirect=True)
+    assert "a log line" in lines and "W: a warning" in lines  # Lines of their own ...
     assert lines[-2].startswith("train: 100%|") and lines[-1] == ""  # ... and the bar below.
-    # The check can fail: without the redirection the line is glued onto the bar.
-    glued = _bar_with_a_log_line(redirect=False)
+    # The check can fail: without the redirection the lines are glued onto the bar.
+    glued = _bar_with_a_log_line_and_a_warning(redirect=False)
     assert any(line.startswith("train:") and "a log line" in line for line in glued)
+    assert any(line.startswith("train:") and "W: a warning" in line for line in glued)
 
 
 def test_parallel_job_label_is_none_outside_a_sweep():

@@ -1,11 +1,12 @@
-"""The console of a training run: log lines printed above its progress bar, losses that stay
-readable when they explode, and one warning when the loss grows far above its start."""
+"""The console of a training run: log lines and warnings printed above its progress bar, losses
+that stay readable when they explode, and one warning when the loss grows far above its start."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
 import math
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -76,12 +77,20 @@ class _AboveTheBar(logging.Handler):
 
 @contextlib.contextmanager
 def logs_above(bar: Any) -> Iterator[None]:
-    """While ``bar`` shows, console log lines never glue onto it (see :class:`_AboveTheBar`)."""
-    root, saved = logging.getLogger(), logging.getLogger().handlers
+    """While ``bar`` shows, console log lines and Python warnings (e.g. JAX's) never glue onto
+    it: the bar is cleared before each and redrawn after (see :class:`_AboveTheBar`)."""
+    root, saved, show = logging.getLogger(), logging.getLogger().handlers, warnings.showwarning
+
+    def show_above(*args: Any, **kwargs: Any) -> None:
+        bar.clear()
+        show(*args, **kwargs)
+        bar.refresh()
+
     if not bar.disable:
         consoles = console_handlers()
         root.handlers = [_AboveTheBar(h, bar) if h in consoles else h for h in saved]
+        warnings.showwarning = show_above
     try:
         yield
     finally:
-        root.handlers = saved
+        root.handlers, warnings.showwarning = saved, show
