@@ -77,17 +77,7 @@ def parallel_job_label() -> str | None:
         return None
     if hc.mode != RunMode.MULTIRUN or "BasicLauncher" in str(hc.launcher.get("_target_")):
         return None
-    return f"job {hc.job.num}" + (
-        f" ({hc.job.override_dirname})" if hc.job.override_dirname else ""
-    )
-
-
-def label_console_lines() -> None:
-    """In a parallel sweep job (:func:`parallel_job_label`), starts every console log line
-    with the job, so that the lines of jobs sharing one terminal say whose they are."""
-    label = parallel_job_label()
-    if label is not None:
-        console.prefix_console_lines(label)
+    return f"job {hc.job.num} ({hc.job.override_dirname})"  # A swept job has overrides.
 
 
 class Clock:

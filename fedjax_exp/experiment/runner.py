@@ -243,8 +243,9 @@ def _run_validated(cfg: DictConfig, container: dict[str, Any], out: pathlib.Path
     from fedjax_exp.experiment import builders, compilation_cache, loop, parallel
     from fedjax_exp.experiment.checkpoints import Checkpointer
     from fedjax_exp.experiment.evaluation import Evaluator
+    from fedjax_exp.training import console
 
-    loop.label_console_lines()  # In a parallel sweep job: lines say which job.
+    console.prefix_console_lines(loop.parallel_job_label())  # Parallel jobs: whose line.
 
     # Before anything large is allocated / compiled (see docs/performance-notes.md).
     parallel.configure_host_memory(trainer, jax.default_backend())

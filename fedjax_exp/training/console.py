@@ -52,10 +52,10 @@ class _Prefixed(logging.Formatter):
         return self.inner.format(prefixed)
 
 
-def prefix_console_lines(prefix: str) -> None:
-    """Starts every console log line's message with ``prefix`` (once: a handler already
-    prefixed keeps its prefix; a new process or new logging set-up starts afresh)."""
-    for handler in console_handlers():
+def prefix_console_lines(prefix: str | None) -> None:
+    """Starts every console log line's message with ``prefix`` (None: no change). Once: a
+    handler already prefixed keeps its prefix; a new logging set-up starts afresh."""
+    for handler in console_handlers() if prefix else []:
         if not isinstance(handler.formatter, _Prefixed):
             handler.setFormatter(_Prefixed(handler.formatter, prefix))
 
