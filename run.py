@@ -75,7 +75,7 @@ def main(cfg: DictConfig) -> float:
         if isinstance(e, RunInterrupted):
             sweep_dir = HydraConfig.get().sweep.dir if _in_multirun() else None
             again = resume_command(ARGS, sweep_dir, e.checkpoint_step is not None)
-            print(f"{e}; resume with: {again}", file=sys.stderr)
+            print(f"{e}; {again}", file=sys.stderr)
         else:  # Before the run wrote anything.
             _after_rejection(cfg, e)
             print("interrupted (SIGINT) before training started", file=sys.stderr)

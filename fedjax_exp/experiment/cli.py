@@ -187,12 +187,13 @@ def resolve_resume_latest(config_dir: str, config_name: str, argv: Sequence[str]
 
 
 def resume_command(argv: Sequence[str], sweep_dir: str | None, checkpointed: bool) -> str:
-    """The command that continues the run (``sweep_dir``: the sweep) ``python run.py ARGV``
-    started: the sweep again in its dir, the run with ``trainer.resume=latest``, or the same
-    command when the run saved no checkpoint."""
+    """``resume with: COMMAND`` for the run (``sweep_dir``: the sweep) ``python run.py ARGV``
+    started: the sweep again in its dir, the run with ``trainer.resume=latest``; or ``start
+    again with: python run.py ARGV`` when the run saved no checkpoint."""
     if sweep_dir is not None:
         kept = [arg for arg in argv if not arg.startswith("hydra.sweep.dir=")]
         argv = [*kept, f"hydra.sweep.dir={sweep_dir}"]
     elif checkpointed:
         argv = [arg for arg in argv if not arg.startswith("trainer.resume=")] + [RESUME_LATEST]
-    return shlex.join(["python", "run.py", *argv])
+    again = "resume" if checkpointed or sweep_dir is not None else "start again"
+    return f"{again} with: {shlex.join(['python', 'run.py', *argv])}"

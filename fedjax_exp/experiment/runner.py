@@ -230,8 +230,10 @@ def _run_validated(cfg: DictConfig, container: dict[str, Any], out: pathlib.Path
         run_record.check_resumable(out, container)
         completed_runs = _completed_runs(out, trainer["steps"])
         if completed_runs is not None:  # Nothing to do, and nothing is written.
-            reached = run_log.format_metrics(completed_runs[0].final) if trials is None else ""
-            print(f"already complete: {out} reached trainer.steps={trainer['steps']}; {reached}")
+            reached = (
+                f"; {run_log.format_metrics(completed_runs[0].final)}" if trials is None else ""
+            )
+            print(f"already complete: {out} reached trainer.steps={trainer['steps']}{reached}")
             return _optimized_metric(container, completed_runs)
 
     # Only now import JAX and the library (Hydra's parent process never gets here).
