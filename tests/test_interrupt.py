@@ -165,3 +165,20 @@ def test_run_log_says_why_a_run_failed(tmp_path):
     assert log[-1].startswith("failed: Diverged: training diverged: non-finite train/loss=")
     status = json.loads((tmp_path / "run" / "status.json").read_text())
     assert status["status"] == "failed" and log[-1] == f"failed: {status['error']}"
+
+
+def test_the_resume_command_for_a_run_a_run_without_checkpoints_and_a_sweep():
+    from fedjax_exp.experiment.cli import resume_command
+
+    args = ["seed=1", "trainer.resume=/old/run", "hydra.run.dir=out/${now:%H}"]
+    assert resume_command(args, None, checkpointed=True) == (
+        "resume with: python run.py seed=1 'hydra.run.dir=out/${now:%H}' trainer.resume=latest"
+    )
+    assert resume_command(args, None, checkpointed=False) == (
+        "start again with: python run.py seed=1 trainer.resume=/old/run "
+        "'hydra.run.dir=out/${now:%H}'"
+    )
+    sweep = ["-m", "seed=0,1", "hydra.sweep.dir=old"]
+    assert resume_command(sweep, "multirun/x", checkpointed=False) == (
+        "resume with: python run.py -m seed=0,1 hydra.sweep.dir=multirun/x"
+    )
