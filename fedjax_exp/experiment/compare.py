@@ -30,14 +30,16 @@ import re
 import shutil
 import sys
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pandas as pd
 import yaml
 
 from fedjax_exp.experiment import run_files, run_record
 from fedjax_exp.experiment.errors import ConfigError
 from fedjax_exp.experiment.run_files import TRIALS_DIR
+
+if TYPE_CHECKING:  # pandas is imported where it is used: the runner imports this module.
+    import pandas as pd
 
 FINAL_PREFIX = "final/"
 RESERVED_KEYS = frozenset({"step", "time", "status", "error"})  # bookkeeping, not metrics
@@ -306,6 +308,8 @@ def summary_frame(runs: Sequence[Run], metrics: Sequence[str]) -> pd.DataFrame:
     """One row per run: each metric's last value, plus a ``(best)`` column for a logged
     (not final) metric where some run's best differs from its last value. None: never logged;
     NaN: not finite."""
+    import pandas as pd
+
     columns: dict[str, list[float | None]] = {}
     for metric in metrics:
         series = [run.series(metric)[1] for run in runs]
@@ -323,6 +327,8 @@ def summary_frame(runs: Sequence[Run], metrics: Sequence[str]) -> pd.DataFrame:
 def runs_table(runs: Sequence[Run], metrics: Sequence[str]) -> pd.DataFrame:
     """One row per run, sorted by the differing config values: label (✗: failed), dir,
     status, step, differing config values not set by an override, metrics (—: never logged)."""
+    import pandas as pd
+
     differing = differing_keys(runs)
     overridden = {o.partition("=")[0].lstrip("+~") for run in runs for o in run.overrides}
     table = pd.DataFrame(
@@ -346,6 +352,8 @@ def grouped_table(groups: Groups, keys: Sequence[str], metrics: Sequence[str]) -
     """One row per group: its key values, run counts and each metric's mean ± (population)
     std over its runs' finite values; one value shows no ±, and ``(n=k)`` says how many runs
     had a finite value when not all did."""
+    import pandas as pd
+
     values = summary_frame([run for group in groups.values() for run in group], metrics)
     values = values.reset_index(drop=True).astype(float)
     by = values.where(values.abs() < math.inf).groupby(
@@ -387,6 +395,7 @@ def figure(
 ) -> Any:
     """A matplotlib Figure of ``metric`` against step: one line per run, or a mean ± std band
     per group, the legend beside the axes (never on the lines). None when no run logged it."""
+    import pandas as pd
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
