@@ -186,3 +186,22 @@ def test_the_resume_command_for_a_run_a_run_without_checkpoints_and_a_sweep():
     assert resume_command(sweep, "multirun/x", checkpointed=False) == (
         "resume with: python run.py -m seed=0,1 hydra.sweep.dir=multirun/x"
     )
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_a_sweep_in_one_line_and_the_sweep_resumes(tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    args = ["-m", *TRAINER, "seed=0,1", f"hydra.sweep.dir={sweep_dir}"]
+    code, console = interrupt_when_logged(args, sweep_dir, step=4)
+    assert code == 130, console
+    assert "Traceback" not in console, console
+    line = console.strip().splitlines()[-1]
+    assert re.fullmatch(r"interrupted at step \d+ of 12 \(SIGINT\); .*; resume with: .*", line)
+    assert line.endswith(shlex.join(["python", "run.py", *args])), line
+    assert json.loads((sweep_dir / "0" / "status.json").read_text())["status"] == "interrupted"
+    assert not (sweep_dir / "1").exists()  # The sweep stopped.
+
+    resumed = run_py(args[:-1] + [line.split()[-1]], env=child_env(0))
+    assert resumed.returncode == 0, resumed.stderr
+    for job in ("0", "1"):
+        assert json.loads((sweep_dir / job / "status.json").read_text())["status"] == "completed"
