@@ -3,6 +3,7 @@
     python run.py                              # logistic model on the embedded sample
     python run.py model=cnn loss=hinge trainer.steps=500
     python run.py -m optimizer=sgd,adam        # a sweep (see README)
+    python run.py trainer.resume=latest        # resumes the newest run of this config
 
 Returns the optimized metric (``optimized_metric``) so Optuna sweeps can maximise it.
 """
@@ -19,9 +20,11 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from fedjax_exp.experiment import ConfigError, RunFailed
-from fedjax_exp.experiment.cli import precheck_overrides
+from fedjax_exp.experiment.cli import precheck_overrides, resolve_resume_latest, resume_command
+from fedjax_exp.experiment.errors import RunInterrupted
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parent / "conf"
+ARGS = sys.argv[1:]  # As typed: the resume command repeats them.
 
 log = logging.getLogger("run")
 
@@ -37,7 +40,7 @@ def _in_multirun() -> bool:
     return HydraConfig.get().mode == RunMode.MULTIRUN
 
 
-def _after_rejection(cfg: DictConfig, error: ConfigError) -> None:
+def _after_rejection(cfg: DictConfig, error: BaseException) -> None:
     """A rejected run writes nothing into a dir that holds a run (see ``save_hydra_files``).
     A fresh dir: a single run's is removed (it holds at most Hydra's job log); a sweep job's
     keeps Hydra's files so that the comparison report lists the job as rejected."""
@@ -65,12 +68,24 @@ def main(cfg: DictConfig) -> float:
 
     try:
         return run(cfg)
+    except KeyboardInterrupt as e:
+        # Ctrl-C: one line (where the run stopped, how to go on), exit 130; a sweep stops.
+        from hydra.core.hydra_config import HydraConfig
+
+        if isinstance(e, RunInterrupted):
+            sweep_dir = HydraConfig.get().sweep.dir if _in_multirun() else None
+            again = resume_command(ARGS, sweep_dir, e.checkpoint_step is not None)
+            print(f"{e}; {again}", file=sys.stderr)
+        else:  # Before the run wrote anything.
+            _after_rejection(cfg, e)
+            print("interrupted (SIGINT) before training started", file=sys.stderr)
+        raise SystemExit(130) from None
     except (ConfigError, RunFailed) as e:
         if isinstance(e, ConfigError):
             _after_rejection(cfg, e)
         if _in_multirun():
-            kind = "config error" if isinstance(e, ConfigError) else "run failed"
-            log.error("%s: %s", kind, e)
+            if isinstance(e, ConfigError):  # A failed run's reason is in its run.log already.
+                log.error("config error: %s", e)
             # Hydra records the job as failed (the other jobs still run) and prints the
             # traceback: cut to this frame, as the message already says what to fix.
             raise e.with_traceback(None)  # noqa: B904 - the same exception, re-raised.
@@ -92,4 +107,9 @@ def main(cfg: DictConfig) -> float:
 if __name__ == "__main__":
     # Bad overrides fail here in one line, before Hydra creates the run (or sweep) dir.
     precheck_overrides(str(CONFIG_DIR), "config", sys.argv[1:])
-    main()
+    sys.argv[1:] = resolve_resume_latest(str(CONFIG_DIR), "config", sys.argv[1:])
+    try:
+        main()
+    except KeyboardInterrupt:  # Outside a run: Hydra starting, or between a sweep's jobs.
+        print("interrupted (SIGINT)", file=sys.stderr)
+        raise SystemExit(130) from None

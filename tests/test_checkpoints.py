@@ -1,6 +1,6 @@
 """Checkpoints: exact round trip of a training state (params, optimizer state, RNG, data
-position, clock), keep-last-K, atomic saves (an interrupted save is never restored), and the
-three ways of naming what to resume from."""
+position, clock), keep-last-K, atomic saves (an interrupted save is never restored, and the
+next run in that dir removes it), and the three ways of naming what to resume from."""
 
 from __future__ import annotations
 
@@ -114,9 +114,13 @@ def test_an_interrupted_save_is_never_restored(tmp_path, monkeypatch):
     # The runner only counts digit-named dirs as checkpoints.
     assert not leftovers[0].name.isdigit()
 
-    # A fresh process (the resumed run) sees only the complete checkpoints.
+    # Another run reading this dir leaves the half-written step alone (it may still be writing).
+    Checkpointer(tmp_path, keep=5, own=False).close()
+    assert leftovers[0].exists()
+    # A fresh process (the resumed run) sees only the complete checkpoints and removes the rest.
     resumed = Checkpointer(tmp_path, keep=5)
     assert resumed.all_steps() == [1, 2]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["1", "2"]
     restored = resumed.restore(*template())
     assert restored.step == 2
     assert_trees_equal(restored.state, snapshot(2, seed=2).state)

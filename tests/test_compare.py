@@ -133,27 +133,40 @@ def test_resumed_run_keeps_the_last_value_and_skips_a_partial_tail(tmp_path):
     assert math.isnan(history["train/loss"][3]) and history["eval/loss"] == {3: 0.5}
 
 
-def test_status_final_and_logged_final_metrics(tmp_path):
+def test_final_metrics_are_the_last_logged_final_values(tmp_path):
     job = make_job(
         tmp_path / "job",
-        [{"step": 5, "final/test/loss": 0.25, "final/test/accuracy": 0.5}],
-        status={
-            "status": "completed",
-            "step": 5,
-            "error": None,
-            "final": {"test/accuracy": 0.875, "final/test/num": 128, "final/test/x": None},
-        },
+        [
+            {"step": 5, "final/test/loss": 0.25, "final/test/accuracy": None},
+            {"step": 5, "final/test/loss": 0.5},  # Written again by a resumed run.
+        ],
+        status={"status": "completed", "step": 5, "error": None, "final": {}},
     )
     run = compare.load_run(job)
-    # The status file wins over the metrics file; keys are namespaced under final/.
-    assert run.final.keys() == {
-        "final/test/accuracy",
-        "final/test/num",
-        "final/test/x",
-        "final/test/loss",
-    }
-    assert run.final["final/test/accuracy"] == 0.875 and math.isnan(run.final["final/test/x"])
-    assert run.history == {} and run.last_step == 5
+    assert run.final.keys() == {"final/test/loss", "final/test/accuracy"}
+    assert run.final["final/test/loss"] == 0.5 and math.isnan(run.final["final/test/accuracy"])
+    assert run.status == "completed" and run.last_step == 5
+
+
+def test_jobs_that_never_started_are_listed_with_their_logged_error(sweep, tmp_path):
+    # A rejected job has Hydra's run.log but no metrics (nor .hydra/: the runner writes that
+    # only once a run is accepted).
+    rejected = sweep / "4"
+    rejected.mkdir()
+    (rejected / "run.log").write_text(
+        "[2024-01-01 12:00:00,000][fedjax_exp][ERROR] - config error: seed must be an integer\n"
+    )
+    assert compare.find_not_started([sweep]) == [
+        ("12-00-00/4", "config error: seed must be an integer")
+    ]
+    compare.write_report(
+        compare.find_runs([sweep]),
+        tmp_path / "out",
+        formats=["md"],
+        not_started=compare.find_not_started([sweep]),
+    )
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "1 job(s) never started (rejected, or starting): 12-00-00/4 (config error: " in md
 
 
 def test_runs_are_labelled_by_the_overrides_that_differ(sweep):
@@ -245,7 +258,8 @@ def test_group_by_a_config_group_choice(tmp_path):
             choices={"optimizer": opt, "model": "logistic"},
         )
     runs = compare.find_runs([root])
-    assert runs[0].choices == {"optimizer": "sgd", "model": "logistic"}
+    assert runs[0].config["optimizer"] == "sgd" and runs[0].config["model"] == "logistic"
+    assert "hydra/launcher" not in runs[0].config
     groups = compare.group_runs(runs, compare.grouping_keys(runs, ["optimizer"]))
     table = compare.grouped_table(groups, ["optimizer"], ["final/test/accuracy"])
     assert table.values.tolist() == [["adam", "1", "0", "0.7"], ["sgd", "2", "0", "0.55 ± 0.05"]]
@@ -255,7 +269,7 @@ def test_group_by_a_config_group_choice(tmp_path):
 
 def test_choices_fall_back_to_group_overrides(tmp_path):
     job = make_job(tmp_path / "j", [{"step": 1}], {"seed": 0}, ["optimizer=sgd", "seed=0"])
-    assert compare.load_run(job).choices == {"optimizer": "sgd"}
+    assert compare.load_run(job).config == {"seed": 0, "optimizer": "sgd"}
 
 
 def test_legend_sits_beside_the_axes_and_log_scale(sweep):
@@ -308,6 +322,14 @@ def test_write_report_markdown_and_html(sweep, tmp_path):
     assert len(images) == 2 and base64.b64decode(images[0]).startswith(PNG_MAGIC)
     assert "<td>optimizer.learning_rate=0.01 seed=1 ✗</td>" in page
     assert "plots/" not in page  # self-contained
+
+
+def test_the_summary_counts_every_status(sweep, tmp_path):
+    make_job(sweep / "4", [{"step": 3, "train/loss": 1.0}], status={"status": "interrupted"})
+    make_job(sweep / "5", [{"step": 3, "train/loss": 1.0}])  # No status file: killed.
+    compare.write_report(compare.find_runs([sweep]), tmp_path / "out", formats=["md"])
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "6 run(s): 3 completed, 1 failed, 1 interrupted, 1 without a status file" in md
 
 
 def test_write_report_metric_selection_and_format(sweep, tmp_path):

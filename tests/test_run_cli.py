@@ -37,13 +37,14 @@ def test_cnn_with_hinge_loss_trains_and_writes_metrics(tmp_path):
     assert status["final"]["final/test/accuracy"] == final[0]["final/test/accuracy"]
     overrides = (run_dir / ".hydra" / "overrides.yaml").read_text()
     assert "model=cnn" in overrides and "loss=hinge" in overrides
-    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit()) == [
-        "2",
-        "4",
-    ]
-    # The run's log says what was trained and what it reached.
+    # Saved at steps 2 and 4; only the latest is kept by default (keep_checkpoints: 1).
+    assert [p.name for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit()] == ["4"]
+    # The run's log says what was trained, each evaluation, and what it reached.
     log = (run_dir / "run.log").read_text().splitlines()
-    assert len(log) == 2, log
+    assert len(log) == 4, log
+    evaluated = [r for r in records if "eval/test/accuracy" in r][1]
+    shown = ", ".join(f"{k[5:]}={v:.4g}" for k, v in evaluated.items() if k.startswith("eval/"))
+    assert log[2].endswith(f" - eval at step 4: {shown}"), log[2]
     assert "training model=cnn loss=hinge optimizer=adam dataset=sample" in log[0]
     assert "seed=0: steps 1-4, batch 8; cpu backend" in log[0]
     expected_end = (
@@ -51,7 +52,7 @@ def test_cnn_with_hinge_loss_trains_and_writes_metrics(tmp_path):
         f"final/test/accuracy={final[0]['final/test/accuracy']:.4g}, "
         f"final/test/loss={final[0]['final/test/loss']:.4g}$"
     )
-    assert re.search(expected_end, log[1]), log[1]
+    assert re.search(expected_end, log[3]), log[3]
 
 
 def _assert_one_line_failure(proc: subprocess.CompletedProcess[str], *needles: str) -> str:

@@ -1,8 +1,10 @@
-"""The run record: what a run dir was started with, checked before the dir is resumed."""
+"""The run record: what a run dir was started with, checked before the dir is resumed, and
+how trainer.resume=latest finds the newest run of a config."""
 
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -77,3 +79,20 @@ def test_compare_reads_the_record_not_hydras_latest_config(tmp_path):
     config, overrides = compare.read_config(tmp_path)
     assert config["seed"] == 0 and config["optimizer.learning_rate"] == 0.001
     assert overrides == ["seed=0"]
+
+
+def test_latest_run_is_the_newest_dir_of_the_same_config(tmp_path):
+    def started(name: str, config: dict, at: int):
+        run_record.write(tmp_path / "outputs" / name, config, [])
+        os.utime(tmp_path / "outputs" / name / run_files.RUN_CONFIG_FILE, (at, at))
+
+    pattern = str(tmp_path / "outputs" / "*")
+    assert run_record.latest_run(pattern, CONFIG) is None
+    started("a", CONFIG, 100)
+    started("b", changed(trainer__steps=100), 200)  # The same run, to train longer.
+    started("c", changed(seed=1), 300)  # Another run.
+    (tmp_path / "outputs" / "d").mkdir()
+    (tmp_path / "outputs" / "d" / run_files.RUN_CONFIG_FILE).write_text("{")  # Unreadable.
+    assert run_record.latest_run(pattern, CONFIG) == tmp_path / "outputs" / "b"
+    assert run_record.latest_run(pattern, changed(seed=1)) == tmp_path / "outputs" / "c"
+    assert run_record.latest_run(pattern, changed(seed=2)) is None

@@ -117,6 +117,14 @@ def test_the_default_config_passes_and_resolves():
         (["trainer.compute_dtype=int8"], "trainer.compute_dtype must be one of float32, bfloat16"),
         (["trainer.steps=1.5"], "trainer.steps must be an integer >= 0, got 1.5"),
         (["logger.wandb=3"], "logger.wandb must be a mapping of its settings, got 3"),
+        (
+            ["trainer.vectorize.learning_rates=[]"],
+            "trainer.vectorize.learning_rates must be null or a non-empty list of distinct "
+            "positive numbers, got []",
+        ),
+        (["trainer.vectorize.seeds=[1,1]"], "list of distinct non-negative integers, got [1, 1]"),
+        (["trainer.vectorize.learning_rates=[0.1,-0.1]"], "positive numbers, got [0.1, -0.1]"),
+        (["trainer.vectorize.seeds=[-1]"], "distinct non-negative integers, got [-1]"),
     ],
 )
 def test_each_rule_rejects_with_one_line(overrides, expected):
@@ -326,6 +334,22 @@ def test_target_keys_of_metrics_and_loss():
     check_data_features(model, {"test": test})  # The loss reads only the train split.
     with pytest.raises(ConfigError, match=r"^loss\.fn reads the feature 'label' .* train data"):
         check_data_features(model, {"train": train, "test": test})
+
+
+def test_non_finite_features_are_reported_with_their_first_row():
+    model, (_, test) = built()
+    x = test.columns["x"].copy()
+    x[5, 3, 2, 0] = np.inf
+    x[9, 0, 0, 0] = np.nan
+    bad = InMemoryFederatedData.from_columns(
+        list(test.client_ids()), test.offsets, {**test.columns, "x": x}
+    )
+    with pytest.raises(ConfigError) as info:
+        check_data_features(model, {"test": bad})
+    assert str(info.value) == (
+        "the test data has NaN or infinite values in feature 'x' (first at row 5): clean or "
+        "filter the data"
+    )
 
 
 def test_empty_data_is_reported():

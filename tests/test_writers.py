@@ -255,6 +255,20 @@ def test_wandb_init_gets_the_settings_and_defaults(tmp_path, monkeypatch):
     assert seen["id"] == "abc123" and seen["resume"] == "allow"
     # Each writer its own live run: a vectorized sweep keeps one per trial open at once.
     assert seen["reinit"] == "create_new"
+    assert seen["settings"].silent is True  # No W&B banner unless logger.wandb.silent=false.
+    _create(tmp_path, {"mode": "offline", "silent": False})
+    assert seen["settings"].silent is False
+
+
+def test_a_silent_online_run_logs_its_url_in_one_line(tmp_path, monkeypatch, caplog):
+    wandb = pytest.importorskip("wandb")
+    run = FakeRun()
+    run.url = "https://wandb.ai/me/p/runs/abc123"
+    monkeypatch.setattr(wandb, "init", lambda **kwargs: run)
+    with caplog.at_level("INFO", logger=writers.__name__):
+        _create(tmp_path, {"mode": "online"})
+        _create(tmp_path, {"mode": "online", "silent": False})  # W&B prints it itself.
+    assert caplog.messages == ["W&B run: https://wandb.ai/me/p/runs/abc123"]
 
 
 def test_wandb_disabled_never_calls_init(tmp_path, monkeypatch):

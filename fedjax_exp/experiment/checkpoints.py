@@ -3,7 +3,7 @@
 Written with orbax-checkpoint's CheckpointManager: each step is written to
 ``<step>.orbax-checkpoint-tmp`` and renamed to ``<step>`` only when complete, so a run killed
 mid-save leaves the previous checkpoints intact, and the half-written dir is neither listed nor
-restored (orbax removes it when that step is saved again). Only the last ``keep`` are kept.
+restored (the next run that writes there removes it). Only the last ``keep`` are kept.
 Saves are synchronous: the states here are at most a few hundred MB, and a blocking save keeps
 the order of saves and metrics lines simple.
 
@@ -18,6 +18,7 @@ import dataclasses
 import logging
 import os
 import pathlib
+import shutil
 from typing import Any
 
 import jax
@@ -95,9 +96,11 @@ def resume_source(resume: Any, own_dir: pathlib.Path) -> tuple[pathlib.Path, int
 
 
 class Checkpointer:
-    """Saves and restores :class:`Snapshot` s under one directory."""
+    """Saves and restores :class:`Snapshot` s under one directory. ``own=True`` (a run's own
+    dir) removes the half-written saves of a killed run there; another run's dir is only read
+    (that run may still be writing to it)."""
 
-    def __init__(self, directory: str | os.PathLike[str], keep: int):
+    def __init__(self, directory: str | os.PathLike[str], keep: int, own: bool = True):
         import orbax.checkpoint as ocp  # Imported here: it is slow to import and JAX-heavy.
 
         # Orbax logs every save step by step at INFO through absl; keep run logs readable.
@@ -105,6 +108,8 @@ class Checkpointer:
 
         self._ocp = ocp
         self.directory = pathlib.Path(directory).absolute()
+        for unfinished in self.directory.glob("*.orbax-checkpoint-tmp*") if own else []:
+            shutil.rmtree(unfinished, ignore_errors=True)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, create=True, enable_async_checkpointing=False
         )

@@ -1,4 +1,5 @@
-"""Command-line helpers for ``run.py``: one-line reports of config composition errors.
+"""Command-line helpers for ``run.py``: one-line reports of config composition errors, and
+the commands that resume a run.
 
 Hydra reports a bad override (unknown group option, unknown key) as a multi-line message with
 the config search path. ``precheck_overrides`` composes the config first with Hydra's public
@@ -10,8 +11,10 @@ from __future__ import annotations
 
 import pathlib
 import re
+import shlex
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 
 def one_line(error: BaseException) -> str:
@@ -140,3 +143,57 @@ def _known_keys(config_dir: str, config_name: str, overrides: Sequence[str]) -> 
 
     leaves = flatten(OmegaConf.to_container(cfg, resolve=False))
     return sorted({".".join(k.split(".")[:i]) for k in leaves for i in range(1, k.count(".") + 2)})
+
+
+RESUME_LATEST = "trainer.resume=latest"
+
+
+def resolve_resume_latest(config_dir: str, config_name: str, argv: Sequence[str]) -> list[str]:
+    """``argv`` with ``trainer.resume=latest`` replaced by ``hydra.run.dir=DIR``: the newest
+    run dir of the same config among those ``hydra.run.dir`` names (its ``${now:...}`` parts
+    match any time). Exits with one line when there is none."""
+    if RESUME_LATEST not in argv:
+        return list(argv)
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf, open_dict, read_write
+
+    from fedjax_exp.experiment.errors import ConfigError
+    from fedjax_exp.experiment.run_record import latest_run
+    from fedjax_exp.experiment.validation import validate_config
+
+    def fail(message: str) -> NoReturn:
+        print(f"error: {RESUME_LATEST}: {message}", file=sys.stderr)
+        raise SystemExit(1)
+
+    if any(arg in MULTIRUN_FLAGS for arg in argv):
+        fail("it resumes one run; a sweep resumes when run again with hydra.sweep.dir=ITS_DIR")
+    rest = [arg for arg in argv if arg != RESUME_LATEST]
+    with initialize_config_dir(config_dir=config_dir, version_base="1.3"):
+        cfg = compose(config_name=config_name, overrides=rest, return_hydra_config=True)
+    with read_write(cfg), open_dict(cfg):
+        template = OmegaConf.to_container(cfg.hydra.run, resolve=False)["dir"]
+        cfg.hydra.run.dir = re.sub(r"\$\{now:[^}]*\}", "*", template)
+        pattern = str(cfg.hydra.run.dir)  # Its other interpolations resolved.
+        del cfg["hydra"]
+    try:
+        run_dir = latest_run(pattern, validate_config(cfg))
+    except ConfigError as e:
+        fail(str(e))
+    if run_dir is None:
+        fail(f"no run of this config in {pattern}: start one without {RESUME_LATEST}")
+    return [arg for arg in rest if not arg.startswith("hydra.run.dir=")] + [
+        f"hydra.run.dir={run_dir}"
+    ]
+
+
+def resume_command(argv: Sequence[str], sweep_dir: str | None, checkpointed: bool) -> str:
+    """``resume with: COMMAND`` for the run (``sweep_dir``: the sweep) ``python run.py ARGV``
+    started: the sweep again in its dir, the run with ``trainer.resume=latest``; or ``start
+    again with: python run.py ARGV`` when the run saved no checkpoint."""
+    if sweep_dir is not None:
+        kept = [arg for arg in argv if not arg.startswith("hydra.sweep.dir=")]
+        argv = [*kept, f"hydra.sweep.dir={sweep_dir}"]
+    elif checkpointed:
+        argv = [arg for arg in argv if not arg.startswith("trainer.resume=")] + [RESUME_LATEST]
+    again = "resume" if checkpointed or sweep_dir is not None else "start again"
+    return f"{again} with: {shlex.join(['python', 'run.py', *argv])}"

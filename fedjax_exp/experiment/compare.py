@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import collections
 import dataclasses
 import fnmatch
 import html
@@ -28,14 +29,17 @@ import pathlib
 import re
 import shutil
 import sys
-from collections.abc import Iterable, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from fedjax_exp.experiment import run_files, run_record
 from fedjax_exp.experiment.errors import ConfigError
-from fedjax_exp.experiment.run_record import flatten
+from fedjax_exp.experiment.run_files import TRIALS_DIR
+
+if TYPE_CHECKING:  # pandas is imported where it is used: the runner imports this module.
+    import pandas as pd
 
 FINAL_PREFIX = "final/"
 RESERVED_KEYS = frozenset({"step", "time", "status", "error"})  # bookkeeping, not metrics
@@ -55,10 +59,12 @@ class Run:
     """What the report needs from one run directory.
 
     ``name`` is the path relative to the directory the user gave; ``label`` (set by
-    :func:`label_runs`) the overrides that tell the run apart. ``history`` maps metric ->
-    {step: value} (a step logged twice, by a resumed run, keeps the last value; NaN for a
-    non-finite value); ``choices`` the config-group choices (``{"optimizer": "adam"}``);
-    ``status`` is ``completed``, ``failed`` or ``incomplete`` (no status file).
+    :func:`label_runs`) the overrides that tell the run apart; ``config`` the flattened config
+    (dotted keys) with the config-group choices under the groups' names (``"optimizer":
+    "adam"``); ``status`` is ``completed``, ``failed`` or ``incomplete`` (no status file).
+    ``history`` maps metric ->
+    {step: value}, ``final/`` metrics included (a step logged twice, by a resumed run, keeps
+    the last value; NaN for a non-finite value).
     """
 
     path: pathlib.Path
@@ -67,37 +73,31 @@ class Run:
     error: str | None
     config: dict[str, Any]
     overrides: list[str]
-    choices: dict[str, str]
     history: dict[str, dict[int, float]]
-    final: dict[str, float]
-    last_step: int | None
-    wandb_runs: list[pathlib.Path]
     label: str = ""
+
+    @property
+    def final(self) -> dict[str, float]:
+        """The last value of each ``final/`` metric."""
+        return {k: v[max(v)] for k, v in self.history.items() if k.startswith(FINAL_PREFIX)}
+
+    @property
+    def last_step(self) -> int | None:
+        """The last step the run logged anything at (None: nothing logged)."""
+        return max((step for points in self.history.values() for step in points), default=None)
 
     def series(self, metric: str) -> tuple[list[int], list[float]]:
         """The (steps, values) of ``metric``, sorted by step; empty when never logged."""
         points = sorted(self.history.get(metric, {}).items())
         return [s for s, _ in points], [v for _, v in points]
 
-    def value(self, key: str) -> Any:
-        """A config value (dotted key) or a config-group choice; None when neither exists."""
-        return self.config[key] if key in self.config else self.choices.get(key)
 
-
-# ---------------------------------------------------------------------------------------------
-# Reading runs
-
-
-def _number(value: Any) -> float | None:
-    """A metric value as a float: null (how the writers store NaN and inf) is NaN; text,
-    booleans and histograms are not metrics (None)."""
-    if value is None:
-        return math.nan
-    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+# ---- reading runs ---------------------------------------------------------------------------
 
 
 def read_history(path: str | os.PathLike[str]) -> dict[str, dict[int, float]]:
-    """A metrics file as metric -> {step: value} (see :class:`Run`)."""
+    """A metrics file as metric -> {step: value} (see :class:`Run`). Null, how the writers
+    store NaN and inf, reads as NaN; text, flags and histograms are not metrics (left out)."""
     try:
         records = run_files.read_metrics(path)
     except (OSError, UnicodeDecodeError, run_files.MetricsFileError) as e:
@@ -105,89 +105,64 @@ def read_history(path: str | os.PathLike[str]) -> dict[str, dict[int, float]]:
     history: dict[str, dict[int, float]] = {}
     for record in records:
         for key, value in record.items():
-            if key not in RESERVED_KEYS and (number := _number(value)) is not None:
-                history.setdefault(key, {})[record["step"]] = number
+            value = math.nan if value is None else value
+            if key not in RESERVED_KEYS and type(value) in (int, float):
+                history.setdefault(key, {})[record["step"]] = float(value)
     return history
 
 
-def read_status(job_dir: pathlib.Path) -> tuple[str, str | None, dict[str, float]]:
-    """``status.json`` as (status, error, final metrics under ``final/`` keys)."""
-    path = job_dir / run_files.STATUS_FILE
-    if not path.is_file():
-        return "incomplete", None, {}
+def _load(path: pathlib.Path, parse: Callable[[str], Any] = yaml.safe_load) -> Any:
+    """The parsed file, or None when there is none."""
     try:
-        status = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CompareError(f"cannot read {path}: {e}") from e
-    if not isinstance(status, dict):
-        raise CompareError(f"{path}: expected a JSON object, got {type(status).__name__}")
-    final = {
-        key if key.startswith(FINAL_PREFIX) else FINAL_PREFIX + key: number
-        for key, value in (status.get("final") or {}).items()
-        if (number := _number(value)) is not None
-    }
-    return str(status.get("status", "incomplete")), status.get("error"), final
-
-
-def _load_yaml(path: pathlib.Path) -> Any:
-    try:
-        return yaml.safe_load(path.read_text(encoding="utf-8")) if path.is_file() else None
-    except (OSError, yaml.YAMLError) as e:
+        return parse(path.read_text(encoding="utf-8")) if path.is_file() else None
+    except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError) as e:
         raise CompareError(f"cannot read {path}: {e}") from e
 
 
-def read_config(job_dir: pathlib.Path) -> tuple[dict[str, Any], list[str]]:
+def read_config(job_dir: str | os.PathLike[str]) -> tuple[dict[str, Any], list[str]]:
     """The run's config (flattened) and command-line overrides: the runner's record of the run
     (``run_config.json``), else ``.hydra/`` (e.g. a vectorized sweep's trial dirs)."""
+    hydra = pathlib.Path(job_dir) / run_files.HYDRA_DIR
     try:
         record = run_record.read(job_dir)
     except ConfigError as e:
         raise CompareError(str(e)) from e
     if record is None:
-        hydra = job_dir / run_files.HYDRA_DIR
-        config, overrides = _load_yaml(hydra / "config.yaml"), _load_yaml(hydra / "overrides.yaml")
-        record = {"config": config or {}, "overrides": overrides}
-    return flatten(record["config"]), [str(o) for o in record.get("overrides") or []]
-
-
-def _choices(job_dir: pathlib.Path, config: dict[str, Any], overrides: list[str]) -> dict:
-    """Config-group choices: Hydra's record of them, then overrides of keys that are not
-    config values (``optimizer=sgd``, not ``seed=1``)."""
-    hydra = _load_yaml(job_dir / run_files.HYDRA_DIR / "hydra.yaml") or {}
-    recorded = ((hydra.get("hydra") or {}).get("runtime") or {}).get("choices") or {}
-    choices = {str(k): str(v) for k, v in recorded.items() if not str(k).startswith("hydra/")}
-    for override in overrides:
-        key, _, value = override.lstrip("+~").partition("=")
-        if value and "." not in key and key not in config:
-            choices.setdefault(key, value)
-    return choices
+        record = {
+            "config": _load(hydra / "config.yaml"),
+            "overrides": _load(hydra / "overrides.yaml"),
+        }
+    overrides = [str(o) for o in record.get("overrides") or []]
+    return run_record.flatten(record["config"] or {}), overrides
 
 
 def load_run(job_dir: str | os.PathLike[str], name: str | None = None) -> Run:
     """Loads one run directory (which must hold a ``metrics.jsonl``)."""
     job_dir = pathlib.Path(job_dir)
-    metrics_file = job_dir / run_files.METRICS_FILE
-    if not metrics_file.is_file():
-        raise CompareError(f"{job_dir} is not a run directory: it has no {metrics_file.name}")
-    history = read_history(metrics_file)
-    status, error, final = read_status(job_dir)
-    for key, points in history.items():  # final/ lines count too (e.g. without a status file)
-        if key.startswith(FINAL_PREFIX) and key not in final:
-            final[key] = points[max(points)]
+    if not (job_dir / run_files.METRICS_FILE).is_file():
+        raise CompareError(f"{job_dir} is not a run directory: it has no {run_files.METRICS_FILE}")
+    status = _load(job_dir / run_files.STATUS_FILE, json.loads) or {"status": "incomplete"}
+    if not isinstance(status, dict):
+        raise CompareError(f"{job_dir / run_files.STATUS_FILE}: expected a JSON object")
     config, overrides = read_config(job_dir)
-    steps = [s for points in history.values() for s in points]
+    # Config-group choices: Hydra's record of them, then overrides of keys that are not config
+    # values (optimizer=sgd, not seed=1).
+    hydra = _load(job_dir / run_files.HYDRA_DIR / "hydra.yaml") or {}
+    recorded = ((hydra.get("hydra") or {}).get("runtime") or {}).get("choices") or {}
+    for key, value in recorded.items():
+        if not str(key).startswith("hydra/"):
+            config.setdefault(str(key), str(value))
+    for key, _, value in (o.lstrip("+~").partition("=") for o in overrides):
+        if value and "." not in key and key not in config:
+            config[key] = value
     return Run(
         path=job_dir,
-        name=name if name is not None else job_dir.name,
-        status=status,
-        error=error,
+        name=job_dir.name if name is None else name,
+        status=str(status.get("status", "incomplete")),
+        error=status.get("error"),
         config=config,
         overrides=overrides,
-        choices=_choices(job_dir, config, overrides),
-        history={k: v for k, v in history.items() if not k.startswith(FINAL_PREFIX)},
-        final=final,
-        last_step=max(steps) if steps else None,
-        wandb_runs=sorted((job_dir / run_files.WANDB_DIR).glob("offline-run-*")),
+        history=read_history(job_dir / run_files.METRICS_FILE),
     )
 
 
@@ -197,13 +172,9 @@ def _natural_key(text: str) -> list[Any]:
 
 
 def _job_dirs(root: pathlib.Path, marker: str) -> list[tuple[str, pathlib.Path]]:
-    """(name, dir) of the dirs at or below ``root`` that hold ``marker``, in natural order."""
-    depth = len(pathlib.Path(marker).parts) - 1
-    found = []
-    for job_dir in {p.parents[depth] for p in root.rglob(marker)}:
-        rel = job_dir.relative_to(root).as_posix()
-        found.append((root.name if rel == "." else f"{root.name}/{rel}", job_dir))
-    return sorted(found, key=lambda item: _natural_key(item[1].as_posix()))
+    """(name, dir) of the dirs at or below ``root`` holding a file ``marker``, naturally sorted."""
+    dirs = sorted({p.parent for p in root.rglob(marker)}, key=lambda d: _natural_key(d.as_posix()))
+    return [(f"{root.name}/{d.relative_to(root).as_posix()}".removesuffix("/."), d) for d in dirs]
 
 
 def label_runs(runs: Sequence[Run]) -> None:
@@ -220,49 +191,38 @@ def label_runs(runs: Sequence[Run]) -> None:
 
 def find_runs(paths: Sequence[str | os.PathLike[str]]) -> list[Run]:
     """Finds, loads and labels every run (dir with a metrics.jsonl) at or below ``paths``."""
-    runs: list[Run] = []
-    seen: set[pathlib.Path] = set()
+    found: dict[pathlib.Path, Run] = {}
     for root in map(pathlib.Path, paths):
         if not root.is_dir():
             problem = "is a file" if root.exists() else "does not exist"
             raise CompareError(f"{root} {problem}; pass a run or sweep output directory")
         for name, job_dir in _job_dirs(root, run_files.METRICS_FILE):
-            if job_dir.resolve() not in seen:
-                seen.add(job_dir.resolve())
-                runs.append(load_run(job_dir, name=name))
-    if not runs:
+            if job_dir.resolve() not in found:  # The same run given twice is listed once.
+                found[job_dir.resolve()] = load_run(job_dir, name=name)
+    if not found:
         raise CompareError(
             f"no runs found under {', '.join(map(str, paths))}: no {run_files.METRICS_FILE} "
             "below it; pass a job directory (outputs/<date>/<time>) or a sweep directory "
             "(multirun/<date>/<time>)"
         )
-    label_runs(runs)
+    label_runs(runs := list(found.values()))
     return runs
 
 
 def find_not_started(paths: Sequence[str | os.PathLike[str]]) -> list[tuple[str, str | None]]:
-    """(name, last logged error) of the Hydra job dirs at or below ``paths`` without metrics:
-    rejected configs (or jobs still starting)."""
+    """(name, last logged error) of the Hydra job dirs (with a ``run.log``) at or below
+    ``paths`` that hold no metrics: rejected configs (or jobs still starting)."""
     found = []
-    for root in (pathlib.Path(p) for p in paths if pathlib.Path(p).is_dir()):
-        for name, job_dir in _job_dirs(root, f"{run_files.HYDRA_DIR}/config.yaml"):
-            files = (run_files.METRICS_FILE, run_files.TRIALS_DIR)
-            if not any((job_dir / f).exists() for f in files):
-                found.append((name, _last_logged_error(job_dir / run_files.RUN_LOG_FILE)))
+    for root in map(pathlib.Path, paths):
+        for name, job_dir in _job_dirs(root, run_files.RUN_LOG_FILE):
+            if not any((job_dir / f).exists() for f in (run_files.METRICS_FILE, TRIALS_DIR)):
+                log = (job_dir / run_files.RUN_LOG_FILE).read_text("utf-8", errors="replace")
+                errors = re.findall(r"\[ERROR\] - (.*)", log)
+                found.append((name, errors[-1] if errors else None))
     return found
 
 
-def _last_logged_error(log_file: pathlib.Path) -> str | None:
-    try:
-        lines = log_file.read_text(encoding="utf-8", errors="replace").splitlines()
-    except OSError:
-        return None
-    errors = [line.split("[ERROR] - ", 1)[1] for line in lines if "[ERROR] - " in line]
-    return errors[-1] if errors else None
-
-
-# ---------------------------------------------------------------------------------------------
-# Summarizing and grouping
+# ---- summarizing and grouping ---------------------------------------------------------------
 
 
 def lower_is_better(metric: str) -> bool:
@@ -288,35 +248,15 @@ def differing_keys(runs: Sequence[Run]) -> list[str]:
 
 def select_metrics(runs: Sequence[Run], patterns: Sequence[str] | None) -> list[str]:
     """Metric names matching any glob in ``patterns`` (default: final, eval and train/loss)."""
-    names = sorted({k for run in runs for k in [*run.history, *run.final]})
+    names = sorted({k for run in runs for k in run.history})
     if not patterns:
         return [n for n in names if n.startswith((FINAL_PREFIX, "eval/")) or n == "train/loss"]
     chosen = [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
     if not chosen:
         raise CompareError(
-            f"--metrics {' '.join(patterns)} matches none of the logged metrics: "
-            + ", ".join(names)
+            f"--metrics {' '.join(patterns)} matches none of the logged metrics: {', '.join(names)}"
         )
     return chosen
-
-
-def summary_frame(runs: Sequence[Run], metrics: Sequence[str]) -> Any:
-    """A DataFrame, one row per run: each metric's last (or final) value, plus a ``(best)``
-    column for a logged metric where some run's best differs from its last value. NaN: not
-    logged, or not finite."""
-    import pandas as pd
-
-    columns: dict[str, list[float]] = {}
-    for metric in metrics:
-        if metric.startswith(FINAL_PREFIX):
-            columns[metric] = [run.final.get(metric, math.nan) for run in runs]
-            continue
-        series = [run.series(metric)[1] for run in runs]
-        columns[metric] = last = [values[-1] if values else math.nan for values in series]
-        best = [best_value(values, metric) for values in series]
-        if any(b is not None and b != v for b, v in zip(best, last, strict=True)):
-            columns[f"{metric} (best)"] = [math.nan if b is None else b for b in best]
-    return pd.DataFrame(columns, index=[run.label for run in runs], dtype=float)
 
 
 def _sort_key(value: Any) -> tuple[int, Any]:
@@ -330,7 +270,7 @@ def grouping_keys(runs: Sequence[Run], group_by: Sequence[str]) -> list[str] | N
     """The keys to group by: ``group_by`` (checked), else the differing config keys but the
     seeds (keys named ``*seed``) when some runs differ only by their seeds (``[]``: all runs
     differ only so, one group); None: no grouping."""
-    unknown = [k for k in group_by if all(run.value(k) is None for run in runs)]
+    unknown = [k for k in group_by if all(run.config.get(k) is None for run in runs)]
     if unknown:
         raise CompareError(
             f"--group-by {', '.join(unknown)} is neither a config key nor a config group of "
@@ -340,23 +280,20 @@ def grouping_keys(runs: Sequence[Run], group_by: Sequence[str]) -> list[str] | N
         return list(group_by)
     differing = differing_keys(runs)
     others = [k for k in differing if not k.rsplit(".", 1)[-1].endswith("seed")]
-    values = [tuple(_canonical(run.value(k)) for k in others) for run in runs]
+    values = [tuple(_canonical(run.config.get(k)) for k in others) for run in runs]
     return others if len(others) < len(differing) and len(set(values)) < len(values) else None
 
 
 def group_runs(runs: Sequence[Run], keys: Sequence[str]) -> Groups:
     """Runs grouped by their values of ``keys``, groups in numeric/natural order of the values."""
+    ordered = sorted(runs, key=lambda run: [_sort_key(run.config.get(k)) for k in keys])
     groups: Groups = {}
-    order: dict[tuple[str, ...], Any] = {}
-    for run in runs:
-        raw = [run.value(k) for k in keys]
-        groups.setdefault(value := tuple(map(_format, raw)), []).append(run)
-        order.setdefault(value, list(map(_sort_key, raw)))
-    return {value: groups[value] for value in sorted(groups, key=order.__getitem__)}
+    for run in ordered:
+        groups.setdefault(tuple(_format(run.config.get(k)) for k in keys), []).append(run)
+    return groups
 
 
-# ---------------------------------------------------------------------------------------------
-# Tables: pandas DataFrames of strings, rendered to Markdown or HTML
+# ---- tables: pandas DataFrames of strings, rendered to Markdown or HTML ---------------------
 
 
 def _format(value: Any) -> str:
@@ -367,56 +304,76 @@ def _format(value: Any) -> str:
     return json.dumps(value, default=str) if isinstance(value, list | dict) else str(value)
 
 
-def runs_table(runs: Sequence[Run], metrics: Sequence[str]) -> Any:
+def summary_frame(runs: Sequence[Run], metrics: Sequence[str]) -> pd.DataFrame:
+    """One row per run: each metric's last value, plus a ``(best)`` column for a logged
+    (not final) metric where some run's best differs from its last value. None: never logged;
+    NaN: not finite."""
+    import pandas as pd
+
+    columns: dict[str, list[float | None]] = {}
+    for metric in metrics:
+        series = [run.series(metric)[1] for run in runs]
+        columns[metric] = last = [values[-1] if values else None for values in series]
+        best = [best_value(values, metric) for values in series]
+        if not metric.startswith(FINAL_PREFIX) and any(
+            b is not None and b != v for b, v in zip(best, last, strict=True)
+        ):
+            columns[f"{metric} (best)"] = [
+                math.nan if b is None and v else b for b, v in zip(best, series, strict=True)
+            ]
+    return pd.DataFrame(columns, index=[run.label for run in runs], dtype=object)
+
+
+def runs_table(runs: Sequence[Run], metrics: Sequence[str]) -> pd.DataFrame:
     """One row per run, sorted by the differing config values: label (✗: failed), dir,
     status, step, differing config values not set by an override, metrics (—: never logged)."""
     import pandas as pd
 
     differing = differing_keys(runs)
     overridden = {o.partition("=")[0].lstrip("+~") for run in runs for o in run.overrides}
-    shown = [k for k in differing if k not in overridden]
-    values = summary_frame(runs, metrics).reset_index(drop=True)
-    rows = []
-    for i, run in enumerate(runs):
-        row = {
-            "run": run.label + (" ✗" if run.status == "failed" else ""),
-            "dir": run.name,
-            "status": f"{run.status}: {run.error}" if run.error else run.status,
-            "step": _format(run.last_step),
-            **{k: _format(run.config.get(k)) for k in shown},
-        }
-        for column, value in values.iloc[i].items():
-            metric = column.removesuffix(" (best)")
-            row[column] = _format(value) if metric in run.history or metric in run.final else "—"
-        rows.append(row)
-    order = sorted(range(len(runs)), key=lambda i: [_sort_key(runs[i].value(k)) for k in differing])
-    return pd.DataFrame([rows[i] for i in order])
+    table = pd.DataFrame(
+        {
+            "run": [run.label + (" ✗" if run.status == "failed" else "") for run in runs],
+            "dir": [run.name for run in runs],
+            "status": [f"{run.status}: {run.error}" if run.error else run.status for run in runs],
+            "step": [run.last_step for run in runs],
+            **{k: [run.config.get(k) for run in runs] for k in differing if k not in overridden},
+        },
+        dtype=object,
+    )
+    table = pd.concat([table, summary_frame(runs, metrics).reset_index(drop=True)], axis=1)
+    order = sorted(
+        range(len(runs)), key=lambda i: [_sort_key(runs[i].config.get(k)) for k in differing]
+    )
+    return table.iloc[order].map(_format).reset_index(drop=True)
 
 
-def grouped_table(groups: Groups, keys: Sequence[str], metrics: Sequence[str]) -> Any:
+def grouped_table(groups: Groups, keys: Sequence[str], metrics: Sequence[str]) -> pd.DataFrame:
     """One row per group: its key values, run counts and each metric's mean ± (population)
     std over its runs' finite values; one value shows no ±, and ``(n=k)`` says how many runs
     had a finite value when not all did."""
     import pandas as pd
 
-    members = [run for group in groups.values() for run in group]
-    frame = summary_frame(members, metrics).reset_index(drop=True)
-    frame = frame.where(frame.map(math.isfinite))  # NaN and inf do not enter the mean
-    rows, start = [], 0
-    for value, group in groups.items():
-        part, start = frame.iloc[start : start + len(group)], start + len(group)
+    values = summary_frame([run for group in groups.values() for run in group], metrics)
+    values = values.reset_index(drop=True).astype(float)
+    by = values.where(values.abs() < math.inf).groupby(
+        [i for i, g in enumerate(groups.values()) for _ in g]
+    )
+    mean, std, count = by.mean(), by.std(ddof=0), by.count()
+    rows = []
+    for i, (value, group) in enumerate(groups.items()):
         row = dict(zip(keys, value, strict=True)) if keys else {"runs of": "all"}
         row["runs"] = str(len(group))
         row["failed"] = str(sum(run.status == "failed" for run in group))
-        for column, values in part.items():
-            n = values.count()
-            text = _format(values.mean()) + (f" ± {values.std(ddof=0):.2g}" if n > 1 else "")
+        for column in values:
+            n = count.at[i, column]
+            text = _format(mean.at[i, column]) + (f" ± {std.at[i, column]:.2g}" if n > 1 else "")
             row[column] = "—" if n == 0 else text if n == len(group) else f"{text} (n={n})"
         rows.append(row)
     return pd.DataFrame(rows)
 
 
-def _markdown(table: Any) -> str:
+def _markdown(table: pd.DataFrame) -> str:
     def line(cells: Iterable[Any]) -> str:
         return (
             "| " + " | ".join(str(c).replace("|", "\\|").replace("\n", " ") for c in cells) + " |"
@@ -426,8 +383,7 @@ def _markdown(table: Any) -> str:
     return "\n".join([line(table.columns), "|" + "---|" * len(table.columns), *rows])
 
 
-# ---------------------------------------------------------------------------------------------
-# Plots
+# ---- plots ----------------------------------------------------------------------------------
 
 
 def figure(
@@ -447,27 +403,25 @@ def figure(
     FigureCanvasAgg(fig)  # The object-oriented API: no display, no pyplot global state.
     ax = fig.subplots()
     for value, members in (groups or {(run.label,): [run] for run in runs}).items():
-        points = pd.DataFrame(
-            [(s, v) for run in members for s, v in zip(*run.series(metric), strict=True)],
-            columns=["step", "value"],
-        )
+        points = pd.concat([pd.Series(r.history.get(metric, {}), dtype=float) for r in members])
         if points.empty:
             continue
+        by_step = points.groupby(level=0)  # A run is a group of one: its values, std 0.
+        mean, std = by_step.mean(), by_step.std(ddof=0)
         if groups:
-            by_step = points.groupby("step")["value"]
-            mean, std = by_step.mean(), by_step.std(ddof=0)
             name = f"{group_label}={', '.join(value)}" if value else "all"
-            (line,) = ax.plot(mean.index, mean, label=f"{name} (n={len(members)})")
-            ax.fill_between(mean.index, mean - std, mean + std, color=line.get_color(), alpha=0.2)
+            label = f"{name} (n={len(members)})"
         else:
-            (run,) = members
-            ax.plot(
-                points["step"],
-                points["value"],
-                "--" if run.status == "failed" else "-",
-                marker="o" if len(points) == 1 else None,
-                label=run.label + (f" [{run.status}]" if run.status != "completed" else ""),
-            )
+            status = members[0].status
+            label = members[0].label + (f" [{status}]" if status != "completed" else "")
+        (line,) = ax.plot(
+            mean.index,
+            mean,
+            "--" if all(run.status == "failed" for run in members) else "-",
+            marker="o" if len(mean) == 1 else None,
+            label=label,
+        )
+        ax.fill_between(mean.index, mean - std, mean + std, color=line.get_color(), alpha=0.2)
     lines = len(ax.get_legend_handles_labels()[1])
     if lines == 0:
         return None
@@ -488,8 +442,7 @@ def png(fig: Any) -> bytes:
     return buffer.getvalue()
 
 
-# ---------------------------------------------------------------------------------------------
-# The report
+# ---- the report -----------------------------------------------------------------------------
 
 _HTML_HEAD = """<!DOCTYPE html><html><head><meta charset="utf-8"><title>{title}</title><style>
 body {{ font-family: system-ui, sans-serif; margin: 2em; color: #222; }}
@@ -544,16 +497,16 @@ def write_report(
         heading = f"Grouped by {', '.join(keys)}" if group_by else "Seeds aggregated"
         tables.insert(0, (f"{heading} (mean ± std)", grouped_table(groups, keys or [], chosen)))
 
-    failed = sum(run.status == "failed" for run in runs)
-    incomplete = sum(run.status == "incomplete" for run in runs)
-    notes = [
-        f"{len(runs)} run(s): {len(runs) - failed - incomplete} completed, {failed} failed, "
-        f"{incomplete} without a status file (killed or running)"
-    ]
+    count = collections.Counter(run.status for run in runs)
+    statuses = [f"{count.pop(s, 0)} {s}" for s in ("completed", "failed")]  # then interrupted...
+    statuses += [f"{n} {s}" for s, n in count.items() if s != "incomplete"]
+    statuses += [f"{count['incomplete']} without a status file (killed or running)"]
+    summary = f"{len(runs)} run(s): {', '.join(statuses)}"
     if not_started:
         listed = "; ".join(f"{name} ({error})" if error else name for name, error in not_started)
-        notes[0] += f"; {len(not_started)} job(s) never started (rejected, or starting): {listed}"
-    if offline := sum(len(run.wandb_runs) for run in runs):
+        summary += f"; {len(not_started)} job(s) never started (rejected, or starting): {listed}"
+    notes = []
+    if offline := sum(len(list((run.path / "wandb").glob("offline-run-*"))) for run in runs):
         notes.append(
             f"{offline} offline W&B run(s): read one with `wandb leet inspect --json <job dir>/"
             "wandb/offline-run-*/run-*.wandb`; `wandb sync <job dir>/wandb/offline-run-*` "
@@ -563,21 +516,21 @@ def write_report(
 
     files: dict[str, bytes] = {}
     if "md" in formats:
-        parts = [f"# {title}", notes[0] + "."]
+        parts = [f"# {title}", summary + "."]
         parts += [f"## {name}\n\n{_markdown(table)}" for name, table in tables]
         parts += ["## Metrics over steps"] if plots else []
         parts += [f"![{metric}]({path})" for metric, (path, _) in plots.items()]
-        files["report.md"] = "\n\n".join([*parts, *notes[1:]]).encode() + b"\n"
+        files["report.md"] = "\n\n".join([*parts, *notes]).encode() + b"\n"
         files.update(plots.values())
     if "html" in formats:
-        parts = [_HTML_HEAD.format(title=html.escape(title)), f"<p>{html.escape(notes[0])}.</p>"]
+        parts = [_HTML_HEAD.format(title=html.escape(title)), f"<p>{html.escape(summary)}.</p>"]
         for name, table in tables:
             parts += [f"<h2>{html.escape(name)}</h2>", table.to_html(index=False, border=0)]
         parts += ["<h2>Metrics over steps</h2>"] if plots else []
         for metric, (_, image) in plots.items():
             data = base64.b64encode(image).decode("ascii")
             parts.append(f'<p><img alt="{html.escape(metric)}" src="data:image/png;base64,{data}">')
-        parts += [f"<p>{html.escape(note)}</p>" for note in notes[1:]]
+        parts += [f"<p>{html.escape(note)}</p>" for note in notes]
         files["report.html"] = "\n".join([*parts, "</body></html>\n"]).encode()
 
     out = pathlib.Path(out_dir)
@@ -593,8 +546,7 @@ def write_report(
     return [out / name for name in ("report.md", "report.html") if name in files]
 
 
-# ---------------------------------------------------------------------------------------------
-# Command line
+# ---- command line ---------------------------------------------------------------------------
 
 _EPILOG = """\
 examples:

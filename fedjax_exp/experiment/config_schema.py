@@ -6,7 +6,7 @@ Stored as ``schema/trainer`` and ``schema/logger`` (a group of their own, so the
 value of the wrong type while it composes the config. The yaml files hold the values and
 their documentation. What OmegaConf's types cannot say (ranges, ``auto`` or a number, an
 existing path) is a ``check`` in a field's metadata, run by
-:func:`~fedjax_exp.experiment.validation.validate_config`.
+:func:`~fedjax_exp.experiment.validation.check_section`.
 
 Importing this module registers the schemas; ``fedjax_exp.experiment`` imports it. No JAX.
 """
@@ -26,6 +26,7 @@ from fedjax_exp.experiment.errors import ConfigError
 # Counts are typed Any for OmegaConf: its integer node refuses a float even when it is exact
 # (trainer.steps=1e3); their check accepts such floats and returns the int.
 Int = Any
+Check = Callable[[str, Any], Any]  # (dotted key, value) -> the value to use, or ConfigError
 
 
 def integer(key: str, value: Any, minimum: int = 0, optional: bool = False) -> Any:
@@ -41,13 +42,17 @@ def integer(key: str, value: Any, minimum: int = 0, optional: bool = False) -> A
     return value
 
 
-def count(minimum: int = 0, optional: bool = False) -> Any:
-    """A field holding an integer >= ``minimum`` (or None when ``optional``)."""
-    check = lambda key, value: integer(key, value, minimum, optional)  # noqa: E731
+def checked(check: Check) -> Any:
+    """A required field whose value ``check`` accepts (and may convert)."""
     return dataclasses.field(default=MISSING, metadata={"check": check})
 
 
-def choice(*options: Any, other: Callable[[str, Any], Any] | None = None) -> Any:
+def count(minimum: int = 0, optional: bool = False) -> Any:
+    """A field holding an integer >= ``minimum`` (or None when ``optional``)."""
+    return checked(lambda key, value: integer(key, value, minimum, optional))
+
+
+def choice(*options: Any, other: Check | None = None) -> Any:
     """A field holding one of ``options`` (of the same type: 1 is not True), or what
     ``other`` accepts."""
 
@@ -59,16 +64,31 @@ def choice(*options: Any, other: Callable[[str, Any], Any] | None = None) -> Any
         names = ", ".join(str(o).lower() if isinstance(o, bool) else str(o) for o in options)
         raise ConfigError(f"{key} must be one of {names}; got {value!r}")
 
-    return dataclasses.field(default=MISSING, metadata={"check": check})
+    return checked(check)
 
 
-def _resume_path(key: str, value: Any) -> Any:
+def _existing_path(key: str, value: Any) -> Any:
     if not isinstance(value, str) or not os.path.exists(value):
         raise ConfigError(
             f"{key}={value!r} does not exist: give a run dir, its checkpoints/ dir or one "
             "checkpoint step dir (or true/false)"
         )
     return value
+
+
+def _sweep_list(kind: str, valid: Callable[[Any], bool]) -> Any:
+    """An optional non-empty list of distinct values, each ``valid`` (OmegaConf checks types)."""
+
+    def check(key: str, values: Any) -> Any:
+        if values is None or (
+            values and len(set(values)) == len(values) and all(map(valid, values))
+        ):
+            return values
+        raise ConfigError(
+            f"{key} must be null or a non-empty list of distinct {kind}, got {values}"
+        )
+
+    return checked(check)
 
 
 @dataclasses.dataclass
@@ -79,8 +99,9 @@ class EvalBatchesConfig:
 
 @dataclasses.dataclass
 class VectorizeConfig:
-    learning_rates: Optional[list[float]] = MISSING  # noqa: UP045 - OmegaConf reads Optional.
-    seeds: Optional[list[int]] = MISSING  # noqa: UP045
+    # Optional[...]: OmegaConf reads it, not `X | None`.
+    learning_rates: Optional[list[float]] = _sweep_list("positive numbers", lambda v: v > 0)  # noqa: UP045
+    seeds: Optional[list[int]] = _sweep_list("non-negative integers", lambda v: v >= 0)  # noqa: UP045
 
 
 @dataclasses.dataclass
@@ -99,7 +120,7 @@ class TrainerConfig:
     per_client_max_clients: Int = count(1, optional=True)
     checkpoint_every: Int = count(0)
     keep_checkpoints: Int = count(1)
-    resume: Any = choice(True, False, None, other=_resume_path)
+    resume: Any = choice(True, False, None, other=_existing_path)
     progress_bar: bool = MISSING
     steps_per_dispatch: Any = choice("auto", other=lambda key, value: integer(key, value, 1))
     data_parallel: Any = choice("auto", True, False)
@@ -121,6 +142,7 @@ class WandbConfig:
     name: Optional[str] = MISSING  # noqa: UP045
     tags: list[str] = MISSING
     notes: Optional[str] = MISSING  # noqa: UP045
+    silent: bool = True
 
 
 @dataclasses.dataclass

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import logging
 import math
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -25,6 +26,9 @@ from fedjax_exp.experiment.checkpoints import Checkpointer, Snapshot
 from fedjax_exp.experiment.errors import RunFailed
 from fedjax_exp.experiment.evaluation import Evaluator
 from fedjax_exp.experiment.writers import MetricWriter
+from fedjax_exp.training import console
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +63,21 @@ def chunk_sizes(start: int, stop: int, per_dispatch: int, intervals: Iterable[in
         sizes.append(end - step)
         step = end
     return sizes
+
+
+def parallel_job_label() -> str | None:
+    """``job 3 (seed=1)`` in a sweep job that runs beside others (any Hydra launcher but the
+    sequential basic one: joblib, submitit), else None."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        hc = HydraConfig.get()
+    except (ImportError, ValueError):
+        return None
+    if hc.mode != RunMode.MULTIRUN or "BasicLauncher" in str(hc.launcher.get("_target_")):
+        return None
+    return f"job {hc.job.num} ({hc.job.override_dirname})"  # A swept job has overrides.
 
 
 class Clock:
@@ -134,6 +153,7 @@ def train(
     from tqdm.auto import tqdm
 
     trials = algorithm.num_trials
+    start_loss: list[float] = []  # Per trial: the loss of the first step (inf once warned).
     if len(writers) != trials:
         raise ValueError(f"{trials} trials need {trials} writers, got {len(writers)}")
     intervals = [settings.log_every]
@@ -155,11 +175,18 @@ def train(
         if step == last_logged:
             return
         first, last_logged = last_logged + 1, step
+        if not start_loss and "loss" in pending:  # Steps x trials values; one sync a run.
+            start_loss.extend(np.asarray(pending["loss"][0]).reshape(-1, trials)[0].tolist())
         means_per_trial = _pop_means(pending, trials)
         for trial, (means, writer) in enumerate(zip(means_per_trial, writers, strict=True)):
             writer.write_scalars(step, means)
+            loss = means.get("train/loss", math.nan)
             if trials == 1 and "train/loss" in means:
-                progress.set_postfix(loss=f"{means['train/loss']:.4f}", refresh=False)
+                progress.set_postfix(loss=console.format_loss(loss), refresh=False)
+            start = (start_step + 1, start_loss[trial] if start_loss else math.nan)
+            if warning := console.loss_growth_warning(start, step, loss):
+                start_loss[trial] = math.inf  # One warning a run.
+                log.warning("%s%s", f"trial {trial}: " if trials > 1 else "", warning)
             bad = ", ".join(f"{k}={v}" for k, v in means.items() if not math.isfinite(v))
             if bad and trial not in diverged:
                 diverge(
@@ -181,11 +208,12 @@ def train(
     progress = tqdm(
         total=settings.steps,
         initial=start_step,
-        disable=not settings.progress_bar,
+        # Bars of jobs running side by side would overwrite each other on one terminal.
+        disable=not settings.progress_bar or parallel_job_label() is not None,
         desc="train",
         dynamic_ncols=True,
     )
-    try:
+    with progress, console.logs_above(progress):
         for size in sizes:
             items = list(itertools.islice(stream, size))
             if len(items) != size:
@@ -212,6 +240,4 @@ def train(
                 )
                 checkpointer.save(snapshot)
         log_pending()
-    finally:
-        progress.close()
     return state, step, diverged

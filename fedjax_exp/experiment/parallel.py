@@ -1,5 +1,6 @@
 """How the loop runs the steps on this machine: data parallelism, steps per dispatch,
-reduced-precision compute and host memory. None of it changes what is computed
+reduced-precision compute (:mod:`fedjax_exp.core.compute_dtype`, re-exported here) and host
+memory. None of it changes what is computed
 (up to floating-point reassociation for data parallelism and bf16 rounding for bf16).
 
 Why each ``auto`` default is what it is, with the measurements: docs/performance-notes.md.
@@ -12,14 +13,12 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from fedjax_exp.core.typing import BatchExample, Params, PRNGKey
+from fedjax_exp.core.compute_dtype import COMPUTE_DTYPES, with_compute_dtype  # noqa: F401
 from fedjax_exp.experiment.algorithms import DATA_AXIS, Algorithm
 
-COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 STEPS_PER_DISPATCH = 8
 
 
@@ -27,42 +26,6 @@ def data_parallel_mesh(devices: Any = None) -> Mesh:
     """A 1-D mesh (axis ``"data"``) over ``devices`` (default: all local devices)."""
     devices = jax.local_devices() if devices is None else list(devices)
     return Mesh(np.asarray(devices), (DATA_AXIS,))
-
-
-def _cast_floats(tree: Any, dtype: Any) -> Any:
-    def cast(x: Any) -> Any:
-        x = jnp.asarray(x)
-        return x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
-
-    return jax.tree_util.tree_map(cast, tree)
-
-
-def with_compute_dtype(model: Any, dtype: str | Any) -> Any:
-    """``model`` whose training forward pass computes in ``dtype`` (e.g. "bfloat16").
-
-    Parameters and floating batch features are cast to ``dtype`` inside ``apply_for_train``
-    (gradients flow back through the cast, so they and the parameters stay float32) and the
-    output is cast back to float32, so the loss runs in float32. Evaluation is unchanged.
-    ``"float32"`` returns ``model`` itself.
-
-    Raises:
-      ValueError: an unknown dtype name.
-    """
-    name = jnp.dtype(dtype).name if not isinstance(dtype, str) else dtype
-    if name not in COMPUTE_DTYPES:
-        raise ValueError(
-            f"trainer.compute_dtype must be one of {', '.join(COMPUTE_DTYPES)}, got {dtype!r}"
-        )
-    if name == "float32":
-        return model
-    compute = jnp.dtype(name)
-    forward: Callable[..., Any] = model.apply_for_train
-
-    def apply_for_train(params: Params, batch: BatchExample, rng: PRNGKey | None = None) -> Any:
-        output = forward(_cast_floats(params, compute), _cast_floats(dict(batch), compute), rng)
-        return _cast_floats(output, jnp.float32)
-
-    return model.replace(apply_for_train=apply_for_train)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -4,10 +4,11 @@
 
     <run dir>/metrics.jsonl      one JSON object a line: {"step": int, "time": float, "<ns>/<name>":
                                  value, ...}; non-finite values are null (strict JSON)
-    <run dir>/status.json        how the run ended: {"status", "step", "error", "final", ...}
+    <run dir>/status.json        how the run ended: {"status": completed|failed|interrupted,
+                                 "step", "error", "final", ...}
     <run dir>/run_config.json    the config and overrides the run was started with
     <run dir>/wandb_run_id.txt   the W&B run id, so that a resumed run continues its W&B run
-    <run dir>/run.log            the log (written by Hydra's job logging)
+    <run dir>/run.log            Hydra's job log: the run, each evaluation, why it stopped
     <run dir>/checkpoints/       one dir per saved step
     <run dir>/trials/<name>/     a vectorized sweep's trials, each laid out like a run dir
     <run dir>/wandb/             W&B's files (offline runs: wandb/offline-run-*/run-*.wandb)

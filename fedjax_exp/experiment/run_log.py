@@ -1,17 +1,20 @@
 """One-line descriptions of a run for its log (``run.log`` in the run dir, and the console).
 
-A run's log says what was trained, where and how fast at the start, and what it reached at
-the end; the numbers themselves live in ``metrics.jsonl`` and W&B.
+A run's log says what was trained, where and how fast at the start, each periodic evaluation,
+and what it reached at the end, or why it stopped; all numbers live in ``metrics.jsonl``.
 """
 
 from __future__ import annotations
 
+import logging
 import numbers
 from collections.abc import Mapping
 from typing import Any
 
 import jax
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 # The config groups that say what is trained, in the order a run is described.
 DESCRIBED_GROUPS = ("experiment", "model", "loss", "optimizer", "dataset", "algorithm")
@@ -49,3 +52,29 @@ def format_metrics(metrics: Mapping[str, Any]) -> str:
     return ", ".join(
         f"{k}={float(v):.4g}" for k, v in metrics.items() if isinstance(v, numbers.Real)
     )
+
+
+class EvaluationLog:
+    """A metric writer that logs each periodic evaluation (``eval/...``) as one line."""
+
+    def __init__(self, label: str = ""):
+        self.label = label  # E.g. a trial's name.
+
+    def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
+        evaluated = {k[5:]: v for k, v in scalars.items() if k.startswith("eval/")}
+        if evaluated:
+            log.info("%seval at step %d: %s", self.label, step, format_metrics(evaluated))
+
+    def _ignore(self, *args: Any) -> None:
+        """Histograms, the summary and closing: nothing to log."""
+
+    write_histogram = write_summary = close = _ignore
+
+
+def note_in_log_file(message: str) -> None:
+    """Writes ``message`` to the log files only (Hydra's job log, ``run.log``): why a run
+    stopped, which ``run.py`` prints on the console in its own one-line form."""
+    record = log.makeRecord(log.name, logging.ERROR, __file__, 0, message, None, None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)

@@ -11,12 +11,14 @@ train (``trainer.steps``), logging, evaluation, checkpointing and the speed sett
 give the same results). ``trainer.resume=PATH`` from another dir is a deliberate fork (e.g.
 fine-tuning with a new learning rate) and is not checked.
 
-The record is also what ``fedjax-compare`` reads for a run's config: Hydra rewrites
+``trainer.resume=latest`` finds the newest run dir recorded with the same config. The record
+is also what ``fedjax-compare`` reads for a run's config: Hydra rewrites
 ``.hydra/config.yaml`` on every invocation, including one that is then rejected.
 """
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import pathlib
@@ -34,7 +36,7 @@ RESUMABLE_CHANGES = frozenset(
         f"trainer.{key}"
         for key in "steps log_every eval_every eval_batch_size eval_batches per_client_eval "  # noqa: SIM905
         "per_client_max_clients checkpoint_every keep_checkpoints resume progress_bar "
-        "steps_per_dispatch prefetch device_data data_parallel reuse_host_memory "
+        "steps_per_dispatch data_parallel reuse_host_memory "
         "compilation_cache".split()
     ]
 )
@@ -123,3 +125,17 @@ def write(
     run_dir = pathlib.Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / RUN_CONFIG_FILE, json.dumps(record, indent=1) + "\n")
+
+
+def latest_run(pattern: str, config: Mapping[str, Any]) -> pathlib.Path | None:
+    """The most recently started run dir matching the glob ``pattern`` that holds a run of
+    ``config`` (what ``trainer.resume=latest`` resumes), or None."""
+    records = glob.glob(os.path.join(pattern, RUN_CONFIG_FILE))
+    for path in sorted(records, key=os.path.getmtime, reverse=True):
+        try:
+            record = read(pathlib.Path(path).parent)
+        except ConfigError:
+            continue  # Not a run of this config either.
+        if record is not None and not differences(record["config"], config):
+            return pathlib.Path(path).parent
+    return None

@@ -14,17 +14,21 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import json
 import logging
+import math
 import os
 import pathlib
+import signal
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
 from omegaconf import DictConfig
 
 from fedjax_exp.experiment import run_log, run_record
-from fedjax_exp.experiment.errors import ConfigError
-from fedjax_exp.experiment.run_files import CHECKPOINTS_DIR, HYDRA_DIR
+from fedjax_exp.experiment.errors import ConfigError, RunInterrupted
+from fedjax_exp.experiment.run_files import CHECKPOINTS_DIR, HYDRA_DIR, STATUS_FILE
 from fedjax_exp.experiment.validation import check_writable_dir, validate_config
 
 log = logging.getLogger(__name__)
@@ -100,15 +104,39 @@ def _run_dir_lock(out: pathlib.Path) -> Iterator[None]:
         os.close(fd)  # Releases the lock.
 
 
+@contextlib.contextmanager
+def _ctrl_c_between_steps() -> Iterator[list[int]]:
+    """While training, a first Ctrl-C (SIGINT) only asks to stop (the list it yields is then
+    non-empty) and the run stops after the step: stopping inside one could leave a checkpoint
+    half-written, or surface as an XLA error in a host callback. A second one stops at once."""
+    requested: list[int] = []
+
+    def request(signum: int, frame: Any) -> None:
+        if requested:
+            raise KeyboardInterrupt
+        requested.append(signum)
+
+    if threading.current_thread() is not threading.main_thread():
+        yield requested  # Only the main thread receives signals.
+        return
+    previous = signal.signal(signal.SIGINT, request)
+    try:
+        yield requested
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def run(cfg: DictConfig, output_dir: str | os.PathLike[str] | None = None) -> float:
     """Trains and evaluates the experiment ``cfg``; returns ``cfg.optimized_metric`` (for a
     vectorized sweep: the best trial's).
 
     Writes into ``output_dir`` (default: Hydra's job dir): ``metrics.jsonl``, ``status.json``,
     ``run_config.json``, ``checkpoints/``, ``.hydra/`` and ``wandb/``. Rerunning with the same
-    output dir resumes from its checkpoints when the config defines the same training. Raises
-    :class:`ConfigError` (before writing anything) for a bad config or a dir another run is
-    using, and :class:`~fedjax_exp.experiment.errors.RunFailed` when training fails.
+    output dir resumes from its checkpoints when the config defines the same training; a dir
+    whose run completed ``trainer.steps`` is left as it is. Raises :class:`ConfigError` (before
+    writing anything) for a bad config or a dir another run is using,
+    :class:`~fedjax_exp.experiment.errors.RunFailed` when training fails and
+    :class:`~fedjax_exp.experiment.errors.RunInterrupted` on Ctrl-C.
     """
     if output_dir is None:
         hc = _hydra_config()
@@ -154,7 +182,7 @@ def _open_members(container, out, trials, start_step, resumed, clock) -> list[_M
             vectorized.write_trial_hydra_files(directory, config, trial)
         directory.mkdir(parents=True, exist_ok=True)
         jsonl = writers.JsonlWriter(directory, clock, resume_step=start_step if resumed else None)
-        parts = [jsonl]
+        parts = [jsonl, run_log.EvaluationLog(f"{trial.name}: " if trial is not None else "")]
         if wandb_settings:
             settings = {**wandb_settings, "name": None} if trial is not None else wandb_settings
             wandb_writer = writers.create_wandb_writer(
@@ -169,6 +197,26 @@ def _open_members(container, out, trials, start_step, resumed, clock) -> list[_M
     return members
 
 
+def _read_status(directory: pathlib.Path) -> dict[str, Any]:
+    try:
+        return json.loads((directory / STATUS_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
+def _completed_runs(out: pathlib.Path, steps: int) -> list[_Member] | None:
+    """The runs of ``out`` (a sweep's: one per trial) when it already completed ``steps``."""
+    status = _read_status(out)
+    if status.get("status") != "completed" or status.get("step") != steps:
+        return None
+    runs = []
+    for directory in [out / t["dir"] for t in status.get("trials", [])] or [out]:
+        ended = status if directory == out else _read_status(directory)
+        final = {k: math.nan if v is None else v for k, v in (ended.get("final") or {}).items()}
+        runs.append(_Member(directory, None, None, final, ended.get("error")))
+    return runs
+
+
 def _run_validated(cfg: DictConfig, container: dict[str, Any], out: pathlib.Path) -> float:
     """:func:`run` once the config is validated and the run dir is this process's."""
     from fedjax_exp.experiment import vectorized
@@ -180,6 +228,13 @@ def _run_validated(cfg: DictConfig, container: dict[str, Any], out: pathlib.Path
     source = resume_source(trainer["resume"], own_checkpoints)
     if source is not None and source[0].resolve() == own_checkpoints.resolve():
         run_record.check_resumable(out, container)
+        completed_runs = _completed_runs(out, trainer["steps"])
+        if completed_runs is not None:  # Nothing to do, and nothing is written.
+            reached = (
+                f"; {run_log.format_metrics(completed_runs[0].final)}" if trials is None else ""
+            )
+            print(f"already complete: {out} reached trainer.steps={trainer['steps']}{reached}")
+            return _optimized_metric(container, completed_runs)
 
     # Only now import JAX and the library (Hydra's parent process never gets here).
     import jax
@@ -190,6 +245,9 @@ def _run_validated(cfg: DictConfig, container: dict[str, Any], out: pathlib.Path
     from fedjax_exp.experiment import builders, compilation_cache, loop, parallel
     from fedjax_exp.experiment.checkpoints import Checkpointer
     from fedjax_exp.experiment.evaluation import Evaluator
+    from fedjax_exp.training import console
+
+    console.prefix_console_lines(loop.parallel_job_label())  # Parallel jobs: whose line.
 
     # Before anything large is allocated / compiled (see docs/performance-notes.md).
     parallel.configure_host_memory(trainer, jax.default_backend())
@@ -213,7 +271,7 @@ def _run_validated(cfg: DictConfig, container: dict[str, Any], out: pathlib.Path
     state = algorithm.init(init_rng)
     start_step, elapsed = 0, 0.0
     if source is not None:
-        reader = Checkpointer(source[0], keep=int(trainer["keep_checkpoints"]))
+        reader = Checkpointer(source[0], keep=int(trainer["keep_checkpoints"]), own=False)
         snapshot = reader.restore(state, np.asarray(train_rng), source[1])
         reader.close()
         state, start_step, elapsed = snapshot.state, snapshot.step, snapshot.elapsed
@@ -244,11 +302,16 @@ def _run_validated(cfg: DictConfig, container: dict[str, Any], out: pathlib.Path
         num_batches=dict(trainer["eval_batches"]),
     )
     checkpointer = None
-    step, completed, error = start_step, False, None
+    step, outcome, error = start_step, "failed", None
+
+    ctrl_c = contextlib.ExitStack()
+    stop_requested = ctrl_c.enter_context(_ctrl_c_between_steps())
 
     def on_step(done: int) -> None:
         nonlocal step
         step = done
+        if stop_requested:
+            raise KeyboardInterrupt
 
     try:
         checkpointer = Checkpointer(own_checkpoints, keep=int(trainer["keep_checkpoints"]))
@@ -273,6 +336,7 @@ def _run_validated(cfg: DictConfig, container: dict[str, Any], out: pathlib.Path
             clock=clock,
             on_step=on_step,
         )
+        ctrl_c.close()  # The final evaluation stops at the first Ctrl-C.
         for index, member in enumerate(members):
             params = algorithm.eval_params(state, index)
             member.final = evaluator.final(params, "test")
@@ -298,20 +362,29 @@ def _run_validated(cfg: DictConfig, container: dict[str, Any], out: pathlib.Path
                 metrics,
                 ended,
             )
-        completed = True
+        outcome = "completed"
     except BaseException as e:
         error = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+        kept = checkpointer.latest_step() if checkpointer is not None else None
         if isinstance(e, loop.Diverged) and checkpointer is not None:
-            kept = checkpointer.latest_step()
             where = f"step {kept} in {own_checkpoints}" if kept is not None else "none"
             e.args = (f"{e}; last good checkpoint: {where}",)
             error = f"{type(e).__name__}: {e}"
+        if isinstance(e, KeyboardInterrupt):
+            outcome = "interrupted"
+            error = f"interrupted at step {step} of {trainer['steps']} (SIGINT); " + (
+                f"last checkpoint: step {kept}" if kept is not None else "no checkpoint yet"
+            )
+        run_log.note_in_log_file(error if outcome == "interrupted" else f"failed: {error}")
         for member in members:
             member.error = member.error or error
-            member.jsonl.write_event(step, status="failed", error=member.error)
+            member.jsonl.write_event(step, status=outcome, error=member.error)
+        if outcome == "interrupted":
+            raise RunInterrupted(error, kept) from None
         raise
     finally:
-        _finish(members, trials, out, step, completed, error, checkpointer)
+        ctrl_c.close()
+        _finish(members, trials, out, step, outcome, error, checkpointer)
     return _optimized_metric(container, members)
 
 
@@ -332,17 +405,15 @@ def _end_run(actions: list[tuple[str, Callable[[], None]]], failed: bool) -> Non
         raise first
 
 
-def _finish(members, trials, out, step, completed, error, checkpointer) -> None:
+def _finish(members, trials, out, step, outcome, error, checkpointer) -> None:
     """Writes each run's status.json (and a sweep's own), then closes everything."""
     from fedjax_exp.experiment import writers
 
-    def status(ok: bool) -> str:
-        return "completed" if ok else "failed"
-
+    completed = outcome == "completed"
     actions = []
     for m in members:
-        ok = completed and m.error is None
-        write = functools.partial(writers.write_status, m.directory, status=status(ok))
+        status = "failed" if completed and m.error is not None else outcome
+        write = functools.partial(writers.write_status, m.directory, status=status)
         actions.append(
             (
                 "writing status.json",
@@ -360,7 +431,7 @@ def _finish(members, trials, out, step, completed, error, checkpointer) -> None:
             }
             for t, m in zip(trials, members, strict=True)
         ]
-        write = functools.partial(writers.write_status, out, status=status(completed), step=step)
+        write = functools.partial(writers.write_status, out, status=outcome, step=step)
         actions.append(
             (
                 "writing the sweep's status.json",

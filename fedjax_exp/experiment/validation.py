@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import inspect
-import itertools
 import logging
 import math
 import os
@@ -269,20 +268,17 @@ def check_data_features(
     Raises ConfigError naming the feature and the fix."""
     import numpy as np
 
-    from fedjax_exp.core.federated_data import padded_batch_federated_data
     from fedjax_exp.core.typing import EXAMPLE_MASK_KEY
+    from fedjax_exp.experiment.evaluation import first_padded_batches
 
     for split, fd in ((s, fd) for s, fd in datasets.items() if fd is not None):
         real: dict[str, list[Any]] = {}
-        for batch in itertools.islice(
-            padded_batch_federated_data(fd, batch_size=batch_size), scan_batches
-        ):
-            mask = np.asarray(batch.get(EXAMPLE_MASK_KEY, True), bool)
+        for batch in first_padded_batches(fd, batch_size, scan_batches):
+            mask = np.asarray(batch[EXAMPLE_MASK_KEY], bool)
             for k, v in batch.items():
-                real.setdefault(k, []).append(np.asarray(v)[np.broadcast_to(mask, np.shape(v)[:1])])
+                real.setdefault(k, []).append(np.asarray(v)[mask])
         real.pop(EXAMPLE_MASK_KEY, None)
-        columns = getattr(fd, "columns", None)
-        columns = columns if isinstance(columns, Mapping) else {}
+        columns = fd.columns if isinstance(getattr(fd, "columns", None), Mapping) else {}
         values = {
             k: np.asarray(columns[k]) if k in columns else np.concatenate(v)
             for k, v in real.items()
@@ -366,11 +362,11 @@ def _check_finite(key: str, column: Any, split: str) -> None:
     points at the learning rate rather than at the data."""
     import numpy as np
 
-    rows = column.reshape(len(column), -1)
-    for start in range(0, len(rows), 1 << 14):  # Chunks bound the temporary mask's size.
-        bad = np.flatnonzero(~np.isfinite(rows[start : start + (1 << 14)]).all(axis=1))
-        if bad.size:
+    # One float64 sum, no temporary the size of the column: a NaN or inf in it spreads.
+    if not np.isfinite(np.sum(column, dtype=np.float64)):
+        finite = np.isfinite(column.reshape(len(column), -1)).all(axis=1)
+        if not finite.all():
             raise ConfigError(
                 f"the {split} data has NaN or infinite values in feature {key!r} (first at row "
-                f"{start + int(bad[0])}): clean or filter the data"
+                f"{int(np.argmin(finite))}): clean or filter the data"
             )

@@ -165,7 +165,8 @@ def create_wandb_writer(
     for online mode, a broken or too old install, ...) training continues with local logging
     only. Each call starts a new, independent run (``reinit="create_new"``). ``run_id`` None:
     the id stored in ``directory`` (see :func:`wandb_run_id`), written there once the run has
-    started; runs log to ``directory``.
+    started; runs log to ``directory``. ``silent`` (default true) drops W&B's banner and run
+    summary (about 20 console lines a run); an online run then logs its URL in one line.
     """
     mode = settings.get("mode", "offline")
     if mode == "disabled":
@@ -194,11 +195,14 @@ def create_wandb_writer(
             resume="allow",
             # A new run even while others are live: a vectorized sweep logs one per trial.
             reinit="create_new",
+            settings=wandb.Settings(silent=bool(settings.get("silent", True))),
         )
     except Exception as e:  # noqa: BLE001 - any W&B failure must fall back, not crash.
         _warn(f"W&B failed to start ({type(e).__name__}: {e}); logging locally only")
         return None
     atomic_write_text(pathlib.Path(directory) / WANDB_ID_FILE, run_id + "\n")
+    if mode == "online" and settings.get("silent", True) and getattr(run, "url", None):
+        log.info("W&B run: %s", run.url)
     return WandbWriter(run)
 
 
