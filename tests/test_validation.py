@@ -97,6 +97,8 @@ def test_the_default_config_passes_and_resolves():
             "No module named 'fedjax_exp.models.emnist.no_such_model'",
         ),
         (["trainer.resume=/no/such/run"], "trainer.resume='/no/such/run' does not exist"),
+        # `latest` is resolved by run.py from the command line; in a config file it is an error.
+        (["trainer.resume=latest"], "trainer.resume=latest works on the command line only"),
         (["+trainer.oops=${nope}"], "the config does not resolve"),
         (
             ["optimized_metric=final/test/nope"],

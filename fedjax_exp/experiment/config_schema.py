@@ -68,6 +68,12 @@ def choice(*options: Any, other: Check | None = None) -> Any:
 
 
 def _existing_path(key: str, value: Any) -> Any:
+    if value == "latest":
+        # run.py swaps it for the run dir before Hydra composes; a config file is too late.
+        raise ConfigError(
+            f"{key}=latest works on the command line only (python run.py ... {key}=latest): "
+            "remove it from the config file"
+        )
     if not isinstance(value, str) or not os.path.exists(value):
         raise ConfigError(
             f"{key}={value!r} does not exist: give a run dir, its checkpoints/ dir or one "
