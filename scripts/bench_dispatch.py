@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+import types
 
 import jax
 import numpy as np
@@ -67,13 +68,8 @@ def auto_steps_per_dispatch(model) -> int:
         "y": jax.ShapeDtypeStruct((8,), np.int32),
     }
     conv = algorithms.uses_convolution(alg.update, jax.eval_shape(alg.init, key), sample, key)
-    settings = parallel.resolve_speed_settings(
-        {},
-        jax.default_backend(),
-        num_devices=1,
-        uses_convolution=lambda: conv,
-    )
-    return settings.steps_per_dispatch
+    probe = types.SimpleNamespace(num_trials=1, uses_convolution=lambda: conv)
+    return parallel.speed_up(probe, {}, num_devices=1).steps_per_dispatch
 
 
 def main() -> None:
