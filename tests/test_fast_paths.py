@@ -227,7 +227,6 @@ def test_runner_speed_options_run(tmp_path):
     "override",
     [
         "trainer.steps_per_dispatch=0",
-        "trainer.reuse_host_memory=maybe",
         "trainer.compute_dtype=int8",
         "trainer.batch_size=0",
     ],

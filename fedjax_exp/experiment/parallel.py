@@ -1,7 +1,7 @@
-"""How the loop runs the steps on this machine: data parallelism, steps per dispatch,
-reduced-precision compute (:mod:`fedjax_exp.core.compute_dtype`, re-exported here) and host
-memory. None of it changes what is computed
-(up to floating-point reassociation for data parallelism and bf16 rounding for bf16).
+"""How the loop runs the steps on this machine: data parallelism, steps per dispatch and
+reduced-precision compute (:mod:`fedjax_exp.core.compute_dtype`, re-exported here). None of it
+changes what is computed (up to floating-point reassociation for data parallelism and bf16
+rounding for bf16).
 
 Why each ``auto`` default is what it is, with the measurements: docs/performance-notes.md.
 """
@@ -32,17 +32,6 @@ class SpeedSettings(NamedTuple):
 
     steps_per_dispatch: int
     data_parallel: bool
-
-
-def configure_host_memory(trainer: Mapping[str, Any], backend: str) -> bool:
-    """Applies ``trainer.reuse_host_memory`` (auto: on the CPU backend, where XLA's
-    temporaries live in host memory); returns whether freed blocks are now reused."""
-    from fedjax_exp.experiment import host_memory
-
-    wanted = trainer.get("reuse_host_memory", "auto")
-    if wanted in ("auto", None):
-        wanted = backend == "cpu"
-    return bool(wanted) and host_memory.reuse_freed_memory()
 
 
 def speed_up(

@@ -249,8 +249,6 @@ def _run_validated(cfg: DictConfig, container: dict[str, Any], out: pathlib.Path
 
     console.prefix_console_lines(loop.parallel_job_label())  # Parallel jobs: whose line.
 
-    # Before anything large is allocated / compiled (see docs/performance-notes.md).
-    parallel.configure_host_memory(trainer, jax.default_backend())
     compilation_cache.enable(trainer.get("compilation_cache"))
     model, train_model, train_data, eval_splits = builders.build_model_and_data(cfg)
 
