@@ -5,9 +5,8 @@
 Measures the train step alone (Adam, batch 8, random data already on the device) so the
 figure isolates dispatch: K=1 dispatches one donated jitted step per step; K>1 dispatches one
 jitted ``lax.scan`` over K stacked batches. Compilation is excluded (one warm-up call per K).
-Host memory is set up as the runner sets it (``trainer.reuse_host_memory``), so the figures
-are the runner's. Prints steps/s per model and K as JSON; the runner's default
-``trainer.steps_per_dispatch`` per backend is chosen from these figures.
+Prints steps/s per model and K as JSON; the runner's default ``trainer.steps_per_dispatch``
+per backend is chosen from these figures.
 """
 
 from __future__ import annotations
@@ -15,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+import types
 
 import jax
 import numpy as np
@@ -67,13 +67,8 @@ def auto_steps_per_dispatch(model) -> int:
         "y": jax.ShapeDtypeStruct((8,), np.int32),
     }
     conv = algorithms.uses_convolution(alg.update, jax.eval_shape(alg.init, key), sample, key)
-    settings = parallel.resolve_speed_settings(
-        {},
-        jax.default_backend(),
-        num_devices=1,
-        uses_convolution=lambda: conv,
-    )
-    return settings.steps_per_dispatch
+    probe = types.SimpleNamespace(num_trials=1, uses_convolution=lambda: conv)
+    return parallel.speed_up(probe, {}, num_devices=1).steps_per_dispatch
 
 
 def main() -> None:
@@ -82,13 +77,7 @@ def main() -> None:
     parser.add_argument("--k", default="1,8,32")
     parser.add_argument("--steps", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--reuse-host-memory", choices=["auto", "false"], default="auto")
     args = parser.parse_args()
-    from fedjax_exp.experiment import parallel
-
-    # As the runner does (--reuse-host-memory=false measures what that setting is worth).
-    reuse = {"reuse_host_memory": False} if args.reuse_host_memory == "false" else {}
-    parallel.configure_host_memory(reuse, jax.default_backend())
     ks = [int(k) for k in args.k.split(",")]
     results = {"backend": jax.default_backend(), "batch_size": args.batch_size, "steps_per_s": {}}
     for name in args.models.split(","):

@@ -6,9 +6,9 @@
 Every row is the training loop of ``run.py`` (the objects it builds, ``loop.train``, the
 embedded FEMNIST sample, batch 8, Adam). ``auto`` is the runner's default; each variant
 overrides one trainer option. The variants of one model are timed in alternation in one
-process (windows of ``--steps`` steps, ``--rounds`` rounds, compilation excluded); host memory
-reuse is process-wide, so its row is the ``auto`` of a second process. Reported: median
-steps/s and auto / variant (> 1: the mechanism wins). Figures: docs/performance-notes.md.
+process (windows of ``--steps`` steps, ``--rounds`` rounds, compilation excluded), a fresh
+process per model. Reported: median steps/s and auto / variant (> 1: the mechanism wins).
+Figures: docs/performance-notes.md.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ VARIANTS = {
 }
 
 
-def child(model_name: str, steps: int, rounds: int, reuse_host_memory: bool) -> None:
+def child(model_name: str, steps: int, rounds: int) -> None:
     """Steps/s of each variant, timed in alternation (``rounds`` windows of ``steps`` each)
     so that the machine's drift hits every variant alike; prints medians as JSON."""
     import statistics
@@ -43,7 +43,6 @@ def child(model_name: str, steps: int, rounds: int, reuse_host_memory: bool) -> 
     from fedjax_exp.datasets import sample
     from fedjax_exp.experiment import builders, loop, parallel
 
-    parallel.configure_host_memory({"reuse_host_memory": reuse_host_memory}, "cpu")
     train, _ = sample.load_data()
     runs = {}
     for name, overrides in VARIANTS.items():
@@ -79,9 +78,9 @@ def child(model_name: str, steps: int, rounds: int, reuse_host_memory: bool) -> 
     print(json.dumps({name: statistics.median(r) for name, r in rates.items()}))
 
 
-def measure(model: str, steps: int, rounds: int, reuse: bool) -> dict[str, float]:
+def measure(model: str, steps: int, rounds: int) -> dict[str, float]:
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))  # This checkout's fedjax_exp.
-    command = [sys.executable, __file__, "--child", model, str(steps), str(rounds), str(reuse)]
+    command = [sys.executable, __file__, "--child", model, str(steps), str(rounds)]
     proc = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -109,7 +108,7 @@ def e2e(cache: bool) -> float:
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
-        child(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5] == "True")
+        child(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
         return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="logistic,stax_cnn,haiku_cnn")
@@ -120,8 +119,7 @@ def main() -> None:
     rows = []
     for model in args.models.split(","):
         steps = args.steps if model in ("logistic", "mlp") else max(8, args.steps // 10)
-        rates = measure(model, steps, args.rounds, True)
-        rates["reuse_host_memory=false"] = measure(model, steps, args.rounds, False)["auto"]
+        rates = measure(model, steps, args.rounds)
         for name, rate in rates.items():
             ratio = rates["auto"] / rate
             rows.append({"model": model, "variant": name, "steps_per_s": rate, "ratio": ratio})

@@ -1,5 +1,6 @@
-"""The centralized train step against an independent reference: the public model_grad and
-model_per_example_loss, by hand, on fixed batches (padded and all-padding ones included)."""
+"""The centralized train step (fedjax_exp.training.steps) against an independent reference:
+the public model_grad and model_per_example_loss, by hand, on fixed batches (padded and
+all-padding ones included)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from helpers import dropout_logistic_model
 
 from fedjax_exp.core import models, optimizers
 from fedjax_exp.core.typing import EXAMPLE_MASK_KEY
-from fedjax_exp.experiment import algorithms
+from fedjax_exp.training import steps
 
 LEARNING_RATE = 0.1
 
@@ -32,8 +33,8 @@ def _batch(n=6, seed=0):
 def _step(model, batch, rng):
     optimizer = optimizers.sgd(LEARNING_RATE)
     params = model.init(jax.random.PRNGKey(0))
-    state = algorithms.TrainState(params=params, opt_state=optimizer.init(params))
-    update = jax.jit(algorithms.centralized_update(model, optimizer))
+    state = steps.TrainState(params=params, opt_state=optimizer.init(params))
+    update = jax.jit(steps.centralized_update(model, optimizer))
     new_state, scalars = update(state, batch, rng)
     return params, new_state.params, float(scalars["loss"])
 

@@ -202,12 +202,12 @@ def test_cleanup_errors_never_hide_the_runs_own_error(caplog):
 
     # The run failed: its error propagates (here: none raised), the clean-up error is logged.
     with caplog.at_level("WARNING"):
-        _end_run([("closing W&B", broken), ("closing the file", lambda: done.append(1))], True)
+        _end_run([broken, lambda: done.append(1)], True)
     assert done == [1]
-    assert "closing W&B failed (OSError: W&B service gone)" in caplog.text
+    assert "clean-up failed (OSError: W&B service gone)" in caplog.text
     # The run succeeded: the first clean-up error is raised once every action ran.
     with pytest.raises(OSError, match="W&B service gone"):
-        _end_run([("closing W&B", broken), ("closing the file", lambda: done.append(2))], False)
+        _end_run([broken, lambda: done.append(2)], False)
     assert done == [1, 2]
 
 

@@ -128,15 +128,26 @@ def test_convolution_detection_sees_nested_jits():
     assert not algorithms.uses_convolution(lambda x, w: (x.sum(), w.sum()), x, w)
 
 
-def _resolve(trainer, backend="cpu", **kw):
-    args = dict(
-        num_devices=1,
-        uses_convolution=False,
-    )
-    args.update(kw)
-    conv = args["uses_convolution"]
-    args["uses_convolution"] = lambda: conv
-    return parallel.resolve_speed_settings(trainer, backend, **args)
+class _Probe:
+    """An algorithm stand-in for the speed settings: a fixed convolution answer, meshes kept."""
+
+    num_trials = 1
+
+    def __init__(self, convolves):
+        self.convolves, self.meshes = convolves, []
+
+    def uses_convolution(self):
+        return self.convolves
+
+    def use_mesh(self, mesh):
+        self.meshes.append(mesh)
+
+
+def _resolve(trainer, backend="cpu", num_devices=1, uses_convolution=False):
+    probe = _Probe(uses_convolution)
+    settings = parallel.speed_up(probe, trainer, backend=backend, num_devices=num_devices)
+    assert len(probe.meshes) == settings.data_parallel  # A mesh exactly when data-parallel.
+    return settings
 
 
 def test_auto_speed_settings_on_cpu_follow_the_model():
@@ -216,7 +227,6 @@ def test_runner_speed_options_run(tmp_path):
     "override",
     [
         "trainer.steps_per_dispatch=0",
-        "trainer.reuse_host_memory=maybe",
         "trainer.compute_dtype=int8",
         "trainer.batch_size=0",
     ],

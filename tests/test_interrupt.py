@@ -46,7 +46,7 @@ def create_slow_model(only_digits: bool = False):
     """A small Haiku MLP whose training step sleeps $STEP_SLEEP seconds on the host."""
     import jax
 
-    from fedjax_exp.experiment.haiku_model import create_model_from_module
+    from fedjax_exp.models.haiku import create_model_from_module
 
     model = create_model_from_module(
         "haiku.nets.MLP", {"output_sizes": [10 if only_digits else 62]}, flatten_input=True

@@ -121,7 +121,7 @@ def test_l2_regularizer_matches_fedjax(monkeypatch):
 
 def test_per_example_loss_metric_is_the_masked_mean_hinge(batch):
     from fedjax_exp.core import metrics
-    from fedjax_exp.experiment.loss_metrics import PerExampleLossMetric
+    from fedjax_exp.core.losses import PerExampleLossMetric
 
     y, logits = batch
     mask = np.array([True, True, False, True, True, False, True])

@@ -42,7 +42,7 @@ def create_killing_model(only_digits: bool = False):
     uninterrupted one only if it restores the key stream too."""
     import jax
 
-    from fedjax_exp.experiment.haiku_model import create_model_from_module
+    from fedjax_exp.models.haiku import create_model_from_module
 
     model = create_model_from_module(
         "haiku.nets.MLP", {"output_sizes": [10 if only_digits else 62]}, flatten_input=True

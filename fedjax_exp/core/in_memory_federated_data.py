@@ -319,8 +319,7 @@ class _RowGatherer:
             return self._column[indices]
         column = self._column
         # A fresh array per chunk: the caller owns its batches (views of it) for as long as
-        # it likes. The runner's malloc settings (experiment/host_memory.py) make it a reused
-        # heap block rather than freshly mapped, page-faulting memory.
+        # it likes.
         out = np.empty((len(indices), *column.shape[1:]), column.dtype)
         # mode="clip" skips a bounds pass; indices come from the stream and are in range.
         if not self._two_threads:

@@ -14,16 +14,19 @@ a training step takes the (masked) mean, see :func:`fedjax_exp.core.models.model
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 from fedjax_exp.core import metrics
+from fedjax_exp.core.dataclasses import dataclass, field
 from fedjax_exp.core.typing import BatchExample
 
 __all__ = [
     "LOSSES",
+    "PerExampleLossMetric",
     "TrainLoss",
     "cross_entropy_loss",
     "get_train_loss",
@@ -112,3 +115,23 @@ def get_train_loss(name: str, target_key: str = "y") -> TrainLoss:
     if target_key == "y":
         return loss
     return functools.partial(loss, target_key=target_key)
+
+
+@dataclass
+class PerExampleLossMetric(metrics.Metric):
+    """The mean over examples of a per-example training loss ``(batch, output) -> vector``.
+
+    ``conf/loss/hinge.yaml`` uses it to report the hinge loss as the ``loss`` metric; any user
+    loss of that signature can be evaluated the same way.
+    """
+
+    loss_fn: Callable[..., Any] = field(pytree_node=False)
+
+    def zero(self) -> metrics.MeanStat:
+        return metrics.MeanStat.new(jnp.array(0.0), jnp.array(0.0))
+
+    def evaluate_example(self, example: Mapping[str, Any], prediction: Any) -> metrics.MeanStat:
+        # The loss works on batches: evaluate a batch of one.
+        batch = jax.tree_util.tree_map(lambda x: jnp.asarray(x)[None], dict(example))
+        loss = self.loss_fn(batch, jax.tree_util.tree_map(lambda x: x[None], prediction))[0]
+        return metrics.MeanStat.new(loss, jnp.array(1.0))

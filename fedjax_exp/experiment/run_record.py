@@ -30,6 +30,7 @@ from fedjax_exp.experiment.errors import ConfigError
 from fedjax_exp.experiment.run_files import RUN_CONFIG_FILE
 
 # Dotted keys that may change between a run and its resumption (a key covers its subtree).
+# trainer.reuse_host_memory is an option since removed: runs recorded with it still resume.
 RESUMABLE_CHANGES = frozenset(
     ["task_name", "optimized_metric", "logger", "metrics"]
     + [

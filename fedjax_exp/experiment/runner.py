@@ -249,8 +249,6 @@ def _run_validated(cfg: DictConfig, container: dict[str, Any], out: pathlib.Path
 
     console.prefix_console_lines(loop.parallel_job_label())  # Parallel jobs: whose line.
 
-    # Before anything large is allocated / compiled (see docs/performance-notes.md).
-    parallel.configure_host_memory(trainer, jax.default_backend())
     compilation_cache.enable(trainer.get("compilation_cache"))
     model, train_model, train_data, eval_splits = builders.build_model_and_data(cfg)
 
@@ -388,36 +386,32 @@ def _run_validated(cfg: DictConfig, container: dict[str, Any], out: pathlib.Path
     return _optimized_metric(container, members)
 
 
-def _end_run(actions: list[tuple[str, Callable[[], None]]], failed: bool) -> None:
-    """Runs every clean-up action of a run, even when one fails. When the run failed, a
-    clean-up error is logged (it must not hide why the run failed); else the first one is
-    raised after the others ran."""
-    first: BaseException | None = None
-    for what, action in actions:
+def _end_run(actions: list[Callable[[], None]], failed: bool) -> None:
+    """Runs every clean-up action, even when one fails. A clean-up error is logged when the run
+    failed (it must not hide why), else the first one is raised after the others ran."""
+    first: Exception | None = None
+    for action in actions:
         try:
             action()
         except Exception as e:  # noqa: BLE001 - the remaining actions must still run.
             if failed or first is not None:
-                log.warning("%s failed (%s: %s)", what, type(e).__name__, e)
-            else:
-                first = e
-    if first is not None:
+                log.warning("clean-up failed (%s: %s)", type(e).__name__, e)
+            first = first or e
+    if first is not None and not failed:
         raise first
 
 
 def _finish(members, trials, out, step, outcome, error, checkpointer) -> None:
     """Writes each run's status.json (and a sweep's own), then closes everything."""
-    from fedjax_exp.experiment import writers
+    from fedjax_exp.experiment.writers import write_status
 
     completed = outcome == "completed"
     actions = []
     for m in members:
         status = "failed" if completed and m.error is not None else outcome
-        write = functools.partial(writers.write_status, m.directory, status=status)
         actions.append(
-            (
-                "writing status.json",
-                functools.partial(write, step=step, error=m.error, final=m.final),
+            functools.partial(
+                write_status, m.directory, status=status, step=step, error=m.error, final=m.final
             )
         )
     if trials is not None:
@@ -431,18 +425,15 @@ def _finish(members, trials, out, step, outcome, error, checkpointer) -> None:
             }
             for t, m in zip(trials, members, strict=True)
         ]
-        write = functools.partial(writers.write_status, out, status=outcome, step=step)
         actions.append(
-            (
-                "writing the sweep's status.json",
-                functools.partial(write, error=error, trials=listed),
+            functools.partial(
+                write_status, out, status=outcome, step=step, error=error, trials=listed
             )
         )
     if checkpointer is not None:
-        actions.append(("closing the checkpointer", checkpointer.close))
+        actions.append(checkpointer.close)
     for m in members:
-        code = 0 if completed and m.error is None else 1
-        actions.append(("closing the metric writers", functools.partial(m.writer.close, code)))
+        actions.append(functools.partial(m.writer.close, 0 if completed and m.error is None else 1))
     _end_run(actions, failed=not completed)
 
 

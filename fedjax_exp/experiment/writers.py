@@ -14,7 +14,6 @@ import logging
 import math
 import os
 import pathlib
-import re
 import uuid
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -27,10 +26,6 @@ from fedjax_exp.experiment.run_files import METRICS_FILE, STATUS_FILE, WANDB_ID_
 from fedjax_exp.experiment.run_files import read_metrics as read_metrics  # re-exported
 
 log = logging.getLogger(__name__)
-
-# reinit="create_new" (several live runs in one process, e.g. one per trial of a vectorized
-# sweep) arrived in wandb 0.19.10; pyproject.toml's lower bound must not be older.
-WANDB_MIN_VERSION = "0.19.10"
 
 
 class MetricWriter(Protocol):
@@ -145,10 +140,6 @@ def wandb_run_id(directory: str | os.PathLike[str]) -> str:
     return stored or uuid.uuid4().hex[:12]
 
 
-def _version(text: str) -> tuple[int, ...]:
-    return tuple(int(part) for part in re.findall(r"\d+", text)[:3])
-
-
 def create_wandb_writer(
     settings: Mapping[str, Any],
     *,
@@ -162,7 +153,7 @@ def create_wandb_writer(
     with a warning when W&B fails to start.
 
     W&B is a convenience, never a reason to lose a run: when ``wandb.init`` raises (no login
-    for online mode, a broken or too old install, ...) training continues with local logging
+    for online mode, a broken install, ...) training continues with local logging
     only. Each call starts a new, independent run (``reinit="create_new"``). ``run_id`` None:
     the id stored in ``directory`` (see :func:`wandb_run_id`), written there once the run has
     started; runs log to ``directory``. ``silent`` (default true) drops W&B's banner and run
@@ -174,11 +165,6 @@ def create_wandb_writer(
     try:
         import wandb
 
-        if _version(wandb.__version__) < _version(WANDB_MIN_VERSION):
-            raise RuntimeError(
-                f"wandb {wandb.__version__} is too old, this project needs >= "
-                f"{WANDB_MIN_VERSION}: pip install -U 'wandb>={WANDB_MIN_VERSION}'"
-            )
         run_id = run_id or wandb_run_id(directory)
         run = wandb.init(
             mode=mode,
@@ -193,7 +179,8 @@ def create_wandb_writer(
             dir=str(directory),
             id=run_id,
             resume="allow",
-            # A new run even while others are live: a vectorized sweep logs one per trial.
+            # A new run even while others are live: a vectorized sweep logs one per trial
+            # (wandb >= 0.19.10, pyproject.toml's lower bound).
             reinit="create_new",
             settings=wandb.Settings(silent=bool(settings.get("silent", True))),
         )

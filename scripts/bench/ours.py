@@ -109,16 +109,13 @@ def build(
 
 def _engine_options(cfg: Any, algorithm: Any) -> tuple[Any, dict[str, Any]]:
     """The speed settings run.py uses: the trainer config's ``auto`` options resolved for
-    this machine and model (host memory reuse, device-resident data, steps per dispatch)
-    by ``fedjax_exp.experiment.parallel``, applied to ``algorithm``. The host memory
-    setting is process-wide: call this in a process of its own (``bench.train_side``)."""
-    import jax
+    this machine and model (steps per dispatch, data parallelism) by
+    ``fedjax_exp.experiment.parallel``, applied to ``algorithm``."""
     from omegaconf import OmegaConf
 
     from fedjax_exp.experiment import parallel
 
     trainer = OmegaConf.to_container(cfg.trainer, resolve=True)
-    parallel.configure_host_memory(trainer, jax.default_backend())  # As the runner does.
     speed = parallel.speed_up(algorithm, trainer)
     engine = {"steps_per_dispatch": speed.steps_per_dispatch}
     return algorithm, engine

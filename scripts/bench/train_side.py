@@ -7,11 +7,9 @@ Prints one JSON line: the timed windows' rates, the warm-up time and the test ac
 seed 0, and with ``--seeds N`` the test accuracies of seeds 0..N-1 (how much training noise
 there is, to judge whether the two libraries' accuracies differ by more).
 
-Why a process per side: each library then runs the way its users run it. fedjax_exp's runner
-sets process-wide options (``trainer.reuse_host_memory`` raises glibc's malloc thresholds,
-so that XLA:CPU's large per-step temporaries are not mapped afresh on every step); run in the
-benchmark's own process, that setting would also speed up FedJAX's loop, which its users do
-not get. Both sides load the same h5 files into the same columns (``bench.data``).
+Why a process per side: each library then runs the way its users run it, and neither
+inherits the other's process state (compiled code, allocator, JAX settings). Both sides load
+the same h5 files into the same columns (``bench.data``).
 """
 
 from __future__ import annotations

@@ -1,12 +1,30 @@
-"""A Model from any Haiku module given by dotted path (the ``model=haiku`` option)."""
+"""A Model from any Haiku module given by dotted path (the ``model=haiku`` config option)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import importlib
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import haiku as hk
 import numpy as np
-from hydra.utils import get_object
+
+from fedjax_exp.core import metrics
+from fedjax_exp.core.models import Model, create_model_from_haiku
+
+__all__ = ["create_model_from_module"]
+
+
+def _import_object(path: str) -> Callable[..., Any]:
+    """The object at dotted ``path`` ("package.module.Name")."""
+    module_name, _, name = path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module_name), name)
+    except (ImportError, AttributeError, ValueError) as error:
+        raise ValueError(
+            f"model.module={path!r} cannot be imported ({error}); give the dotted path of a "
+            "Haiku module class, e.g. haiku.nets.MLP"
+        ) from None
 
 
 def create_model_from_module(
@@ -14,19 +32,14 @@ def create_model_from_module(
     module_kwargs: Mapping[str, Any] | None = None,
     flatten_input: bool = False,
     input_shape: Sequence[int] = (28, 28, 1),
-) -> Any:
+) -> Model:
     """Wraps ``module(**module_kwargs)`` applied to ``batch["x"]`` as a fedjax_exp Model.
 
     ``module`` is the dotted path of a Haiku module class (or any callable returning a
     callable on arrays, e.g. a function building an ``hk.Sequential``). The network must
     return logits; the loss and metrics are set from the config afterwards.
     """
-    import haiku as hk
-
-    from fedjax_exp.core import metrics
-    from fedjax_exp.core.models import create_model_from_haiku
-
-    factory = get_object(module)
+    factory = _import_object(module)
     kwargs = dict(module_kwargs or {})
 
     def forward_pass(batch: Mapping[str, Any]) -> Any:
