@@ -156,7 +156,9 @@ def train(
             return
         first, last_logged = last_logged + 1, step
         means_per_trial = _pop_means(pending, trials)
+        host = getattr(algorithm, "logged_scalars", None)  # e.g. DP's privacy spent so far.
         for trial, (means, writer) in enumerate(zip(means_per_trial, writers, strict=True)):
+            means.update(host(step) if host is not None else {})
             writer.write_scalars(step, means)
             if trials == 1 and "train/loss" in means:
                 progress.set_postfix(loss=f"{means['train/loss']:.4f}", refresh=False)

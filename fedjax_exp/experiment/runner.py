@@ -237,11 +237,15 @@ def _run_validated(cfg: DictConfig, container: dict[str, Any], out: pathlib.Path
     run_record.write(out, container, list(hc.overrides.task) if hc is not None else [])
     clock = loop.Clock(elapsed)
     members = _open_members(container, out, trials, start_step, source is not None, clock)
+    sampled_eval = getattr(algorithm, "periodic_eval_batches", None)  # Federated runs.
+    eval_batch_size = int(trainer["eval_batch_size"])
     evaluator = Evaluator(
         model,
         eval_splits,
-        batch_size=int(trainer["eval_batch_size"]),
+        batch_size=eval_batch_size,
         num_batches=dict(trainer["eval_batches"]),
+        periodic_batches=sampled_eval
+        and sampled_eval(eval_splits, eval_batch_size, container["seed"]),
     )
     checkpointer = None
     step, completed, error = start_step, False, None
