@@ -81,6 +81,13 @@ class ServerState:
     opt_state: optimizers.OptState
     client_states: Mapping[ClientId, ClientState]
 
+    def per_client_templates(self) -> dict[str, ClientState]:
+        """One client's entry of each per-client field: what a checkpoint restores each stored
+        client state into (:mod:`fedjax_exp.training.checkpoint`; the stored shapes and dtypes
+        are kept, so the per-leaf coefficients need no template of their own shape)."""
+        template = jax.tree_util.tree_map(jnp.asarray, self.params)
+        return {"client_states": ClientState(template, template)}
+
 
 @jax.jit
 def interpolate_params(

@@ -118,6 +118,11 @@ class ServerState:
     control_variate: Params
     client_control_variates: Mapping[ClientId, Params]
 
+    def per_client_templates(self) -> dict[str, Params]:
+        """One client's entry of each per-client field: what a checkpoint restores each stored
+        control variate into (:mod:`fedjax_exp.training.checkpoint`)."""
+        return {"client_control_variates": self.control_variate}
+
 
 def scaffold(
     grad_fn: GradFn,
