@@ -147,12 +147,18 @@ def train_run(
     seed: int,
     extra: Sequence[str] = (),
 ) -> tuple[Any, Any, float, Any]:
-    """The rounds of ``python run.py experiment=<recipe>`` through the experiment loop."""
+    """The rounds of ``python run.py experiment=<recipe>`` through the experiment loop.
+
+    The run's ``seed`` is the library sides' sampler seed: its rounds draw the same clients
+    (the runner samples with FedJAX's ``UniformGetClientSampler`` rule from ``seed``), so
+    both sides do the same work; its initial parameters come from ``split(PRNGKey(seed))``.
+    """
     from bench import ours
 
+    run_seed = SAMPLER_SEED + seed
     log_every = max(1, (rounds - warmup) // max(1, windows))
-    overrides = [*run_overrides(model_name, seed, log_every), *extra]
-    model, run = ours.train_config(overrides, train_fd, rounds, warmup, windows, seed)
+    overrides = [*run_overrides(model_name, run_seed, log_every), *extra]
+    model, run = ours.train_config(overrides, train_fd, rounds, warmup, windows, run_seed)
     run.rate.unit = "rounds/s"
     return model, run.params, run.warmup_s, run.rate
 
