@@ -276,9 +276,9 @@ def build_mime(
     lite: bool = False,
     client_delta_clip_norm: float | None = None,
 ) -> CohortAlgorithm:
-    """Mime (``mime.mime``) or Mime Lite (``mime_lite.mime_lite``); the client optimizer is
-    the base optimizer clients mimic."""
-    base_optimizer, cohort_size = ctx["client_optimizer"], ctx["clients_per_round"]
+    """Mime (``mime.mime``) or Mime Lite (``mime_lite.mime_lite``); the server optimizer is
+    the base optimizer clients mimic (its state is the server's; clients only read it)."""
+    base_optimizer, cohort_size = ctx["server_optimizer"], ctx["clients_per_round"]
     grads_hparams = PaddedBatchHParams(batch_size=grads_batch_size)
     args = (ctx["loss"], base_optimizer, ctx["batch_hparams"], grads_hparams, server_learning_rate)
     if lite:

@@ -25,6 +25,8 @@ def _instantiate(key: str, node: Any, **kwargs: Any) -> Any:
         return instantiate(node, **kwargs)
     except InstantiationException as e:
         cause = e.__cause__ or e
+        if isinstance(cause, ConfigError):  # Already one line naming the key and the fix.
+            raise ConfigError(str(cause)) from e
         message = str(cause).splitlines()[0] if str(cause) else type(cause).__name__
         target = node.get("_target_") if isinstance(node, Mapping) else None
         raise ConfigError(

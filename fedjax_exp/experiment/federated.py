@@ -30,8 +30,9 @@ ENGINES = ("auto", "scan", "stepwise")
 class FederatedTraining:
     """Rounds of a federated algorithm (``name``: a key of ``cohort_rounds.ALGORITHMS``).
 
-    ``optimizer`` is the server optimizer; ``client_optimizer`` trains the clients (Mime: the
-    base optimizer). Further keyword ``settings`` go to the algorithm's builder (e.g.
+    ``optimizer`` is the server optimizer (Mime, Mime Lite: the base optimizer that clients
+    mimic); ``client_optimizer`` trains the clients (SCAFFOLD: plain SGD at
+    ``client_learning_rate`` instead). Further keyword ``settings`` go to the algorithm's builder (e.g.
     ``proximal_weight``). ``engine``: ``scan`` runs each round (and several rounds per
     dispatch) as one program; ``stepwise`` dispatches every local step (vmap over a block's
     clients), which XLA:CPU runs faster for convolutions; ``auto`` picks by model and backend.
@@ -49,7 +50,7 @@ class FederatedTraining:
         name: str,
         clients_per_round: int,
         client_batch_size: int,
-        client_optimizer: Any,
+        client_optimizer: Any = None,
         client_epochs: int | None = 1,
         client_steps: int | None = None,
         eval_clients: int | None = None,
@@ -77,6 +78,13 @@ class FederatedTraining:
             raise ConfigError(
                 f"algorithm.clients_per_round={clients_per_round} but the train data has "
                 f"{len(sizes)} clients: set algorithm.clients_per_round between 1 and {len(sizes)}"
+            )
+        if isinstance(client_batch_size, bool) or not (
+            isinstance(client_batch_size, int) and client_batch_size > 0
+        ):
+            raise ConfigError(
+                f"algorithm.client_batch_size must be a positive integer, got "
+                f"{client_batch_size!r}: set e.g. algorithm.client_batch_size=10"
             )
         self.batch_hparams = ShuffleRepeatBatchHParams(
             batch_size=client_batch_size, num_epochs=client_epochs, num_steps=client_steps
