@@ -80,6 +80,7 @@ class EvalBatchesConfig:
 @dataclasses.dataclass
 class VectorizeConfig:
     learning_rates: Optional[list[float]] = MISSING  # noqa: UP045 - OmegaConf reads Optional.
+    client_learning_rates: Optional[list[float]] = MISSING  # noqa: UP045
     seeds: Optional[list[int]] = MISSING  # noqa: UP045
 
 
