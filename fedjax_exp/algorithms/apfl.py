@@ -23,7 +23,6 @@ import jax.numpy as jnp
 
 from fedjax_exp.algorithms._aggregation import (
     RunningWeightedMean,
-    check_tree_matches,
     client_num_examples,
     params_delta,
 )
@@ -202,10 +201,11 @@ def adaptive_personalized_federated_learning(
         num_examples = client_num_examples(clients)
         for cid, _, _ in clients:
             if cid in server_state.client_states:
-                check_tree_matches(
+                tree_util.check_tree_matches(
                     server_state.client_states[cid].params,
                     server_state.params,
                     f"the stored params of client {cid!r}",
+                    "the server params",
                 )
         new_client = ClientState(
             server_state.params,

@@ -64,13 +64,8 @@ def mime_lite(
     """Builds Mime Lite.
 
     Args:
-        per_example_loss: ``(params, batch, rng) -> [batch]``, used for both the server gradient
-            and client training.
-        base_optimizer: the centralized optimizer that clients mimic.
-        client_batch_hparams: batching of client training.
-        grads_batch_hparams: batching of the server-gradient pass.
-        server_learning_rate: scale of the mean client delta applied to the server params.
-        regularizer: optional ``params -> scalar`` added to the mean loss.
+        per_example_loss, base_optimizer, client_batch_hparams, grads_batch_hparams,
+        server_learning_rate, regularizer: as for :func:`fedjax_exp.algorithms.mime.mime`.
         client_delta_clip_norm: clip each client delta to this global L2 norm (None: no clip).
 
     Returns:

@@ -37,7 +37,6 @@ import jax.numpy as jnp
 
 from fedjax_exp.algorithms._aggregation import (
     RunningWeightedMean,
-    check_tree_matches,
     client_num_examples,
     params_delta,
 )
@@ -172,8 +171,11 @@ def scaffold(
         known = server_state.client_control_variates
         for cid, _, _ in clients:
             if cid in known:
-                check_tree_matches(
-                    known[cid], server_state.params, f"the stored control variate of client {cid!r}"
+                tree_util.check_tree_matches(
+                    known[cid],
+                    server_state.params,
+                    f"the stored control variate of client {cid!r}",
+                    "the server params",
                 )
         batched = [
             (
