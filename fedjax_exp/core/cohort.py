@@ -397,8 +397,9 @@ class StepwiseCohort:
         outputs, losses = [], []
         for b in range(len(block_steps)):
             inputs = jax.tree_util.tree_map(lambda x, b=b: x[b], lane_inputs)
-            rows, counts = layout["rows"][b], layout["counts"][b]
-            mask = layout["mask"][b] if "mask" in layout else None
+            # To the device once per block, not at every step's call.
+            rows, counts = jax.device_put((layout["rows"][b], layout["counts"][b]))
+            mask = jax.device_put(layout["mask"][b]) if "mask" in layout else None
             carry = (init(shared, inputs), jnp.zeros(counts.shape, jnp.float32))
             for t in range(int(block_steps[b])):
                 carry = step(carry, columns, rows, counts, mask, np.int32(t))
