@@ -32,8 +32,8 @@ class FederatedTraining:
 
     ``optimizer`` is the server optimizer (Mime, Mime Lite: the base optimizer that clients
     mimic); ``client_optimizer`` trains the clients (SCAFFOLD: plain SGD at
-    ``client_learning_rate`` instead). Further keyword ``settings`` go to the algorithm's builder (e.g.
-    ``proximal_weight``). ``engine``: ``scan`` runs each round (and several rounds per
+    ``client_learning_rate`` instead). Further keyword ``settings`` go to the algorithm's
+    builder (e.g. ``proximal_weight``). ``engine``: ``scan`` runs each round (and several rounds per
     dispatch) as one program; ``stepwise`` dispatches every local step (vmap over a block's
     clients), which XLA:CPU runs faster for convolutions; ``auto`` picks by model and backend.
     ``lanes``: clients vmapped together (auto: 8 on accelerators; on CPU 2, or 1 stepwise).
