@@ -18,6 +18,7 @@ step) and ``delta_l2_norm`` (over the round's clients).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -205,6 +206,13 @@ def build_dp_fed_avg(
     )
 
 
+@functools.partial(jax.jit, donate_argnums=0)
+def _store_rows(table: Any, rows: jax.Array, values: Any) -> Any:
+    """``table[rows] = values`` per leaf, rows past the end dropped; in place when called
+    outside jit (the population's table is large: num_clients x the model's parameters)."""
+    return jax.tree_util.tree_map(lambda t, v: t.at[rows].set(v, mode="drop"), table, values)
+
+
 def build_scaffold(ctx: dict[str, Any], client_learning_rate: float) -> CohortAlgorithm:
     """SCAFFOLD (``scaffold.scaffold``): every client's control variate is kept on the
     device, stacked over the population (``[num_clients, ...]`` per leaf; zeros until the
@@ -247,11 +255,8 @@ def build_scaffold(ctx: dict[str, Any], client_learning_rate: float) -> CohortAl
         control_variate = jax.tree_util.tree_map(
             lambda c, d: c + fraction * d, state.control_variate, mean_control_delta
         )
-        flat = clients.reshape(-1)
-        stored = jax.tree_util.tree_map(
-            lambda all_, new: all_.at[flat].set(new, mode="drop"),
-            state.client_control_variates,
-            out["control_variate"],
+        stored = _store_rows(
+            state.client_control_variates, clients.reshape(-1), out["control_variate"]
         )
         next_state = scaffold.ServerState(params, opt_state, control_variate, stored)
         return next_state, _scalars(inputs, losses, _norms(out["delta"]))
