@@ -433,3 +433,20 @@ def test_client_learning_rates_need_a_federated_algorithm(tmp_path):
     with pytest.raises(ConfigError, match="needs a federated algorithm"):
         run(cfg, output_dir=tmp_path / "run")
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_a_federated_seed_sweep_draws_each_seeds_clients(tmp_path):
+    sweep = ("trainer.vectorize.seeds=[0,1]", "trainer.eval_every=0")
+    run(_config(*FED_TINY, *sweep), output_dir=tmp_path / "seeds")
+    for seed in (0, 1):
+        run(
+            _config(*FED_TINY, "trainer.eval_every=0", f"seed={seed}"),
+            output_dir=tmp_path / f"{seed}",
+        )
+        mine = read_metrics(tmp_path / "seeds" / "trials" / f"seed={seed}" / "metrics.jsonl")
+        theirs = read_metrics(tmp_path / f"{seed}" / "metrics.jsonl")
+        assert [r["step"] for r in mine] == [r["step"] for r in theirs] == [1, 2, 2]
+        for a, b in zip(mine, theirs, strict=True):
+            for key, value in b.items():
+                if key != "time":
+                    assert a[key] == pytest.approx(value, rel=1e-5, abs=1e-6), (seed, key)

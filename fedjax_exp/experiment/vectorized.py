@@ -16,7 +16,7 @@ A federated run (:class:`VectorizedFederatedTraining`) sweeps server learning ra
 (``client_learning_rates``) x seeds: the rounds of all trials are one program, vmapped over the
 trials; trials sharing a seed share the round's clients and batches. The client optimizer's
 state is made inside the round, so its rate cannot live in a state: it is read, while the
-program is traced, from the trial being traced (:func:`learning_rate_in_scope`).
+program is traced, from the trial being traced (``learning_rate_in_scope``).
 
 The runner logs each trial as its own run under ``<run dir>/trials/<name>/``. Results equal
 those of each trial run alone up to floating-point reassociation of the batched arithmetic.
@@ -24,12 +24,10 @@ those of each trial run alone up to floating-point reassociation of the batched 
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import itertools
 import json
 import pathlib
-import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -38,63 +36,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedjax_exp.core.dataclasses import dataclass
+from fedjax_exp.core.injected_learning_rate import (  # noqa: F401 - re-exported
+    LearningRateState,
+    learning_rate_in_scope,
+    learning_rate_in_state,
+    learning_rate_scope,
+)
 from fedjax_exp.core.typing import Params, PRNGKey
 from fedjax_exp.experiment import algorithms
 from fedjax_exp.experiment.errors import ConfigError
 from fedjax_exp.experiment.run_files import HYDRA_DIR, TRIALS_DIR  # noqa: F401 - re-exported
-
-
-@dataclass
-class LearningRateState:
-    """Optimizer state carrying its own learning rate (a float32 scalar, vmappable)."""
-
-    learning_rate: jax.Array
-    inner: Any
-
-
-def learning_rate_in_state(make_optimizer: Callable[[Any], Any], learning_rate: float) -> Any:
-    """An :class:`~fedjax_exp.core.optimizers.Optimizer` whose learning rate is in its state.
-
-    ``make_optimizer(lr)`` builds the underlying optimizer; ``apply`` calls it again with the
-    (possibly traced) rate read from the state. The arithmetic is ``make_optimizer(rate)``'s.
-    """
-    from fedjax_exp.core.optimizers import Optimizer
-
-    def init(params: Params) -> LearningRateState:
-        lr = jnp.asarray(learning_rate, jnp.float32)
-        return LearningRateState(learning_rate=lr, inner=make_optimizer(learning_rate).init(params))
-
-    def apply(grads: Params, state: LearningRateState, params: Params) -> tuple[Any, Params]:
-        inner, params = make_optimizer(state.learning_rate).apply(grads, state.inner, params)
-        return LearningRateState(learning_rate=state.learning_rate, inner=inner), params
-
-    return Optimizer(init=init, apply=apply)
-
-
-_SCOPE = threading.local()
-
-
-@contextlib.contextmanager
-def learning_rate_scope(rate: Any) -> Iterator[None]:
-    """Optimizers of :func:`learning_rate_in_scope` traced inside use ``rate``."""
-    previous, _SCOPE.rate = getattr(_SCOPE, "rate", None), rate
-    try:
-        yield
-    finally:
-        _SCOPE.rate = previous
-
-
-def learning_rate_in_scope(make_optimizer: Callable[[Any], Any], learning_rate: float) -> Any:
-    """An optimizer at :func:`learning_rate_scope`'s rate while that scope is open (outside:
-    ``learning_rate``). ``init`` uses ``learning_rate``: the state must not depend on it."""
-    from fedjax_exp.core.optimizers import Optimizer
-
-    def apply(grads: Params, state: Any, params: Params) -> tuple[Any, Params]:
-        rate = getattr(_SCOPE, "rate", None)
-        rate = learning_rate if rate is None else rate
-        return make_optimizer(rate).apply(grads, state, params)
-
-    return Optimizer(init=lambda params: make_optimizer(learning_rate).init(params), apply=apply)
 
 
 @dataclasses.dataclass(frozen=True)
