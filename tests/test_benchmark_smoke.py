@@ -241,6 +241,14 @@ def tiny_federated(tmp_path_factory):
     return d
 
 
+def test_fed_schedule_is_whole_dispatches(bench):
+    from bench import fed_section
+
+    assert fed_section.aligned_schedule(300, 30, 5, 8) == (312, 32, 56)
+    assert fed_section.aligned_schedule(24, 4, 5, 1) == (24, 4, 4)
+    assert fed_section.aligned_schedule(5, 1, 2, 8) == (24, 8, 8)
+
+
 def test_fed_noise_pools_seed_spread(bench):
     from bench import fed_section
 
@@ -261,8 +269,10 @@ def test_fed_section_quick(bench, tiny_federated):
     settings = sections.Settings.quick_settings(fed_sides=("run", "jit"), fed_rounds=5)
     result = bench.run_benchmark(settings, only=("fed",), femnist_dir=tiny_federated)
     run, jit = result["rows"]
-    assert run["case"] == "FedAvg logistic, run.py (experiment loop), 5 rounds"
-    assert jit["case"] == "FedAvg logistic, library, jit backend, 5 rounds"
+    # 5 rounds, a quarter of them warm-up, grow to whole dispatches of 8 rounds: a warm-up of
+    # 8 and 2 windows of 8.
+    assert run["case"] == "FedAvg logistic, run.py (experiment loop), 24 rounds"
+    assert jit["case"] == "FedAvg logistic, library, jit backend, 24 rounds"
     # FedJAX is measured once per model: both rows compare against the same figure.
     assert run["fedjax"] == jit["fedjax"] and run["samples"]["fedjax"] == jit["samples"]["fedjax"]
     for row in (run, jit):
@@ -271,7 +281,7 @@ def test_fed_section_quick(bench, tiny_federated):
         assert math.isclose(row["ratio"], row["fedjax_exp"] / row["fedjax"])
         assert row["settings"]["server_optimizer"] == "adagrad"
         assert row["clients_per_round"] == 10 and row["client_batch_size"] == 10
-        assert row["warmup_rounds"] == 1  # A quarter of 5 rounds, at least 1.
+        assert row["warmup_rounds"] == 8
         for side in ("fedjax", "fedjax_exp"):
             (accuracy,) = row["seed_accuracies"][side]
             assert 0.0 <= accuracy <= 1.0

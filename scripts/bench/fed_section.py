@@ -41,6 +41,21 @@ DEFAULT_ROUNDS = {"logistic": 300, "haiku_cnn": 24}
 DEFAULT_WARMUP = {"logistic": 30, "haiku_cnn": 4}
 # Seeds per side for the accuracy comparison (seed 0 is the timed run).
 DEFAULT_SEEDS = {"logistic": 3, "haiku_cnn": 2}
+# Rounds per dispatch of run.py's loop (trainer.steps_per_dispatch=auto on CPU: 8, but 1 for
+# convolutional models). The warm-up and every timed window are whole multiples of it, so the
+# timed rounds run only programs the warm-up compiled.
+DISPATCH = {"logistic": 8, "haiku_cnn": 1}
+
+
+def aligned_schedule(rounds: int, warmup: int, windows: int, dispatch: int) -> tuple[int, int, int]:
+    """``(rounds, warmup, rounds per window)`` with the warm-up and windows rounded up to
+    whole dispatches (``rounds`` grows to fit)."""
+    up = lambda n: -(-max(1, n) // dispatch) * dispatch  # noqa: E731
+    warmup = up(warmup)
+    per_window = up((rounds - warmup) // max(1, windows))
+    return warmup + windows * per_window, warmup, per_window
+
+
 SIDE_LABELS = {
     "run": "run.py (experiment loop)",
     "jit": "library, jit backend",
@@ -108,12 +123,16 @@ def section_fed(ctx: Context) -> list[dict[str, Any]]:
     for model_name in s.fed_models:
         rounds = s.fed_rounds or DEFAULT_ROUNDS[model_name]
         warmup = min(s.fed_warmup or DEFAULT_WARMUP[model_name], max(1, rounds // 4))
+        rounds, warmup, per_window = aligned_schedule(
+            rounds, warmup, s.windows, DISPATCH[model_name]
+        )
         seeds = s.fed_seeds or DEFAULT_SEEDS[model_name]
         base = {
             "model": model_name,
             "rounds": rounds,
             "warmup": warmup,
             "windows": s.windows,
+            "log-every": per_window,
             "train": train_h5,
             "test": test_h5,
             "seeds": seeds,

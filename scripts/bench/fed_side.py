@@ -146,6 +146,7 @@ def train_run(
     windows: int,
     seed: int,
     extra: Sequence[str] = (),
+    log_every: int | None = None,
 ) -> tuple[Any, Any, float, Any]:
     """The rounds of ``python run.py experiment=<recipe>`` through the experiment loop.
 
@@ -156,7 +157,7 @@ def train_run(
     from bench import ours
 
     run_seed = SAMPLER_SEED + seed
-    log_every = max(1, (rounds - warmup) // max(1, windows))
+    log_every = log_every or max(1, (rounds - warmup) // max(1, windows))
     overrides = [*run_overrides(model_name, run_seed, log_every), *extra]
     model, run = ours.train_config(overrides, train_fd, rounds, warmup, windows, run_seed)
     run.rate.unit = "rounds/s"
@@ -183,7 +184,14 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     for seed in range(args.seeds):
         if args.side == "run":
             run = train_run(
-                args.model, train_fd, args.rounds, args.warmup, args.windows, seed, args.override
+                args.model,
+                train_fd,
+                args.rounds,
+                args.warmup,
+                args.windows,
+                seed,
+                args.override,
+                args.log_every,
             )
         else:
             run = train_library(
@@ -215,6 +223,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--train", required=True, help="TFF-layout h5 train file")
     p.add_argument("--test", help="TFF-layout h5 test file (accuracy on all of it)")
     p.add_argument("--seeds", type=int, default=1, help="seeds 0..N-1 (seed 0 timed)")
+    p.add_argument(
+        "--log-every", type=int, help="run side: rounds between log writes (the timing marks)"
+    )
     p.add_argument("--override", action="append", default=[], help="run side: a Hydra override")
     return p.parse_args(argv)
 
