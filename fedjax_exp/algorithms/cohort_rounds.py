@@ -67,6 +67,7 @@ def _lane_rngs(inputs: dict[str, jax.Array], clients_per_round: int) -> jax.Arra
     return keys[inputs["slot"]]
 
 
+@jax.jit  # One program when a stepwise round runs eagerly; inlined under jit.
 def _real_only(tree: Any, real: jax.Array) -> Any:
     """Padding lanes' values replaced by zeros (they may be inf or NaN)."""
     flat = real.reshape(-1)
@@ -75,6 +76,7 @@ def _real_only(tree: Any, real: jax.Array) -> Any:
     )
 
 
+@jax.jit  # One program when a stepwise round runs eagerly; inlined under jit.
 def _weighted_mean(updates: Any, weights: jax.Array) -> Any:
     """``sum_i w_i u_i / sum_i w_i`` over the lanes axis; zeros for a zero total weight."""
     w = weights.reshape(-1).astype(jnp.float32)
@@ -103,6 +105,7 @@ def _loss_fn(per_example_loss) -> Callable[[Any, Any], jax.Array]:
     return loss
 
 
+@jax.jit  # One program when a stepwise round runs eagerly; inlined under jit.
 def _norms(deltas: Any) -> jax.Array:
     return jax.vmap(tree_util.tree_l2_norm)(deltas)
 
