@@ -10,6 +10,11 @@ Sections (``--only`` picks some):
   Haiku CNN, batch 8 and 128: the seed chapter's jitted loop over FedJAX's shuffled batches
   against fedjax_exp's runner loop, with the accuracy both reach after the same steps (over
   3 seeds); each side trains in a fresh process, as its users run it;
+- ``fed``: FedAvg rounds/s with FedJAX's ``experiments/fed_avg`` EMNIST settings (logistic
+  and Haiku CNN, 10 clients per round, batch 10, one epoch): FedJAX's ``federated_averaging``
+  with ``UniformGetClientSampler`` against ``python run.py experiment=fedavg_emnist_*``'s
+  training loop (and fedjax_exp's library port with its ``jit`` and ``parallel`` backends),
+  each side in a fresh process, with the test accuracy both reach after the same rounds;
 - ``e2e``: wall time and peak RSS of ``python run.py experiment=seed_logistic`` against the
   same work done with FedJAX's loop, each in a fresh process;
 - ``memory``: peak allocation while loading the train/test h5 pair.
@@ -97,6 +102,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--models", type=_csv("model", models.MODEL_NAMES), help="models for the train section"
     )
+    p.add_argument(
+        "--fed-models",
+        type=_csv("model", ("logistic", "haiku_cnn")),
+        help="models for the fed section (logistic,haiku_cnn)",
+    )
+    p.add_argument(
+        "--fed-sides",
+        type=_csv("side", ("run", "jit", "parallel")),
+        help="fedjax_exp sides of the fed section: run (run.py's loop), jit, parallel",
+    )
+    p.add_argument("--fed-rounds", type=_positive, help="rounds per run (fed section)")
     p.add_argument("--synthetic-clients", type=_positive)
     p.add_argument("--synthetic-examples", type=_positive)
     p.add_argument("--out", type=pathlib.Path, help="write the results as JSON here")
@@ -113,6 +129,9 @@ def settings_from_args(args: argparse.Namespace) -> sections.Settings:
         ("repeats", "repeats"),
         ("batch_sizes", "batch_sizes"),
         ("models", "train_models"),
+        ("fed_models", "fed_models"),
+        ("fed_sides", "fed_sides"),
+        ("fed_rounds", "fed_rounds"),
         ("synthetic_clients", "synthetic_clients"),
         ("synthetic_examples", "synthetic_examples"),
     ):
@@ -171,7 +190,7 @@ def build_context(
             settings.synthetic_clients, settings.synthetic_examples
         )
         print(f"synthetic data generated in {time.perf_counter() - start:.1f}s", file=sys.stderr)
-    if ctx.h5_pair is None and {"train", "e2e", "memory"} & set(only):
+    if ctx.h5_pair is None and {"train", "fed", "e2e", "memory"} & set(only):
         ctx.h5_pair = _write_small_h5_pair(scratch, settings)
     return ctx
 

@@ -6,6 +6,7 @@ import os
 import pathlib
 import tempfile
 
+import jax
 import pytest
 
 # W&B must never reach the network from tests, and must not print banners into test output.
@@ -34,3 +35,11 @@ def shared_femnist_dir() -> pathlib.Path:
     if not (train.is_file() and test.is_file()):
         pytest.skip(f"shared FEMNIST files not found under {SHARED_FEMNIST}")
     return SHARED_FEMNIST
+
+
+@pytest.fixture()
+def fedjax_on_current_jax(monkeypatch):
+    """Lets FedJAX 0.0.17, the parity tests' reference, run on current JAX: it calls
+    ``jax.tree_map``, which JAX removed (``jax.tree_util.tree_map`` is the same function).
+    Patched for the requesting test only; fedjax_exp itself never uses the old name."""
+    monkeypatch.setattr(jax, "tree_map", jax.tree_util.tree_map, raising=False)

@@ -229,3 +229,61 @@ def test_quick_end_to_end_section(bench, tiny_femnist):
     assert wall["unit"] == "s" and rss["unit"] == "MiB"
     assert wall["fedjax"] > 0 and rss["fedjax"] > 0
     assert wall["lower_is_better"] and wall["command"].startswith("python run.py experiment=")
+
+
+@pytest.fixture(scope="module")
+def tiny_federated(tmp_path_factory):
+    """Twelve writers: enough for FedAvg's 10 clients per round."""
+    d = tmp_path_factory.mktemp("femnist_fed")
+    sizes = [12, 3, 25, 7, 18, 10, 4, 30, 9, 15, 6, 21]
+    _write_tff_h5(d / "femnist_leaf_train.h5", sizes, seed=2)
+    _write_tff_h5(d / "femnist_leaf_test.h5", [9, 13, 4], seed=3)
+    return d
+
+
+def test_fed_schedule_is_whole_dispatches(bench):
+    from bench import fed_section
+
+    assert fed_section.aligned_schedule(300, 30, 5, 8) == (312, 32, 56)
+    assert fed_section.aligned_schedule(24, 4, 5, 1) == (24, 4, 4)
+    assert fed_section.aligned_schedule(5, 1, 2, 8) == (24, 8, 8)
+
+
+def test_fed_noise_pools_seed_spread(bench):
+    from bench import fed_section
+
+    # One seed each on 10,000 examples: 3 binomial standard errors of the difference ~ 0.021.
+    assert fed_section.within_noise([0.50], [0.52], 10_000) is True
+    assert fed_section.within_noise([0.50], [0.53], 10_000) is False
+    # The seed spread of the side that has several seeds is the noise of both (variance
+    # 0.0025: 3 standard errors of the difference of a 3-seed and a 1-seed mean ~ 0.17).
+    assert fed_section.within_noise([0.45, 0.50, 0.55], [0.62], 10_000) is True
+    assert fed_section.within_noise([0.45, 0.50, 0.55], [0.70], 10_000) is False
+    assert fed_section.within_noise([], [0.5], 100) is None
+
+
+@pytest.mark.slow
+def test_fed_section_quick(bench, tiny_federated):
+    from bench import sections
+
+    settings = sections.Settings.quick_settings(fed_sides=("run", "jit"), fed_rounds=5)
+    result = bench.run_benchmark(settings, only=("fed",), femnist_dir=tiny_federated)
+    run, jit = result["rows"]
+    # 5 rounds, a quarter of them warm-up, grow to whole dispatches of 8 rounds: a warm-up of
+    # 8 and 2 windows of 8.
+    assert run["case"] == "FedAvg logistic, run.py (experiment loop), 24 rounds"
+    assert jit["case"] == "FedAvg logistic, library, jit backend, 24 rounds"
+    # FedJAX is measured once per model: both rows compare against the same figure.
+    assert run["fedjax"] == jit["fedjax"] and run["samples"]["fedjax"] == jit["samples"]["fedjax"]
+    for row in (run, jit):
+        assert row["section"] == "fed" and row["unit"] == "rounds/s" and not row["errors"], row
+        assert row["fedjax"] > 0 and row["fedjax_exp"] > 0
+        assert math.isclose(row["ratio"], row["fedjax_exp"] / row["fedjax"])
+        assert row["settings"]["server_optimizer"] == "adagrad"
+        assert row["clients_per_round"] == 10 and row["client_batch_size"] == 10
+        assert row["warmup_rounds"] == 8
+        for side in ("fedjax", "fedjax_exp"):
+            (accuracy,) = row["seed_accuracies"][side]
+            assert 0.0 <= accuracy <= 1.0
+    # The issue's goal applies to the run.py path only.
+    assert (run["goal"], jit["goal"]) == (20.0, None)

@@ -50,6 +50,8 @@ def sample_files() -> list[str]:
 NEEDS = {
     "dataset=files": sample_files,
     "optimizer/schedule=warmup_cosine": lambda: ["optimizer.schedule.warmup_steps=1"],
+    # Fewer clients: SCAFFOLD keeps a control variate per client (clients x parameters).
+    "dataset=synthetic": lambda: ["+dataset.loader.num_clients=12"],
 }
 # Options that download data: composed and validated only.
 DOWNLOADS = ["dataset=emnist", "dataset=emnist_digits"]

@@ -20,12 +20,7 @@ from fedjax.aggregators import walsh_hadamard as fj_walsh_hadamard  # noqa: E402
 
 from fedjax_exp.aggregators import aggregator, compression, walsh_hadamard  # noqa: E402
 
-
-@pytest.fixture(autouse=True)
-def _fedjax_on_current_jax(monkeypatch):
-    # FedJAX 0.0.17's tree_util calls jax.tree_map, which current JAX removed; restore it for
-    # the reference implementation only. No other patch is needed for its aggregators.
-    monkeypatch.setattr(jax, "tree_map", jax.tree_util.tree_map, raising=False)
+pytestmark = pytest.mark.usefixtures("fedjax_on_current_jax")
 
 
 def assert_trees_equal(ours, theirs):

@@ -36,10 +36,7 @@ ROUNDS = [[b"c0", b"c2"], [b"c1", b"c2", b"c3"]]
 
 
 @pytest.fixture(autouse=True)
-def _fedjax_on_current_jax(monkeypatch):
-    # FedJAX 0.0.17 calls jax.tree_map, which current JAX removed; restore it for the reference
-    # implementation only (fedjax_exp never uses it).
-    monkeypatch.setattr(jax, "tree_map", jax.tree_util.tree_map, raising=False)
+def _fedjax_apfl_on_current_jax(fedjax_on_current_jax, monkeypatch):
     # FedJAX's APFL clips with jnp.clip(a_min=..., a_max=...), keywords current JAX removed
     # (now min/max). Give that one module a jnp whose clip still takes them.
     from fedjax.algorithms import apfl as their_apfl

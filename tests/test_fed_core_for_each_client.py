@@ -25,10 +25,7 @@ from fedjax_exp.core.models import model_grad
 TESTS_DIR = pathlib.Path(__file__).resolve().parent
 
 
-@pytest.fixture(autouse=True)
-def _fedjax_on_current_jax(monkeypatch):
-    # FedJAX 0.0.17 calls jax.tree_map, which current JAX removed; restore it for the reference.
-    monkeypatch.setattr(jax, "tree_map", jax.tree_util.tree_map, raising=False)
+pytestmark = pytest.mark.usefixtures("fedjax_on_current_jax")
 
 
 # --- A counting computation (integers: every backend must agree exactly) -------------------

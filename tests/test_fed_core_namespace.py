@@ -6,16 +6,11 @@ import importlib
 import types
 
 import fedjax
-import jax
 import pytest
 
 import fedjax_exp
 
-
-@pytest.fixture(autouse=True)
-def _fedjax_on_current_jax(monkeypatch):
-    # FedJAX 0.0.17 calls jax.tree_map, which current JAX removed; restore it for the reference.
-    monkeypatch.setattr(jax, "tree_map", jax.tree_util.tree_map, raising=False)
+pytestmark = pytest.mark.usefixtures("fedjax_on_current_jax")
 
 
 def _public(module: types.ModuleType) -> set[str]:

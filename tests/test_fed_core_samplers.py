@@ -10,11 +10,7 @@ import pytest
 import fedjax_exp
 from fedjax_exp.core import client_samplers
 
-
-@pytest.fixture(autouse=True)
-def _fedjax_on_current_jax(monkeypatch):
-    # FedJAX 0.0.17 calls jax.tree_map, which current JAX removed; restore it for the reference.
-    monkeypatch.setattr(jax, "tree_map", jax.tree_util.tree_map, raising=False)
+pytestmark = pytest.mark.usefixtures("fedjax_on_current_jax")
 
 
 def _client_examples(num_clients: int) -> dict[bytes, dict[str, np.ndarray]]:

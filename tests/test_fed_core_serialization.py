@@ -15,9 +15,8 @@ from fedjax_exp.core import serialization, util
 
 
 @pytest.fixture(autouse=True)
-def _fedjax_on_current_jax(monkeypatch):
-    # FedJAX 0.0.17 calls jax.tree_map and np.issctype; neither exists on current JAX/NumPy 2.
-    monkeypatch.setattr(jax, "tree_map", jax.tree_util.tree_map, raising=False)
+def _fedjax_on_current_numpy(fedjax_on_current_jax, monkeypatch):
+    # FedJAX 0.0.17 also calls np.issctype, which NumPy 2 removed.
     monkeypatch.setattr(
         np,
         "issctype",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import re
 import signal
 import subprocess
 import sys
@@ -16,8 +17,23 @@ import numpy as np
 import optax
 import pytest
 
-from fedjax_exp.core import dataclasses, serialization
-from fedjax_exp.training import checkpoint, load_latest_checkpoint, save_checkpoint
+from fedjax_exp.algorithms import apfl, scaffold
+from fedjax_exp.core import (
+    client_datasets,
+    client_samplers,
+    dataclasses,
+    models,
+    optimizers,
+    serialization,
+)
+from fedjax_exp.core.in_memory_federated_data import InMemoryFederatedData
+from fedjax_exp.training import (
+    FederatedExperimentConfig,
+    checkpoint,
+    load_latest_checkpoint,
+    run_federated_experiment,
+    save_checkpoint,
+)
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -212,10 +228,11 @@ def test_state_that_does_not_match_the_target_is_one_clear_error(tmp_path):
         load_latest_checkpoint(
             tmp_path, target={"params": {"w": np.zeros((2, 3), np.float32), "b": np.zeros(3)}}
         )
-    with pytest.raises(ValueError, match="holds 1 entries the target state does not have"):
-        load_latest_checkpoint(tmp_path, target={"params": {}})
     with pytest.raises(ValueError, match="'params' is a container where the target"):
         load_latest_checkpoint(tmp_path, target={"params": np.zeros(1)})
+    save_checkpoint(tmp_path, {"params": {"w": np.zeros(1), "b": np.zeros(1)}}, 6)
+    with pytest.raises(ValueError, match="holds 1 entries the target state does not have"):
+        load_latest_checkpoint(tmp_path, target={"params": {"w": np.zeros(1)}})
 
 
 def test_bad_arguments(tmp_path):
@@ -240,3 +257,130 @@ def test_bad_arguments(tmp_path):
     restored, round_num = load_latest_checkpoint(tmp_path, target={"w": jnp.zeros(3)})
     assert round_num == 2
     np.testing.assert_array_equal(restored["w"], [0.0, 1.0, 2.0])
+
+
+# --- Resuming algorithms with per-client state (SCAFFOLD, APFL) ----------------------------
+
+
+def _regression_clients() -> InMemoryFederatedData:
+    """Seven linear-regression clients of different sizes, keyed by bytes ids as FedJAX's."""
+    rng = np.random.default_rng(5)
+    data = {}
+    for i, size in enumerate([3, 6, 2, 5, 4, 7, 1]):
+        x = rng.normal(loc=0.3 * i, size=(size, 3)).astype(np.float32)
+        y = (x @ np.array([1.0, -2.0, 0.5]) + 0.2 * i).astype(np.float32)
+        data[f"client_{i}".encode()] = {"x": x, "y": y}
+    return InMemoryFederatedData(data)
+
+
+def _squared_error(params, batch, rng):
+    del rng
+    return 0.5 * (batch["x"] @ params["w"] + params["b"] - batch["y"]) ** 2
+
+
+_RESUME_HPARAMS = client_datasets.ShuffleRepeatBatchHParams(batch_size=2, num_epochs=1, seed=3)
+
+
+def _scaffold():
+    return scaffold.scaffold(
+        models.grad(_squared_error),
+        client_learning_rate=0.05,
+        server_optimizer=optimizers.adam(0.1),
+        client_batch_hparams=_RESUME_HPARAMS,
+        num_clients=7,
+    )
+
+
+def _apfl():
+    return apfl.adaptive_personalized_federated_learning(
+        models.grad(_squared_error),
+        client_optimizer=optimizers.sgd(0.05),
+        server_optimizer=optimizers.adam(0.1),
+        client_batch_hparams=_RESUME_HPARAMS,
+        client_coefficient=0.4,
+    )
+
+
+def _run_rounds(algorithm, root_dir, num_rounds: int):
+    init_state = algorithm.init({"w": jnp.array([0.2, 0.1, -0.3]), "b": jnp.array(0.05)})
+    # Three of seven clients a round, five rounds: clients recur, and some are trained before
+    # the interruption and not after it (their entries must survive the restore as they are).
+    sampler = client_samplers.UniformGetClientSampler(_regression_clients(), 3, seed=11)
+    config = FederatedExperimentConfig(str(root_dir), num_rounds, checkpoint_frequency=1)
+    return run_federated_experiment(algorithm, init_state, sampler, config)
+
+
+def _per_client(state):
+    if isinstance(state, scaffold.ServerState):
+        return state.client_control_variates
+    return state.client_states
+
+
+@pytest.mark.parametrize("build", [_scaffold, _apfl], ids=["scaffold", "apfl"])
+def test_resumed_run_with_per_client_state_equals_the_uninterrupted_run(tmp_path, build):
+    uninterrupted = _run_rounds(build(), tmp_path / "straight", 5)
+    stopped = _run_rounds(build(), tmp_path / "resumed", 2)
+    assert load_latest_checkpoint(tmp_path / "resumed")[1] == 2
+    assert len(_per_client(stopped)) >= 3  # The restore has client entries to fill in.
+    resumed = _run_rounds(build(), tmp_path / "resumed", 5)
+    _assert_same_state(resumed, uninterrupted)
+    # The same clients (dict order aside: pytrees flatten dicts in sorted key order).
+    assert sorted(_per_client(resumed)) == sorted(_per_client(uninterrupted))
+    assert all(isinstance(cid, bytes) for cid in _per_client(resumed))
+    # Resuming at the end (no rounds left) restores the same final state too.
+    restored, round_num = load_latest_checkpoint(
+        tmp_path / "resumed", target=build().init({"w": jnp.zeros(3), "b": jnp.zeros(())})
+    )
+    assert round_num == 5
+    _assert_same_state(restored, uninterrupted)
+
+
+def test_per_client_checkpoint_is_fedjax_msgpack_with_bytes_client_ids(tmp_path):
+    fedjax_serialization = pytest.importorskip("fedjax.core.serialization")
+    state = _run_rounds(_apfl(), tmp_path, 2)
+    data = (tmp_path / "checkpoint_00000002").read_bytes()
+    theirs = fedjax_serialization.msgpack_deserialize(data)
+    assert sorted(theirs["client_states"]) == sorted(state.client_states)
+    assert all(isinstance(cid, bytes) for cid in theirs["client_states"])
+    cid = sorted(state.client_states)[0]
+    np.testing.assert_array_equal(
+        theirs["client_states"][cid]["params"]["w"], state.client_states[cid].params["w"]
+    )
+    assert data == fedjax_serialization.msgpack_serialize(checkpoint.state_to_dict(state))
+
+
+@dataclasses.dataclass
+class _UndeclaredState:
+    params: dict
+    per_client: dict
+
+
+def test_an_undeclared_empty_mapping_is_filled_as_the_file_holds_it(tmp_path):
+    state = _UndeclaredState(
+        params={"w": jnp.ones(2)},
+        per_client={
+            b"a": {"v": jnp.arange(3, dtype=jnp.int32), "count": 2},
+            b"b": {"v": jnp.zeros(3, jnp.int32), "count": 5},
+        },
+    )
+    save_checkpoint(tmp_path, state, 1)
+    restored, _ = load_latest_checkpoint(tmp_path, target=_UndeclaredState({"w": jnp.zeros(2)}, {}))
+    assert list(restored.per_client) == [b"a", b"b"]
+    assert restored.per_client[b"a"]["count"] == 2
+    assert isinstance(restored.per_client[b"b"]["v"], jax.Array)
+    _assert_same_state(restored, state)
+
+
+def test_per_client_entries_that_do_not_match_the_template_are_one_clear_error(tmp_path):
+    state = _run_rounds(_scaffold(), tmp_path, 1)
+    cid = sorted(state.client_control_variates)[0]
+    broken = state.replace(
+        client_control_variates={cid: {"w": state.params["w"]}}  # No "b".
+    )
+    save_checkpoint(tmp_path, broken, 2)
+    missing = re.escape(f'no entry "client_control_variates/{cid!r}/b"')
+    with pytest.raises(ValueError, match=missing):
+        load_latest_checkpoint(tmp_path, target=_scaffold().init(state.params))
+    save_checkpoint(tmp_path, {**checkpoint.state_to_dict(state), "client_control_variates": 1}, 3)
+    with pytest.raises(ValueError, match="'client_control_variates' is a leaf where the target"):
+        load_latest_checkpoint(tmp_path, target=_scaffold().init(state.params))

@@ -95,8 +95,7 @@ def test_train_clients_evaluation_uses_the_given_clients():
     _assert_metrics_equal(got, models.evaluate_model(model, params, batches))
 
 
-def test_evaluation_functions_match_fedjax(monkeypatch):
-    monkeypatch.setattr(jax, "tree_map", jax.tree_util.tree_map, raising=False)
+def test_evaluation_functions_match_fedjax(fedjax_on_current_jax):
     fedjax = pytest.importorskip("fedjax")
     from fedjax.training import federated_experiment as theirs
 

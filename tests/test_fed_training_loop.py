@@ -315,11 +315,10 @@ def test_set_tf_cpu_only_is_a_no_op():
 
 
 @pytest.fixture()
-def fedjax_loop(monkeypatch):
-    """FedJAX's run_federated_experiment on current JAX without TensorFlow: jax.tree_map
-    restored, its TensorFlow-backed logger replaced by a recorder and checkpoint loading
-    stubbed (it needs tf.io.gfile)."""
-    monkeypatch.setattr(jax, "tree_map", jax.tree_util.tree_map, raising=False)
+def fedjax_loop(fedjax_on_current_jax, monkeypatch):
+    """FedJAX's run_federated_experiment on current JAX without TensorFlow: its
+    TensorFlow-backed logger replaced by a recorder and checkpoint loading stubbed (it needs
+    tf.io.gfile)."""
     fedjax = pytest.importorskip("fedjax")
     from fedjax.training import federated_experiment as theirs
 

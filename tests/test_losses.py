@@ -108,10 +108,8 @@ def test_l2_regularizer_matches_numpy():
     )
 
 
-def test_l2_regularizer_matches_fedjax(monkeypatch):
+def test_l2_regularizer_matches_fedjax(fedjax_on_current_jax):
     fedjax = pytest.importorskip("fedjax")
-    # FedJAX 0.0.17 calls jax.tree_map, which current JAX removed; restore it for the reference.
-    monkeypatch.setattr(jax, "tree_map", jax.tree_util.tree_map, raising=False)
     params = {"a": jnp.arange(3.0), "b": jnp.ones((2, 2))}
     center = jax.tree_util.tree_map(lambda p: p * 0.5, params)
     ours = regularizers.l2_regularizer(0.3, center)(params)

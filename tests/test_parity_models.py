@@ -29,11 +29,7 @@ ZOO = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def _fedjax_on_current_jax(monkeypatch):
-    # FedJAX 0.0.17 calls jax.tree_map, which current JAX removed; restore it for the reference
-    # implementation only (fedjax_exp never uses it).
-    monkeypatch.setattr(jax, "tree_map", jax.tree_util.tree_map, raising=False)
+pytestmark = pytest.mark.usefixtures("fedjax_on_current_jax")
 
 
 def assert_trees_equal(ours, theirs):

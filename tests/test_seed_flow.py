@@ -210,10 +210,8 @@ def test_hinge_in_the_flow_is_the_library_hinge():
     )
 
 
-def test_same_numbers_as_fedjax(ours, monkeypatch):
+def test_same_numbers_as_fedjax(ours, fedjax_on_current_jax):
     reference = pytest.importorskip("fedjax")
-    # FedJAX 0.0.17 calls jax.tree_map, which current JAX removed; restore it for FedJAX only.
-    monkeypatch.setattr(jax, "tree_map", jax.tree_util.tree_map, raising=False)
     theirs = run_flow(reference)
     # Same computations in the same order: the numbers agree bit for bit.
     assert ours.keys() == theirs.keys()

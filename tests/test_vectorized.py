@@ -352,3 +352,101 @@ def test_each_trial_is_its_own_wandb_run_and_a_diverging_trial_fails_alone(tmp_p
     sweep_status = json.loads((run_dir / "status.json").read_text())
     assert sweep_status["status"] == "completed"
     assert [t["error"] is None for t in sweep_status["trials"]] == [True, False]
+
+
+# --- federated sweeps: server x client learning rates ---------------------------------------
+
+FED_TINY = [
+    *TINY,
+    "trainer.steps=2",
+    "trainer.log_every=1",
+    "trainer.eval_every=2",
+    "algorithm=fed_avg",
+    "algorithm.clients_per_round=3",
+    "optimizer=adam",
+]
+
+
+def test_expand_trials_crosses_client_learning_rates():
+    trials = vectorized.expand_trials([0.1, 1.0], None, 0.5, 3, [0.01, 0.03], 0.2)
+    assert [t.name for t in trials] == [
+        "lr=0.1,client_lr=0.01",
+        "lr=0.1,client_lr=0.03",
+        "lr=1,client_lr=0.01",
+        "lr=1,client_lr=0.03",
+    ]
+    assert [(t.learning_rate, t.client_learning_rate, t.seed) for t in trials[1:3]] == [
+        (0.1, 0.03, 3),
+        (1.0, 0.01, 3),
+    ]
+    (only_client,) = vectorized.expand_trials(None, None, 0.5, 0, [0.01], 0.2)
+    assert (only_client.name, only_client.learning_rate) == ("client_lr=0.01", 0.5)
+    with pytest.raises(ConfigError, match="client_learning_rates must be positive"):
+        vectorized.expand_trials(None, None, 0.5, 0, [0.0], 0.2)
+
+
+def test_a_federated_grid_equals_its_trials_alone(tmp_path):
+    grid = (
+        "trainer.vectorize.learning_rates=[0.01,0.03]",
+        "trainer.vectorize.client_learning_rates=[0.1,0.3]",
+    )
+    run(_config(*FED_TINY, *grid), output_dir=tmp_path / "grid")
+    status = json.loads((tmp_path / "grid" / "status.json").read_text())
+    names = [t["name"] for t in status["trials"]]
+    assert names == [
+        "lr=0.01,client_lr=0.1",
+        "lr=0.01,client_lr=0.3",
+        "lr=0.03,client_lr=0.1",
+        "lr=0.03,client_lr=0.3",
+    ]
+    finals = set()
+    for (lr, client_lr), name in zip(
+        [(0.01, 0.1), (0.01, 0.3), (0.03, 0.1), (0.03, 0.3)], names, strict=True
+    ):
+        trial_dir = tmp_path / "grid" / "trials" / name
+        lone_dir = tmp_path / f"alone-{name}"
+        lone = _config(
+            *FED_TINY,
+            f"optimizer.learning_rate={lr}",
+            f"algorithm.client_optimizer.learning_rate={client_lr}",
+        )
+        run(lone, output_dir=lone_dir)
+        mine = read_metrics(trial_dir / "metrics.jsonl")
+        theirs = read_metrics(lone_dir / "metrics.jsonl")
+        assert [r["step"] for r in mine] == [r["step"] for r in theirs] == [1, 2, 2, 2]
+        for a, b in zip(mine, theirs, strict=True):
+            assert set(a) == set(b)
+            for key, value in b.items():
+                if key != "time":
+                    assert a[key] == pytest.approx(value, rel=1e-5, abs=1e-6), (name, key)
+        finals.add(mine[-1]["final/test/loss"])
+        import yaml
+
+        trial_cfg = yaml.safe_load((trial_dir / ".hydra" / "config.yaml").read_text())
+        assert trial_cfg["optimizer"]["learning_rate"] == lr
+        assert trial_cfg["algorithm"]["client_optimizer"]["learning_rate"] == client_lr
+    assert len(finals) == 4  # Every trial trained with its own pair of rates.
+
+
+def test_client_learning_rates_need_a_federated_algorithm(tmp_path):
+    cfg = _config("trainer.vectorize.client_learning_rates=[0.1,0.3]")
+    with pytest.raises(ConfigError, match="needs a federated algorithm"):
+        run(cfg, output_dir=tmp_path / "run")
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_a_federated_seed_sweep_draws_each_seeds_clients(tmp_path):
+    sweep = ("trainer.vectorize.seeds=[0,1]", "trainer.eval_every=0")
+    run(_config(*FED_TINY, *sweep), output_dir=tmp_path / "seeds")
+    for seed in (0, 1):
+        run(
+            _config(*FED_TINY, "trainer.eval_every=0", f"seed={seed}"),
+            output_dir=tmp_path / f"{seed}",
+        )
+        mine = read_metrics(tmp_path / "seeds" / "trials" / f"seed={seed}" / "metrics.jsonl")
+        theirs = read_metrics(tmp_path / f"{seed}" / "metrics.jsonl")
+        assert [r["step"] for r in mine] == [r["step"] for r in theirs] == [1, 2, 2]
+        for a, b in zip(mine, theirs, strict=True):
+            for key, value in b.items():
+                if key != "time":
+                    assert a[key] == pytest.approx(value, rel=1e-5, abs=1e-6), (seed, key)

@@ -15,9 +15,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
 
-import jax
-import numpy as np
-
 from fedjax_exp.core import dataclasses, tree_util
 from fedjax_exp.core.typing import ClientId, Params, PyTree
 
@@ -58,51 +55,22 @@ class MeanAggregatorState:
     """The weighted mean keeps no state between rounds."""
 
 
-def _dtype(leaf: object) -> np.dtype:
-    # JAX arrays carry .dtype; np.result_type on them is deprecated. Python scalars do not.
-    return np.dtype(leaf.dtype) if hasattr(leaf, "dtype") else np.result_type(leaf)
-
-
-def _signature(params: Params) -> tuple[jax.tree_util.PyTreeDef, list[tuple]]:
-    leaves, treedef = jax.tree_util.tree_flatten(params)
-    return treedef, [(np.shape(leaf), _dtype(leaf)) for leaf in leaves]
-
-
-class _LeafSpec(str):
-    """A leaf's ``dtype[shape]``, printed without quotes inside its tree."""
-
-    __repr__ = str.__str__
-
-
-def _summary(params: Params) -> str:
-    """The tree with every leaf shown as ``dtype[shape]``, e.g. ``{'b': float32[2]}``."""
-    return str(
-        jax.tree_util.tree_map(
-            lambda leaf: _LeafSpec(f"{_dtype(leaf)}{list(np.shape(leaf))}"), params
-        )
-    )
-
-
 def check_matching_params(
     clients_params_and_weights: Iterable[ClientParamsAndWeight],
 ) -> Iterator[ClientParamsAndWeight]:
-    """Yields the clients unchanged, raising if one's params differ from the first client's.
-
-    Trees of different structure, leaf shapes or leaf dtypes cannot be averaged meaningfully
-    (shapes would broadcast silently), so they fail here with both trees summarised rather than
-    deep inside ``jax.tree_util``.
-    """
-    first_id, first_signature, first_params = None, None, None
+    """Yields the clients unchanged, raising if one's params differ from the first client's
+    (:func:`~fedjax_exp.core.tree_util.check_tree_matches`: structure, leaf shapes and dtypes)."""
+    first = None
     for client_id, params, weight in clients_params_and_weights:
-        signature = _signature(params)
-        if first_signature is None:
-            first_id, first_signature, first_params = client_id, signature, params
-        elif signature != first_signature:
-            raise ValueError(
-                "Cannot aggregate clients whose parameter trees differ: client "
-                f"{client_id!r} has {_summary(params)} but client {first_id!r} has "
-                f"{_summary(first_params)}. Every client must return params of the same "
-                "structure, shapes and dtypes (e.g. deltas of one model)."
+        if first is None:
+            first = client_id, params
+        else:
+            tree_util.check_tree_matches(
+                params,
+                first[1],
+                f"the params of client {client_id!r}",
+                f"those of client {first[0]!r}",
+                check_dtypes=True,
             )
         yield client_id, params, weight
 

@@ -13,14 +13,12 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from fedjax_exp.core import tree_util
 from fedjax_exp.core.typing import ClientId, Params, PyTree
 
 __all__ = [
     "RunningWeightedMean",
-    "check_tree_matches",
     "check_update_matches",
     "client_num_examples",
     "params_delta",
@@ -44,37 +42,12 @@ def client_num_examples(clients: Sequence[tuple[ClientId, Any, Any]]) -> dict[Cl
     return sizes
 
 
-def _leaf_shapes(tree: PyTree) -> list[tuple[int, ...]]:
-    return [tuple(np.shape(leaf)) for leaf in jax.tree_util.tree_leaves(tree)]
-
-
-def check_tree_matches(tree: PyTree, reference: PyTree, what: str) -> None:
-    """Raises ValueError unless ``tree`` has ``reference``'s tree structure and leaf shapes.
-
-    Structures and shapes are static under ``jax.jit``, so this also works (at trace time, for
-    free at run time) inside ``client_final``.
-    """
-    tree_def = jax.tree_util.tree_structure(tree)
-    reference_def = jax.tree_util.tree_structure(reference)
-    if tree_def != reference_def:
-        problem = f"tree structure {tree_def} but the server params have {reference_def}"
-    elif _leaf_shapes(tree) != _leaf_shapes(reference):
-        problem = (
-            f"leaf shapes {_leaf_shapes(tree)} but the server params have {_leaf_shapes(reference)}"
-        )
-    else:
-        return
-    raise ValueError(
-        f"{what} cannot be combined with the server params: it has {problem}. Client updates and "
-        "per-client states must have the server params' structure and shapes; check that the "
-        "gradient function, the optimizers and any stored client state belong to the same "
-        "model as the params given to init."
-    )
-
-
 def check_update_matches(client_id: ClientId, update: PyTree, reference: PyTree) -> None:
-    """:func:`check_tree_matches` for the update of ``client_id`` about to be aggregated."""
-    check_tree_matches(update, reference, f"the update of client {client_id!r}")
+    """Checks the update of ``client_id``, about to be aggregated, against the server params
+    (:func:`~fedjax_exp.core.tree_util.check_tree_matches`)."""
+    tree_util.check_tree_matches(
+        update, reference, f"the update of client {client_id!r}", "the server params"
+    )
 
 
 def params_delta(start_params: Params, trained_params: Params) -> Params:
@@ -83,7 +56,9 @@ def params_delta(start_params: Params, trained_params: Params) -> Params:
     Without the check a trained tree with another structure fails inside ``tree_map`` with a
     message about tree internals, and a leaf of another shape broadcasts silently.
     """
-    check_tree_matches(trained_params, start_params, "a client's trained params")
+    tree_util.check_tree_matches(
+        trained_params, start_params, "a client's trained params", "the server params"
+    )
     return jax.tree_util.tree_map(jnp.subtract, start_params, trained_params)
 
 

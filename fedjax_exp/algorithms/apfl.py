@@ -23,7 +23,6 @@ import jax.numpy as jnp
 
 from fedjax_exp.algorithms._aggregation import (
     RunningWeightedMean,
-    check_tree_matches,
     client_num_examples,
     params_delta,
 )
@@ -80,6 +79,13 @@ class ServerState:
     params: Params
     opt_state: optimizers.OptState
     client_states: Mapping[ClientId, ClientState]
+
+    def per_client_templates(self) -> dict[str, ClientState]:
+        """One client's entry of each per-client field: what a checkpoint restores each stored
+        client state into (:mod:`fedjax_exp.training.checkpoint`; the stored shapes and dtypes
+        are kept, so the per-leaf coefficients need no template of their own shape)."""
+        template = jax.tree_util.tree_map(jnp.asarray, self.params)
+        return {"client_states": ClientState(template, template)}
 
 
 @jax.jit
@@ -195,10 +201,11 @@ def adaptive_personalized_federated_learning(
         num_examples = client_num_examples(clients)
         for cid, _, _ in clients:
             if cid in server_state.client_states:
-                check_tree_matches(
+                tree_util.check_tree_matches(
                     server_state.client_states[cid].params,
                     server_state.params,
                     f"the stored params of client {cid!r}",
+                    "the server params",
                 )
         new_client = ClientState(
             server_state.params,

@@ -36,6 +36,7 @@ __all__ = [
     "create_grads_for_each_client",
     "create_train_for_each_client",
     "mime",
+    "mime_family",
     "server_gradient",
 ]
 
@@ -157,6 +158,78 @@ def apply_server_update(
     return ServerState(params, opt_state)
 
 
+def _delta_diagnostics(
+    delta: Params, clip_norm: float | None
+) -> tuple[Params, dict[str, jax.Array]]:
+    """A client's delta as it enters the mean (clipped to ``clip_norm`` if given), and its
+    diagnostics: ``delta_l2_norm``, plus ``clipped_delta_l2_norm`` and ``clipped`` with a clip."""
+    diagnostics = {"delta_l2_norm": tree_util.tree_l2_norm(delta)}
+    if clip_norm is not None:
+        delta = tree_util.tree_clip_by_global_norm(delta, clip_norm)
+        diagnostics["clipped_delta_l2_norm"] = tree_util.tree_l2_norm(delta)
+        diagnostics["clipped"] = jnp.not_equal(
+            diagnostics["delta_l2_norm"], diagnostics["clipped_delta_l2_norm"]
+        )
+    return delta, diagnostics
+
+
+def mime_family(
+    per_example_loss: Callable[[Params, BatchExample, PRNGKey], jax.Array],
+    base_optimizer: optimizers.Optimizer,
+    client_batch_hparams: client_datasets.ShuffleRepeatBatchHParams,
+    grads_batch_hparams: client_datasets.PaddedBatchHParams,
+    server_learning_rate: float,
+    regularizer: Callable[[Params], jax.Array] | None,
+    create_train: Callable[[GradFn, optimizers.Optimizer], Any],
+    *,
+    share_server_gradient: bool,
+    client_delta_clip_norm: float | None = None,
+) -> FederatedAlgorithm:
+    """The round Mime and Mime Lite share, with their client training plugged in.
+
+    Each round takes the server gradient over the round's clients (reusing their rngs, as
+    FedJAX), trains the clients with ``create_train(grad_fn, base_optimizer)``'s
+    ``for_each_client`` on shared input ``{'params', 'opt_state'}`` (plus ``'control_variate'``,
+    the server gradient, when ``share_server_gradient``), averages the deltas weighted by example
+    counts (each optionally clipped first) and applies :func:`apply_server_update`.
+
+    The gradient ``for_each_client`` is built before the training one: code that captures the
+    client functions a builder creates relies on that order.
+    """
+    grad_fn = models.grad(per_example_loss, regularizer)
+    grads_for_each_client = create_grads_for_each_client(grad_fn)
+    train_for_each_client = create_train(grad_fn, base_optimizer)
+
+    def init(params: Params) -> ServerState:
+        return ServerState(params, base_optimizer.init(params))
+
+    def apply(
+        server_state: ServerState, clients: Sequence[tuple[ClientId, Any, PRNGKey]]
+    ) -> tuple[ServerState, Mapping[ClientId, Any]]:
+        num_examples = client_num_examples(clients)
+        server_grads = server_gradient(
+            grads_for_each_client, server_state.params, clients, grads_batch_hparams
+        )
+        batched = [
+            (cid, dataset.shuffle_repeat_batch(client_batch_hparams), rng)
+            for cid, dataset, rng in clients
+        ]
+        shared = {"params": server_state.params, "opt_state": server_state.opt_state}
+        if share_server_gradient:
+            shared["control_variate"] = server_grads
+        mean_delta = RunningWeightedMean(server_state.params)
+        diagnostics = {}
+        for cid, delta in train_for_each_client(shared, batched):
+            delta, diagnostics[cid] = _delta_diagnostics(delta, client_delta_clip_norm)
+            mean_delta.add(cid, delta, num_examples[cid])
+        next_state = apply_server_update(
+            base_optimizer, server_learning_rate, server_state, server_grads, mean_delta.result()
+        )
+        return next_state, diagnostics
+
+    return FederatedAlgorithm(init, apply)
+
+
 def mime(
     per_example_loss: Callable[[Params, BatchExample, PRNGKey], jax.Array],
     base_optimizer: optimizers.Optimizer,
@@ -180,37 +253,13 @@ def mime(
         A :class:`FederatedAlgorithm` with :class:`ServerState` and ``delta_l2_norm``
         diagnostics.
     """
-    grad_fn = models.grad(per_example_loss, regularizer)
-    grads_for_each_client = create_grads_for_each_client(grad_fn)
-    train_for_each_client = create_train_for_each_client(grad_fn, base_optimizer)
-
-    def init(params: Params) -> ServerState:
-        return ServerState(params, base_optimizer.init(params))
-
-    def apply(
-        server_state: ServerState, clients: Sequence[tuple[ClientId, Any, PRNGKey]]
-    ) -> tuple[ServerState, Mapping[ClientId, Any]]:
-        num_examples = client_num_examples(clients)
-        server_grads = server_gradient(
-            grads_for_each_client, server_state.params, clients, grads_batch_hparams
-        )
-        batched = [
-            (cid, dataset.shuffle_repeat_batch(client_batch_hparams), rng)
-            for cid, dataset, rng in clients
-        ]
-        shared = {
-            "params": server_state.params,
-            "opt_state": server_state.opt_state,
-            "control_variate": server_grads,
-        }
-        mean_delta = RunningWeightedMean(server_state.params)
-        diagnostics = {}
-        for cid, delta in train_for_each_client(shared, batched):
-            mean_delta.add(cid, delta, num_examples[cid])
-            diagnostics[cid] = {"delta_l2_norm": tree_util.tree_l2_norm(delta)}
-        next_state = apply_server_update(
-            base_optimizer, server_learning_rate, server_state, server_grads, mean_delta.result()
-        )
-        return next_state, diagnostics
-
-    return FederatedAlgorithm(init, apply)
+    return mime_family(
+        per_example_loss,
+        base_optimizer,
+        client_batch_hparams,
+        grads_batch_hparams,
+        server_learning_rate,
+        regularizer,
+        create_train_for_each_client,
+        share_server_gradient=True,
+    )

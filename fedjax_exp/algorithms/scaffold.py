@@ -37,7 +37,6 @@ import jax.numpy as jnp
 
 from fedjax_exp.algorithms._aggregation import (
     RunningWeightedMean,
-    check_tree_matches,
     client_num_examples,
     params_delta,
 )
@@ -118,6 +117,11 @@ class ServerState:
     control_variate: Params
     client_control_variates: Mapping[ClientId, Params]
 
+    def per_client_templates(self) -> dict[str, Params]:
+        """One client's entry of each per-client field: what a checkpoint restores each stored
+        control variate into (:mod:`fedjax_exp.training.checkpoint`)."""
+        return {"client_control_variates": self.control_variate}
+
 
 def scaffold(
     grad_fn: GradFn,
@@ -167,8 +171,11 @@ def scaffold(
         known = server_state.client_control_variates
         for cid, _, _ in clients:
             if cid in known:
-                check_tree_matches(
-                    known[cid], server_state.params, f"the stored control variate of client {cid!r}"
+                tree_util.check_tree_matches(
+                    known[cid],
+                    server_state.params,
+                    f"the stored control variate of client {cid!r}",
+                    "the server params",
                 )
         batched = [
             (

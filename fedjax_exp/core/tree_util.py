@@ -11,10 +11,12 @@ from collections.abc import Iterable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from fedjax_exp.core.typing import PyTree
 
 __all__ = [
+    "check_tree_matches",
     "tree_add",
     "tree_clip_by_global_norm",
     "tree_inverse_weight",
@@ -122,3 +124,62 @@ def tree_clip_by_global_norm(pytree: PyTree, max_norm: float) -> PyTree:
     """
     scale = jnp.minimum(1.0, max_norm / tree_l2_norm(pytree))
     return jax.tree_util.tree_map(lambda leaf: scale * leaf, pytree)
+
+
+def _dtype(leaf: object) -> np.dtype:
+    # JAX arrays (and tracers) carry .dtype; np.result_type on them is deprecated. Python
+    # scalars do not.
+    return np.dtype(leaf.dtype) if hasattr(leaf, "dtype") else np.result_type(leaf)
+
+
+class _LeafSpec(str):
+    """A leaf's ``dtype[shape]``, printed without quotes inside its tree."""
+
+    __repr__ = str.__str__
+
+
+def _summary(pytree: PyTree) -> str:
+    """The tree with every leaf shown as ``dtype[shape]``, e.g. ``{'b': float32[2]}``."""
+    return str(
+        jax.tree_util.tree_map(
+            lambda leaf: _LeafSpec(f"{_dtype(leaf)}{list(np.shape(leaf))}"), pytree
+        )
+    )
+
+
+def check_tree_matches(
+    pytree: PyTree,
+    reference: PyTree,
+    what: str,
+    reference_what: str,
+    check_dtypes: bool = False,
+) -> None:
+    """Raises one ValueError unless ``pytree`` has ``reference``'s tree structure and leaf
+    shapes (and leaf dtypes, with ``check_dtypes``).
+
+    Trees that differ cannot be added or averaged meaningfully (a leaf of another shape would
+    broadcast silently), so they fail here, both named (``what``, ``reference_what``) and
+    summarised leaf by leaf, rather than deep inside ``jax.tree_util``. Structures, shapes and
+    dtypes are static under ``jax.jit``, so the check also works at trace time.
+    """
+    leaves, treedef = jax.tree_util.tree_flatten(pytree)
+    reference_leaves, reference_treedef = jax.tree_util.tree_flatten(reference)
+    shapes = [tuple(np.shape(leaf)) for leaf in leaves]
+    reference_shapes = [tuple(np.shape(leaf)) for leaf in reference_leaves]
+    dtypes = [_dtype(leaf).name for leaf in leaves]
+    reference_dtypes = [_dtype(leaf).name for leaf in reference_leaves]
+    if treedef != reference_treedef:
+        problem = "tree structure"
+    elif shapes != reference_shapes:
+        problem = f"leaf shapes {shapes} vs {reference_shapes}"
+    elif check_dtypes and dtypes != reference_dtypes:
+        problem = f"leaf dtypes {dtypes} vs {reference_dtypes}"
+    else:
+        return
+    kinds = "structure, leaf shapes and dtypes" if check_dtypes else "structure and leaf shapes"
+    raise ValueError(
+        f"{what} cannot be combined with {reference_what}: the parameter trees differ in "
+        f"{problem} ({_summary(pytree)} vs {_summary(reference)}). Client params, updates and "
+        f"stored per-client states must all have the same {kinds}; check that the gradient "
+        "function, the optimizers and any stored client state belong to one model."
+    )

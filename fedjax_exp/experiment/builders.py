@@ -25,6 +25,8 @@ def _instantiate(key: str, node: Any, **kwargs: Any) -> Any:
         return instantiate(node, **kwargs)
     except InstantiationException as e:
         cause = e.__cause__ or e
+        if isinstance(cause, ConfigError):  # Already one line naming the key and the fix.
+            raise ConfigError(str(cause)) from e
         message = str(cause).splitlines()[0] if str(cause) else type(cause).__name__
         target = node.get("_target_") if isinstance(node, Mapping) else None
         raise ConfigError(
@@ -116,8 +118,20 @@ def build_model_and_data(cfg: DictConfig) -> tuple[Any, Any, Any, dict[str, Any]
     return model, train_model, train_data, splits
 
 
-def build_algorithm(cfg: DictConfig, model: Any, optimizer: Any, train_data: Any) -> Any:
-    """The training algorithm of ``cfg.algorithm``, given the built objects."""
+def build_algorithm(
+    cfg: DictConfig, model: Any, optimizer: Any, train_data: Any, **overrides: Any
+) -> Any:
+    """The training algorithm of ``cfg.algorithm``, given the built objects; ``overrides``
+    replace arguments of the config (e.g. a built ``client_optimizer``)."""
+    node = OmegaConf.to_container(cfg.algorithm, resolve=True)
+    assert isinstance(node, dict)
+    for key in overrides:  # Hydra would merge an object into the key's config, not replace it.
+        node.pop(key, None)
     return _instantiate(
-        "algorithm", cfg.algorithm, model=model, optimizer=optimizer, train_data=train_data
+        "algorithm",
+        node,
+        model=model,
+        optimizer=optimizer,
+        train_data=train_data,
+        **overrides,
     )

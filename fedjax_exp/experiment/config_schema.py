@@ -107,6 +107,9 @@ class EvalBatchesConfig:
 class VectorizeConfig:
     # Optional[...]: OmegaConf reads it, not `X | None`.
     learning_rates: Optional[list[float]] = _sweep_list("positive numbers", lambda v: v > 0)  # noqa: UP045
+    client_learning_rates: Optional[list[float]] = _sweep_list(  # noqa: UP045
+        "positive numbers", lambda v: v > 0
+    )
     seeds: Optional[list[int]] = _sweep_list("non-negative integers", lambda v: v >= 0)  # noqa: UP045
 
 

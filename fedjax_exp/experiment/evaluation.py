@@ -66,9 +66,11 @@ class Evaluator:
         datasets: Mapping[str, Any],
         batch_size: int,
         num_batches: Mapping[str, int | None],
+        periodic_batches: Mapping[str, list[Any]] | None = None,
     ):
         """``num_batches[split]``: batches of each periodic evaluation (None: all of them;
-        0 or a missing split: that split is not evaluated periodically)."""
+        0 or a missing split: that split is not evaluated periodically).
+        ``periodic_batches[split]``: those batches given instead (e.g. sampled clients')."""
         self.model = model
         self.datasets = dict(datasets)
         self.batch_size = batch_size
@@ -77,6 +79,9 @@ class Evaluator:
             for split, fd in self.datasets.items()
             if num_batches.get(split, 0) != 0
         }
+        self._periodic.update(
+            {k: v for k, v in (periodic_batches or {}).items() if k in self._periodic}
+        )
 
     def periodic(self, params: Params) -> dict[str, float]:
         """``eval/<split>/<metric>`` on the fixed subsets."""

@@ -252,15 +252,14 @@ def _run_validated(cfg: DictConfig, container: dict[str, Any], out: pathlib.Path
     compilation_cache.enable(trainer.get("compilation_cache"))
     model, train_model, train_data, eval_splits = builders.build_model_and_data(cfg)
 
-    def make_algorithm(optimizer: Any) -> Any:
-        return builders.build_algorithm(cfg, train_model, optimizer, train_data)
+    def make_algorithm(optimizer: Any, **overrides: Any) -> Any:
+        return builders.build_algorithm(cfg, train_model, optimizer, train_data, **overrides)
 
     if trials is None:
         algorithm = make_algorithm(builders.build_optimizer(cfg))
         init_rng, train_rng = jax.random.split(jax.random.PRNGKey(int(container["seed"])))
     else:
-        make_optimizer = vectorized.make_optimizer_factory(cfg)
-        algorithm = vectorized.VectorizedTraining(make_algorithm, make_optimizer, trials)
+        algorithm = vectorized.build(cfg, make_algorithm, trials)
         init_rng, train_rng = vectorized.trial_keys(trials)
     try:
         speed = parallel.speed_up(algorithm, trainer)
@@ -293,11 +292,15 @@ def _run_validated(cfg: DictConfig, container: dict[str, Any], out: pathlib.Path
     run_record.write(out, container, list(hc.overrides.task) if hc is not None else [])
     clock = loop.Clock(elapsed)
     members = _open_members(container, out, trials, start_step, source is not None, clock)
+    sampled_eval = getattr(algorithm, "periodic_eval_batches", None)  # Federated runs.
+    eval_batch_size = int(trainer["eval_batch_size"])
     evaluator = Evaluator(
         model,
         eval_splits,
-        batch_size=int(trainer["eval_batch_size"]),
+        batch_size=eval_batch_size,
         num_batches=dict(trainer["eval_batches"]),
+        periodic_batches=sampled_eval
+        and sampled_eval(eval_splits, eval_batch_size, container["seed"]),
     )
     checkpointer = None
     step, outcome, error = start_step, "failed", None

@@ -11,6 +11,13 @@ treat it as any other algorithm (its step scalars carry a trials axis):
 - trials with different seeds draw their own shuffled batches (one per distinct seed per step,
   each trial picks its own inside the step); trials sharing a seed share one batch.
 
+A federated run (:class:`VectorizedFederatedTraining`) sweeps server learning rates
+(``learning_rates``: the top-level optimizer is the server's) x client learning rates
+(``client_learning_rates``) x seeds: the rounds of all trials are one program, vmapped over the
+trials; trials sharing a seed share the round's clients and batches. The client optimizer's
+state is made inside the round, so its rate cannot live in a state: it is read, while the
+program is traced, from the trial being traced (``learning_rate_in_scope``).
+
 The runner logs each trial as its own run under ``<run dir>/trials/<name>/``. Results equal
 those of each trial run alone up to floating-point reassociation of the batched arithmetic.
 """
@@ -29,37 +36,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedjax_exp.core.dataclasses import dataclass
+from fedjax_exp.core.injected_learning_rate import (  # noqa: F401 - re-exported
+    LearningRateState,
+    learning_rate_in_scope,
+    learning_rate_in_state,
+    learning_rate_scope,
+)
 from fedjax_exp.core.typing import Params, PRNGKey
 from fedjax_exp.experiment import algorithms
 from fedjax_exp.experiment.errors import ConfigError
 from fedjax_exp.experiment.run_files import HYDRA_DIR, TRIALS_DIR  # noqa: F401 - re-exported
-
-
-@dataclass
-class LearningRateState:
-    """Optimizer state carrying its own learning rate (a float32 scalar, vmappable)."""
-
-    learning_rate: jax.Array
-    inner: Any
-
-
-def learning_rate_in_state(make_optimizer: Callable[[Any], Any], learning_rate: float) -> Any:
-    """An :class:`~fedjax_exp.core.optimizers.Optimizer` whose learning rate is in its state.
-
-    ``make_optimizer(lr)`` builds the underlying optimizer; ``apply`` calls it again with the
-    (possibly traced) rate read from the state. The arithmetic is ``make_optimizer(rate)``'s.
-    """
-    from fedjax_exp.core.optimizers import Optimizer
-
-    def init(params: Params) -> LearningRateState:
-        lr = jnp.asarray(learning_rate, jnp.float32)
-        return LearningRateState(learning_rate=lr, inner=make_optimizer(learning_rate).init(params))
-
-    def apply(grads: Params, state: LearningRateState, params: Params) -> tuple[Any, Params]:
-        inner, params = make_optimizer(state.learning_rate).apply(grads, state.inner, params)
-        return LearningRateState(learning_rate=state.learning_rate, inner=inner), params
-
-    return Optimizer(init=init, apply=apply)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +55,7 @@ class Trial:
     learning_rate: float
     seed: int
     name: str  # Its directory under trials/, e.g. "lr=0.001,seed=0".
+    client_learning_rate: float | None = None  # Federated runs.
 
 
 def _check_list(key: str, values: Any) -> list[Any] | None:
@@ -86,25 +73,28 @@ def expand_trials(
     seeds: Sequence[int] | None,
     default_learning_rate: float | None,
     default_seed: int,
+    client_learning_rates: Sequence[float] | None = None,
+    default_client_learning_rate: float | None = None,
 ) -> list[Trial]:
-    """Every learning rate with every seed (the defaults where a list is omitted).
+    """Every learning rate with every client learning rate and every seed (the defaults
+    where a list is omitted).
 
     Raises:
       ConfigError: empty or duplicated lists, non-positive learning rates, negative or
         non-integer seeds, or learning rates given while the optimizer has none.
     """
     lrs = _check_list("trainer.vectorize.learning_rates", learning_rates)
+    client_lrs = _check_list("trainer.vectorize.client_learning_rates", client_learning_rates)
     seed_list = _check_list("trainer.vectorize.seeds", seeds)
-    if lrs is None and seed_list is None:
+    if lrs is None and seed_list is None and client_lrs is None:
         raise ConfigError(
             "trainer.vectorize needs learning_rates and/or seeds, e.g. "
             "trainer.vectorize.learning_rates=[1e-3,3e-3]"
         )
-    for lr in lrs or []:
-        if isinstance(lr, bool) or not isinstance(lr, int | float) or not lr > 0:
-            raise ConfigError(
-                f"trainer.vectorize.learning_rates must be positive numbers, got {lr!r}"
-            )
+    for key, values in (("learning_rates", lrs), ("client_learning_rates", client_lrs)):
+        for lr in values or []:
+            if isinstance(lr, bool) or not isinstance(lr, int | float) or not lr > 0:
+                raise ConfigError(f"trainer.vectorize.{key} must be positive numbers, got {lr!r}")
     for s in seed_list or []:
         if isinstance(s, bool) or not isinstance(s, int) or s < 0:
             raise ConfigError(f"trainer.vectorize.seeds must be non-negative integers, got {s!r}")
@@ -113,10 +103,20 @@ def expand_trials(
             raise ConfigError("the optimizer has no learning_rate to sweep over")
         lrs = [default_learning_rate]
     trials = []
-    for lr, seed in itertools.product(lrs, seed_list or [default_seed]):
+    for lr, client_lr, seed in itertools.product(
+        lrs, client_lrs or [default_client_learning_rate], seed_list or [default_seed]
+    ):
         parts = [f"lr={float(lr):g}"] if learning_rates is not None else []
+        parts += [f"client_lr={float(client_lr):g}"] if client_learning_rates is not None else []
         parts += [f"seed={seed}"] if seeds is not None else []
-        trials.append(Trial(learning_rate=float(lr), seed=int(seed), name=",".join(parts)))
+        trials.append(
+            Trial(
+                learning_rate=float(lr),
+                seed=int(seed),
+                name=",".join(parts),
+                client_learning_rate=None if client_lr is None else float(client_lr),
+            )
+        )
     return trials
 
 
@@ -124,16 +124,39 @@ def trials_of(cfg: Any, container: Mapping[str, Any]) -> list[Trial] | None:
     """The trials ``trainer.vectorize`` asks for, or None when it asks for none.
 
     Raises:
-      ConfigError: bad lists, a scheduled learning rate, or seeds with seed-dependent data.
+      ConfigError: bad lists, a scheduled learning rate, seeds with seed-dependent data, or
+        client learning rates without a federated algorithm.
     """
     spec = container["trainer"].get("vectorize") or {}
-    if spec.get("learning_rates") is None and spec.get("seeds") is None:
+    keys = ("learning_rates", "client_learning_rates", "seeds")
+    if all(spec.get(key) is None for key in keys):
         return None
     base_lr = (container.get("optimizer") or {}).get("learning_rate")
+    client = (container.get("algorithm") or {}).get("client_optimizer")
+    if spec.get("client_learning_rates") is not None and not client:
+        raise ConfigError(
+            "trainer.vectorize.client_learning_rates needs a federated algorithm with a "
+            "client optimizer, e.g. algorithm=fed_avg"
+        )
     trials = expand_trials(
-        spec.get("learning_rates"), spec.get("seeds"), base_lr, int(container["seed"])
+        spec.get("learning_rates"),
+        spec.get("seeds"),
+        base_lr,
+        int(container["seed"]),
+        spec.get("client_learning_rates"),
+        client.get("learning_rate") if client else None,
     )
     make_optimizer_factory(cfg)  # Raises for a schedule.
+    if client:
+        make_optimizer_factory(cfg, "algorithm.client_optimizer")
+        if len({t.seed for t in trials}) > 1 and (container.get("algorithm") or {}).get(
+            "eval_clients"
+        ):
+            raise ConfigError(
+                "trainer.vectorize.seeds with algorithm.eval_clients: the evaluation clients "
+                "are drawn from the run's seed; set algorithm.eval_clients=null or sweep seeds "
+                "with -m"
+            )
     check_seed_independent(cfg, trials)
     return trials
 
@@ -172,7 +195,7 @@ class VectorizedTraining:
             make_algorithm(learning_rate_in_state(make_optimizer, t.learning_rate)) for t in trials
         ]
         if not isinstance(self.algorithms[0], algorithms.CentralizedTraining):
-            raise ConfigError("trainer.vectorize supports algorithm=centralized only")
+            raise ConfigError("trainer.vectorize supports centralized and federated algorithms")
         self.base = self.algorithms[0]
         self.seeds = sorted({t.seed for t in trials})
         self.seed_index = np.asarray([self.seeds.index(t.seed) for t in trials], np.int32)
@@ -222,8 +245,81 @@ class VectorizedTraining:
         )
 
 
-def make_optimizer_factory(cfg: Any) -> Callable[[Any], Any]:
-    """``lr -> Optimizer`` from ``cfg.optimizer`` (its ``_target_`` with the other settings).
+@dataclass
+class FederatedTrialState:
+    """A federated trial's server state and its client learning rate."""
+
+    server: Any
+    client_learning_rate: jax.Array
+
+
+class VectorizedFederatedTraining(VectorizedTraining):
+    """The rounds of a federated run (``base``, a :class:`~fedjax_exp.experiment.federated.
+    FederatedTraining` built with :func:`learning_rate_in_state` as server optimizer and
+    :func:`learning_rate_in_scope` as client optimizer), vmapped over ``trials``.
+
+    Every round of every trial is one program (the cohort engine's scan path, whichever
+    engine a lone run would pick: the arithmetic is the same).
+    """
+
+    def __init__(self, base: Any, trials: Sequence[Trial]):
+        self.trials, self.num_trials, self.base = list(trials), len(trials), base
+        self.seeds = sorted({t.seed for t in trials})
+        self.seed_index = np.asarray([self.seeds.index(t.seed) for t in trials], np.int32)
+        self._rounds = jax.jit(self._run, donate_argnums=0)
+
+    def init(self, rng: PRNGKey) -> Any:
+        def with_rate(node: Any, rate: float) -> Any:
+            if isinstance(node, LearningRateState):
+                return LearningRateState(learning_rate=np.float32(rate), inner=node.inner)
+            return node
+
+        states = []
+        for i, trial in enumerate(self.trials):
+            server = jax.tree_util.tree_map(
+                lambda n, t=trial: with_rate(n, t.learning_rate),
+                self.base.init(rng[i]),
+                is_leaf=lambda n: isinstance(n, LearningRateState),
+            )
+            states.append(FederatedTrialState(server, np.float32(trial.client_learning_rate)))
+        return stack_trees(states)
+
+    def _round(self, state: FederatedTrialState, inputs: Any, columns: Any) -> Any:
+        from fedjax_exp.core import cohort
+
+        with learning_rate_scope(state.client_learning_rate):
+            server, scalars = self.base.algorithm.round(
+                state.server, inputs, columns, cohort.train_cohort
+            )
+        return FederatedTrialState(server, state.client_learning_rate), scalars
+
+    def _run(self, states: Any, block: Any, columns: Any) -> Any:
+        def body(states: Any, inputs: Any) -> Any:
+            if len(self.seeds) == 1:  # One round's clients for all trials.
+                one = jax.tree_util.tree_map(lambda x: x[0], inputs)
+                return jax.vmap(self._round, in_axes=(0, None, None))(states, one, columns)
+            picked = jax.tree_util.tree_map(lambda x: x[self.seed_index], inputs)
+            return jax.vmap(self._round, in_axes=(0, 0, None))(states, picked, columns)
+
+        return jax.lax.scan(body, states, block)
+
+    def run_steps(self, states: Any, block: Any, base_rng: PRNGKey, first_step: int) -> Any:
+        del base_rng, first_step  # Client keys follow the round number, as in a lone run.
+        return self._rounds(states, block, self.base.columns)
+
+    def eval_params(self, state: Any, trial: int = 0) -> Params:
+        return jax.tree_util.tree_map(lambda x: x[trial], state.server.params)
+
+    def periodic_eval_batches(self, splits: dict[str, Any], batch_size: int, seed: int) -> dict:
+        return self.base.periodic_eval_batches(splits, batch_size, seed)
+
+    def logged_scalars(self, step: int) -> dict[str, float]:
+        return self.base.logged_scalars(step)
+
+
+def make_optimizer_factory(cfg: Any, key: str = "optimizer") -> Callable[[Any], Any]:
+    """``lr -> Optimizer`` from the optimizer config at ``key`` (its ``_target_`` with the
+    other settings).
 
     Raises:
       ConfigError: the optimizer follows a schedule (its rate is not one number to sweep).
@@ -231,17 +327,34 @@ def make_optimizer_factory(cfg: Any) -> Callable[[Any], Any]:
     from hydra.utils import get_object
     from omegaconf import OmegaConf
 
-    settings = OmegaConf.to_container(cfg.optimizer, resolve=True)
+    settings = OmegaConf.to_container(OmegaConf.select(cfg, key), resolve=True)
     assert isinstance(settings, dict)
     schedule = settings.pop("schedule", None) or {}
     if schedule.get("_target_"):
         raise ConfigError(
-            "trainer.vectorize.learning_rates needs a constant learning rate, but the optimizer "
-            "follows a schedule: use optimizer/schedule=constant"
+            f"trainer.vectorize needs a constant learning rate, but {key} follows a schedule: "
+            "use optimizer/schedule=constant"
         )
     target = get_object(str(settings.pop("_target_")))
     settings.pop("learning_rate", None)
     return lambda learning_rate: target(learning_rate=learning_rate, **settings)
+
+
+def build(cfg: Any, make_algorithm: Callable[..., Any], trials: Sequence[Trial]) -> Any:
+    """The run's algorithm vectorized over ``trials``. ``make_algorithm(optimizer,
+    **overrides)`` builds the run's algorithm (overrides replace its config's arguments)."""
+    from omegaconf import OmegaConf
+
+    make_optimizer = make_optimizer_factory(cfg)
+    if OmegaConf.select(cfg, "algorithm.client_optimizer") is None:
+        return VectorizedTraining(make_algorithm, make_optimizer, trials)
+    make_client = make_optimizer_factory(cfg, "algorithm.client_optimizer")
+    first = trials[0]
+    base = make_algorithm(
+        learning_rate_in_state(make_optimizer, first.learning_rate),
+        client_optimizer=learning_rate_in_scope(make_client, first.client_learning_rate),
+    )
+    return VectorizedFederatedTraining(base, trials)
 
 
 def trial_config(container: Mapping[str, Any], trial: Trial) -> dict[str, Any]:
@@ -249,6 +362,8 @@ def trial_config(container: Mapping[str, Any], trial: Trial) -> dict[str, Any]:
     config = json.loads(json.dumps(container))  # A deep copy of plain data.
     config["seed"] = trial.seed
     config.setdefault("optimizer", {})["learning_rate"] = trial.learning_rate
+    if trial.client_learning_rate is not None:
+        config["algorithm"]["client_optimizer"]["learning_rate"] = trial.client_learning_rate
     config["trainer"].pop("vectorize", None)
     return config
 
@@ -284,4 +399,6 @@ def write_trial_hydra_files(
     hydra_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(hydra_dir / "config.yaml", yaml.safe_dump(dict(config), sort_keys=False))
     overrides = [f"optimizer.learning_rate={trial.learning_rate!r}", f"seed={trial.seed}"]
+    if trial.client_learning_rate is not None:
+        overrides += [f"algorithm.client_optimizer.learning_rate={trial.client_learning_rate!r}"]
     atomic_write_text(hydra_dir / "overrides.yaml", yaml.safe_dump(overrides))

@@ -24,27 +24,32 @@ CONF_DIR = REPO_ROOT / "conf"
 CONF_MODELS = {"logistic": "logistic", "mlp": "mlp", "stax_cnn": "cnn", "haiku_cnn": "haiku_cnn"}
 
 
-def compose(model_name: str, batch_size: int, extra: Sequence[str] = (), seed: int = SEED) -> Any:
-    """The run config for ``model_name`` with the seed chapter's hyper-parameters."""
+def compose_overrides(overrides: Sequence[str]) -> Any:
+    """The run config ``python run.py OVERRIDES logger=local`` composes (in-process)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
     import fedjax_exp.experiment  # noqa: F401 - registers the config schemas conf/ refers to.
 
-    overrides = [
-        f"model={CONF_MODELS[model_name]}",
-        "loss=cross_entropy",
-        "optimizer=adam",
-        f"optimizer.learning_rate={LEARNING_RATE}",
-        f"trainer.batch_size={batch_size}",
-        f"trainer.client_buffer_size={CLIENT_BUFFER_SIZE}",
-        f"trainer.example_buffer_size={EXAMPLE_BUFFER_SIZE}",
-        f"seed={seed}",
-        "logger=local",
-        *extra,
-    ]
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return hydra_compose(config_name="config", overrides=overrides)
+        return hydra_compose(config_name="config", overrides=[*overrides, "logger=local"])
+
+
+def compose(model_name: str, batch_size: int, extra: Sequence[str] = (), seed: int = SEED) -> Any:
+    """The run config for ``model_name`` with the seed chapter's hyper-parameters."""
+    return compose_overrides(
+        [
+            f"model={CONF_MODELS[model_name]}",
+            "loss=cross_entropy",
+            "optimizer=adam",
+            f"optimizer.learning_rate={LEARNING_RATE}",
+            f"trainer.batch_size={batch_size}",
+            f"trainer.client_buffer_size={CLIENT_BUFFER_SIZE}",
+            f"trainer.example_buffer_size={EXAMPLE_BUFFER_SIZE}",
+            f"seed={seed}",
+            *extra,
+        ]
+    )
 
 
 class _TimingWriter:
@@ -98,9 +103,13 @@ def build(
     ``overrides`` are extra Hydra overrides (e.g. ``trainer.steps_per_dispatch=8``) for
     comparing engine settings; the benchmark itself uses the defaults.
     """
+    return build_from_config(compose(model_name, batch_size, overrides, seed), train_fd)
+
+
+def build_from_config(cfg: Any, train_fd: Any) -> tuple[Any, Any, Any]:
+    """``(cfg, model, algorithm)`` of ``cfg`` over ``train_fd`` (instead of its dataset)."""
     from fedjax_exp.experiment import builders
 
-    cfg = compose(model_name, batch_size, overrides, seed)
     model = builders.build_model(cfg)
     optimizer = builders.build_optimizer(cfg)
     algorithm = builders.build_algorithm(cfg, model, optimizer, train_fd)
@@ -131,7 +140,25 @@ def train(
     overrides: Sequence[str] = (),
     seed: int = SEED,
 ) -> tuple[Any, TrainRun]:
-    """Trains with fedjax_exp's loop; returns ``(model, run)``.
+    """Trains the seed chapter's ``model_name`` with fedjax_exp's loop; returns
+    ``(model, run)`` (see :func:`timed_loop`)."""
+    built = build(model_name, batch_size, fd, overrides, seed)
+    return timed_loop(*built, steps, warmup, windows, seed)
+
+
+def train_config(
+    overrides: Sequence[str], fd: Any, steps: int, warmup: int, windows: int, seed: int
+) -> tuple[Any, TrainRun]:
+    """Trains ``python run.py OVERRIDES`` 's algorithm over ``fd`` with fedjax_exp's loop."""
+    cfg, model, algorithm = build_from_config(compose_overrides(overrides), fd)
+    return timed_loop(cfg, model, algorithm, steps, warmup, windows, seed)
+
+
+def timed_loop(
+    cfg: Any, model: Any, algorithm: Any, steps: int, warmup: int, windows: int, seed: int
+) -> tuple[Any, TrainRun]:
+    """Runs ``algorithm`` for ``steps`` loop steps as the runner does; returns
+    ``(model, run)``.
 
     Steps 1..``warmup`` run in a first loop call (compilation included; ``warmup_s`` is its
     wall time); steps ``warmup+1..steps`` run in a second call whose log-time sync marks
@@ -143,7 +170,6 @@ def train(
 
     if steps < 2:
         raise ValueError(f"steps must be at least 2 for fedjax_exp's timed loop, got {steps}")
-    cfg, model, algorithm = build(model_name, batch_size, fd, overrides, seed)
     algorithm, engine = _engine_options(cfg, algorithm)
     warmup = max(1, min(warmup, steps - 1))
     init_rng, train_rng = jax.random.split(jax.random.PRNGKey(seed))

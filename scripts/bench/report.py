@@ -221,6 +221,19 @@ def markdown(result: dict[str, Any]) -> str:
         "at most 3 standard errors, from the seed-to-seed spread (different initial keys and "
         "shuffles; the runner derives its init key with `split(PRNGKey(seed))`, the seed "
         "chapter uses `PRNGKey(seed)`), and never less than the evaluation's binomial noise.",
+        "- Federated (`fed`): FedAvg with FedJAX's `experiments/fed_avg` EMNIST settings (10 "
+        "clients per round, batch 10, one epoch; logistic: client SGD 10^-0.5, server Adagrad "
+        "1.0 eps 1e-7; Haiku CNN: client SGD 0.001, server Adam 1.0 b1 0.9 b2 0.99 eps 0.01). "
+        "FedJAX: `fedjax.algorithms.fed_avg.federated_averaging` with "
+        "`UniformGetClientSampler` (sampler seed 2 + s, params seed 1 + s, as `run_fed_avg.py`), "
+        "one `apply` per round. fedjax_exp: `python run.py experiment=fedavg_emnist_*`'s "
+        "algorithm driven by the experiment loop with `seed` = 2 + s, so both sides draw the "
+        "same clients each round (`bench.fed_side`), and the library port with the `jit` and "
+        "`parallel` backends for reference. Each side in a fresh process; the first rounds "
+        "(compilation) are not timed; rates are the median of timed windows of rounds. "
+        "Accuracy: the whole test set after the last round, mean over seeds; 'within noise' "
+        "pools the seed-to-seed spread (which clients are drawn) and never goes below the "
+        "evaluation's binomial noise.",
         "- End to end: wall time and the child's peak RSS (`wait4`) of each process, from "
         "start-up to the final evaluation.",
         f"- Data and evaluation measurements are repeated {s['repeats']} times in one "

@@ -31,7 +31,7 @@ import numpy as np
 from bench import data, models, reference
 from bench.timing import Rate, call_rate, stream_rate, sync
 
-SECTIONS = ("data", "eval", "train", "e2e", "memory")
+SECTIONS = ("data", "eval", "train", "fed", "e2e", "memory")
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 SCRIPTS_DIR = REPO_ROOT / "scripts"
 
@@ -82,6 +82,14 @@ class Settings:
     e2e_steps: int | None = None  # None: the recipe's own step count
     e2e_recipe: str = "seed_logistic"
     e2e_extra: tuple[str, ...] = ()  # more run.py overrides
+    # fed section (None: per-model defaults in bench.fed_section)
+    fed_models: tuple[str, ...] = ("logistic", "haiku_cnn")
+    fed_sides: tuple[str, ...] = ("run", "jit", "parallel")  # fedjax_exp sides against FedJAX
+    fed_rounds: int | None = None
+    fed_warmup: int | None = None
+    fed_seeds: int | None = None
+    fed_parallel_cnn: bool = False  # the parallel backend on the CNN: minutes per round on CPU
+    fed_run_overrides: tuple[str, ...] = ()  # more run.py overrides for the run side
     synthetic_clients: int = data.EMNIST_CLIENTS
     synthetic_examples: int = data.EMNIST_TRAIN_EXAMPLES
     quick: bool = False
@@ -99,6 +107,11 @@ class Settings:
             accuracy_seeds=1,
             eval_max_batches=4,
             e2e_steps=10,
+            fed_models=("logistic",),
+            fed_sides=("run",),
+            fed_rounds=6,
+            fed_warmup=2,
+            fed_seeds=1,
             synthetic_clients=40,
             synthetic_examples=4000,
             quick=True,
@@ -768,10 +781,17 @@ def section_memory(ctx: Context) -> list[dict[str, Any]]:
     ]
 
 
+def section_fed(ctx: Context) -> list[dict[str, Any]]:
+    from bench import fed_section  # It builds on this module.
+
+    return fed_section.section_fed(ctx)
+
+
 RUNNERS: dict[str, Callable[[Context], list[dict[str, Any]]]] = {
     "data": section_data,
     "eval": section_eval,
     "train": section_train,
+    "fed": section_fed,
     "e2e": section_e2e,
     "memory": section_memory,
 }
