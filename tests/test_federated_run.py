@@ -58,6 +58,10 @@ def test_every_algorithm_runs_from_the_command_line(tmp_path):
     for job, name in enumerate(ALGORITHMS):
         run_dir = tmp_path / str(job)
         assert f"algorithm={name}" in (run_dir / ".hydra" / "overrides.yaml").read_text()
+        described = (run_dir / "run.log").read_text().splitlines()[0]
+        assert f"algorithm={name} seed=0: rounds 1-2, 4 clients per round, client batch 20;" in (
+            described
+        ), described
         history = records(run_dir)
         train = [r for r in history if "train/loss" in r]
         assert [r["step"] for r in train] == [1, 2], name

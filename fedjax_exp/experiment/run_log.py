@@ -33,12 +33,20 @@ def config_choices() -> str:
 
 
 def describe(container: Mapping[str, Any], start_step: int, steps_per_dispatch: int) -> str:
-    """What a run is about to train: groups, seed, step range, batch size, backend."""
-    trainer = container["trainer"]
+    """What a run is about to train: groups, seed, step (or round) range, batch size, backend."""
+    trainer, algorithm = container["trainer"], container.get("algorithm") or {}
+    steps = f"{start_step + 1}-{trainer['steps']}"
+    if "clients_per_round" in algorithm:  # Federated: a loop step is one round.
+        unit = "rounds"
+        span = (
+            f"rounds {steps}, {algorithm['clients_per_round']} clients per round, "
+            f"client batch {algorithm['client_batch_size']}"
+        )
+    else:
+        unit, span = "steps", f"steps {steps}, batch {trainer['batch_size']}"
     return (
         f"training {config_choices() or 'the composed config'} seed={container['seed']}: "
-        f"steps {start_step + 1}-{trainer['steps']}, batch {trainer['batch_size']}; "
-        f"{jax.default_backend()} backend, {steps_per_dispatch} steps per dispatch"
+        f"{span}; {jax.default_backend()} backend, {steps_per_dispatch} {unit} per dispatch"
     )
 
 
