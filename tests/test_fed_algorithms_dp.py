@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import dp_accounting
 import jax
 import jax.numpy as jnp
@@ -166,6 +168,25 @@ def test_epsilon_equals_dp_accounting_value(accountant):
         np.testing.assert_allclose(state.epsilon, expected, rtol=1e-9)
         epsilons.append(state.epsilon)
     assert 0 < epsilons[0] < epsilons[1] < epsilons[2]
+
+
+def test_small_noise_epsilon_is_the_accountants_without_its_convergence_warnings(caplog):
+    """At noise 0.5 the RDP accountant warns once per Renyi order it leaves out (6 lines per
+    round on the console); epsilon_spent keeps the value and drops those warnings only."""
+    reference = rdp.RdpAccountant()
+    reference.compose(
+        dp_accounting.SelfComposedDpEvent(
+            dp_accounting.PoissonSampledDpEvent(0.25, dp_accounting.GaussianDpEvent(0.5)), 3
+        )
+    )
+    with caplog.at_level("WARNING", logger="absl"):
+        expected = reference.get_epsilon(1e-5)
+        assert any("failed to converge" in r.getMessage() for r in caplog.records)
+        caplog.clear()
+        spent = dp_fed_avg.epsilon_spent(0.5, 0.25, 3, 1e-5)
+        logging.getLogger("absl").warning("another warning")
+    assert spent == pytest.approx(expected, rel=1e-12)
+    assert [r.getMessage() for r in caplog.records] == ["another warning"]
 
 
 def test_epsilon_spent_edge_cases():
