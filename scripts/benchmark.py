@@ -24,7 +24,7 @@ synthetic data of full EMNIST size (3400 clients, 671,585 examples). Prints the 
 versions and a table of ratios; ``--out`` writes JSON, ``--markdown`` a page with the command.
 
     python scripts/benchmark.py --out bench.json --markdown docs/benchmarks.md
-    python scripts/benchmark.py --quick            # seconds: a smoke test
+    python scripts/benchmark.py --quick            # about 2 minutes: a smoke test
 """
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test (seconds)")
+    p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test (about 2 minutes)")
     p.add_argument(
         "--only",
         type=_csv("section", sections.SECTIONS),
