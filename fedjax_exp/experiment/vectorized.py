@@ -169,7 +169,7 @@ class VectorizedTraining:
         return self.base.uses_convolution()
 
     def use_mesh(self, mesh: Any) -> None:
-        raise ValueError(
+        raise ConfigError(
             "trainer.data_parallel=true and trainer.vectorize cannot be combined: a vectorized "
             "sweep runs on one device; set trainer.data_parallel=auto"
         )
