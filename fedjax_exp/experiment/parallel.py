@@ -12,7 +12,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from fedjax_exp.core.compute_dtype import COMPUTE_DTYPES, with_compute_dtype  # noqa: F401
+from fedjax_exp.core.compute_dtype import with_compute_dtype  # noqa: F401 - re-exported
 from fedjax_exp.experiment.algorithms import DATA_AXIS, Algorithm
 
 STEPS_PER_DISPATCH = 8

@@ -147,8 +147,7 @@ def _open_members(container, out, trials, start_step, resumed, clock) -> list[_M
         directory, config, settings, run_name, label = out, container, wandb, name, ""
         if trial is not None:  # Its own run dir and W&B run, grouped under the sweep's name.
             directory, label = out / vectorized.TRIALS_DIR / trial.name, f"{trial.name}: "
-            config = vectorized.trial_config(container, trial)
-            vectorized.write_trial_hydra_files(directory, config, trial)
+            config = vectorized.write_trial_files(directory, container, trial)
             if wandb:
                 settings, group = {**wandb, "name": None}, wandb.get("group") or name
                 run_name = f"{wandb.get('name') or name}/{trial.name}"

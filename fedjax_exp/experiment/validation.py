@@ -242,14 +242,13 @@ def check_data_features(
     datasets: Mapping[str, Any],
     *,
     batch_size: int = 16,
-    scan_batches: int | None = 16,
     num_classes: int | None = None,
     input_shape: Sequence[int] | None = None,
 ) -> None:
     """Checks, before training, what would fail (or mislead) later: each split has examples of
     ``input_shape`` with the features the metrics (and loss) read, finite floats, domain ids
     its per-domain metrics cover and labels below ``num_classes``. Reads whole columns where
-    the store keeps them, else the first ``scan_batches`` batches."""
+    the store keeps them, else the first 16 batches."""
     import numpy as np
 
     from fedjax_exp.core.typing import EXAMPLE_MASK_KEY
@@ -257,7 +256,7 @@ def check_data_features(
 
     for split, fd in ((s, fd) for s, fd in datasets.items() if fd is not None):
         real: dict[str, list[Any]] = {}
-        for batch in first_padded_batches(fd, batch_size, scan_batches):
+        for batch in first_padded_batches(fd, batch_size, 16):
             mask = np.asarray(batch[EXAMPLE_MASK_KEY], bool)
             for k, v in batch.items():
                 real.setdefault(k, []).append(np.asarray(v)[mask])

@@ -268,17 +268,6 @@ def build(cfg: Any, make_algorithm: Callable[..., Any], trials: Sequence[Trial])
     return VectorizedFederatedTraining(base, trials)
 
 
-def trial_config(container: Mapping[str, Any], trial: Trial) -> dict[str, Any]:
-    """The config of a lone run equivalent to ``trial`` (no ``trainer.vectorize``)."""
-    config = json.loads(json.dumps(container))  # A deep copy of plain data.
-    config["seed"] = trial.seed
-    config.setdefault("optimizer", {})["learning_rate"] = trial.learning_rate
-    if trial.client_learning_rate is not None:
-        config["algorithm"]["client_optimizer"]["learning_rate"] = trial.client_learning_rate
-    config["trainer"].pop("vectorize", None)
-    return config
-
-
 def check_seed_independent(cfg: Any, trials: Sequence[Trial]) -> None:
     """ConfigError when the dataset config depends on ``seed``: a trial would then differ
     from a lone run with its seed."""
@@ -297,16 +286,23 @@ def check_seed_independent(cfg: Any, trials: Sequence[Trial]) -> None:
         )
 
 
-def write_trial_hydra_files(directory: pathlib.Path, config: Mapping[str, Any], trial: Trial):
-    """``.hydra/config.yaml`` and ``overrides.yaml`` of the lone run equal to ``trial``."""
+def write_trial_files(directory: pathlib.Path, container: Mapping[str, Any], trial: Trial):
+    """Writes ``.hydra/config.yaml`` and ``overrides.yaml`` of the lone run equal to ``trial``;
+    returns its config (no ``trainer.vectorize``)."""
     import yaml
 
     from fedjax_exp.core.atomic_file import atomic_write_text
 
-    hydra_dir = directory / HYDRA_DIR
-    hydra_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(hydra_dir / "config.yaml", yaml.safe_dump(dict(config), sort_keys=False))
+    config = json.loads(json.dumps(container))  # A deep copy of plain data.
+    config["seed"] = trial.seed
+    config.setdefault("optimizer", {})["learning_rate"] = trial.learning_rate
     overrides = [f"optimizer.learning_rate={trial.learning_rate!r}", f"seed={trial.seed}"]
     if trial.client_learning_rate is not None:
+        config["algorithm"]["client_optimizer"]["learning_rate"] = trial.client_learning_rate
         overrides += [f"algorithm.client_optimizer.learning_rate={trial.client_learning_rate!r}"]
+    config["trainer"].pop("vectorize", None)
+    hydra_dir = directory / HYDRA_DIR
+    hydra_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(hydra_dir / "config.yaml", yaml.safe_dump(config, sort_keys=False))
     atomic_write_text(hydra_dir / "overrides.yaml", yaml.safe_dump(overrides))
+    return config
