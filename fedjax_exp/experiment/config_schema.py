@@ -19,6 +19,8 @@ from fedjax_exp.experiment.errors import ConfigError
 # Counts are typed Any for OmegaConf: its integer node refuses a float even when it is exact
 # (trainer.steps=1e3); their check accepts such floats and returns the int.
 Int = Any
+# Optional[...]: OmegaConf reads it, not `X | None`.
+Floats, Ints = Optional[list[float]], Optional[list[int]]  # noqa: UP045
 Check = Callable[[str, Any], Any]  # (dotted key, value) -> the value to use, or ConfigError
 
 
@@ -93,12 +95,9 @@ class EvalBatchesConfig:
 
 @dataclasses.dataclass
 class VectorizeConfig:
-    # Optional[...]: OmegaConf reads it, not `X | None`.
-    learning_rates: Optional[list[float]] = _sweep_list("positive numbers", lambda v: v > 0)  # noqa: UP045
-    client_learning_rates: Optional[list[float]] = _sweep_list(  # noqa: UP045
-        "positive numbers", lambda v: v > 0
-    )
-    seeds: Optional[list[int]] = _sweep_list("non-negative integers", lambda v: v >= 0)  # noqa: UP045
+    learning_rates: Floats = _sweep_list("positive numbers", lambda v: v > 0)
+    client_learning_rates: Floats = _sweep_list("positive numbers", lambda v: v > 0)
+    seeds: Ints = _sweep_list("non-negative integers", lambda v: v >= 0)
 
 
 @dataclasses.dataclass

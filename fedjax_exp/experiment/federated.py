@@ -18,6 +18,7 @@ from fedjax_exp.core.client_datasets import ShuffleRepeatBatchHParams
 from fedjax_exp.core.parallel_for_each_client import default_lanes
 from fedjax_exp.core.typing import PRNGKey
 from fedjax_exp.experiment.algorithms import DATA_AXIS, stack_inputs, uses_convolution
+from fedjax_exp.experiment.config_schema import integer
 from fedjax_exp.experiment.errors import ConfigError
 
 ENGINES = ("auto", "scan", "stepwise")
@@ -69,16 +70,8 @@ class FederatedTraining:
                 f"algorithm.clients_per_round={clients_per_round} but the train data has "
                 f"{len(sizes)} clients: set algorithm.clients_per_round between 1 and {len(sizes)}"
             )
-        if isinstance(client_batch_size, bool) or not (
-            isinstance(client_batch_size, int) and client_batch_size > 0
-        ):
-            raise ConfigError(
-                f"algorithm.client_batch_size must be a positive integer, got "
-                f"{client_batch_size!r}: set e.g. algorithm.client_batch_size=10"
-            )
-        self.batch_hparams = ShuffleRepeatBatchHParams(
-            batch_size=client_batch_size, num_epochs=client_epochs, num_steps=client_steps
-        )
+        batch_size = integer("algorithm.client_batch_size", client_batch_size, 1)
+        self.batch_hparams = ShuffleRepeatBatchHParams(batch_size, client_epochs, client_steps)
         context = {
             "model": model,
             "loss": models.model_per_example_loss(model),
