@@ -69,10 +69,6 @@ class Run:
     def last_step(self) -> int | None:
         return max((step for points in self.history.values() for step in points), default=None)
 
-    def series(self, metric: str) -> tuple[list[int], list[float]]:
-        points = sorted(self.history.get(metric, {}).items())
-        return [s for s, _ in points], [v for _, v in points]
-
 
 def read_history(path: str | os.PathLike[str]) -> dict[str, dict[int, float]]:
     """A metrics file as metric -> {step: value}; null reads as NaN, non-numbers are left out."""
@@ -275,7 +271,7 @@ def summary_frame(runs: Sequence[Run], metrics: Sequence[str]) -> pd.DataFrame:
 
     columns: dict[str, list[float | None]] = {}
     for metric in metrics:
-        series = [run.series(metric)[1] for run in runs]
+        series = [[v for _, v in sorted(run.history.get(metric, {}).items())] for run in runs]
         columns[metric] = last = [values[-1] if values else None for values in series]
         best = [best_value(values, metric) for values in series]
         if not metric.startswith(FINAL_PREFIX) and any(
