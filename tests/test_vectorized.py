@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
 
 import jax
@@ -110,19 +111,27 @@ def test_expand_trials_is_the_product_of_learning_rates_and_seeds():
 
 
 @pytest.mark.parametrize(
-    ("lrs", "seeds", "message"),
+    ("override", "message"),
     [
-        (None, None, "needs learning_rates and/or seeds"),
-        ([], None, "learning_rates must be a non-empty list"),
-        ([0.1, 0.1], None, "has duplicates"),
-        ([-0.1], None, "must be positive numbers"),
-        (None, [1.5], "must be non-negative integers"),
-        (None, [-1], "must be non-negative integers"),
+        ("learning_rates=[]", "learning_rates must be null or a non-empty list"),
+        ("learning_rates=[0.1,0.1]", "list of distinct positive numbers"),
+        ("learning_rates=[-0.1]", "list of distinct positive numbers"),
+        ("seeds=[1.5]", "seeds[0] must be an integer"),
+        ("seeds=[-1]", "list of distinct non-negative integers"),
+        ("client_learning_rates=[0.0]", "client_learning_rates must be null or a non-empty list"),
     ],
 )
-def test_expand_trials_rejects_bad_lists(lrs, seeds, message):
-    with pytest.raises(ConfigError, match=message):
-        vectorized.expand_trials(lrs, seeds, 1e-3, 0)
+def test_the_config_rejects_bad_lists(override, message):
+    import yaml
+    from omegaconf import OmegaConf
+
+    from fedjax_exp.experiment.validation import validate_config
+
+    cfg = OmegaConf.to_container(compose_config(), resolve=False)
+    key, _, value = override.partition("=")
+    cfg["trainer"]["vectorize"][key] = yaml.safe_load(value)  # Past Hydra's own type check.
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        validate_config(cfg)
 
 
 # --- learning rate in the optimizer state -----------------------------------------------------
@@ -381,8 +390,6 @@ def test_expand_trials_crosses_client_learning_rates():
     ]
     (only_client,) = vectorized.expand_trials(None, None, 0.5, 0, [0.01], 0.2)
     assert (only_client.name, only_client.learning_rate) == ("client_lr=0.01", 0.5)
-    with pytest.raises(ConfigError, match="client_learning_rates must be positive"):
-        vectorized.expand_trials(None, None, 0.5, 0, [0.0], 0.2)
 
 
 def test_a_federated_grid_equals_its_trials_alone(tmp_path):

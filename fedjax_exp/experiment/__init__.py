@@ -1,9 +1,5 @@
-"""The Hydra/W&B-aware experiment layer: config -> objects, the training loop, evaluation,
-writers and checkpoints. ``run(cfg)`` is the entry point used by ``run.py``.
-
-Importing this package does not import JAX (see ``fedjax_exp/__init__.py``): ``run`` is loaded
-on first use.
-"""
+"""The Hydra/W&B-aware experiment layer; ``run(cfg)`` (used by ``run.py``) is imported on
+first use, so that importing this package does not import JAX."""
 
 from __future__ import annotations
 

@@ -1,9 +1,5 @@
-"""Config -> objects: model (with loss and metrics), optimizer, datasets, algorithm.
-
-Everything is built with ``hydra.utils.instantiate`` from ``_target_`` dotted paths, so user
-code plugs in by path without editing the package. Construction errors become one-line
-:class:`ConfigError` s that name the config key.
-"""
+"""Config -> objects (model, optimizer, datasets, algorithm) with ``hydra.utils.instantiate``;
+construction errors become one-line ConfigErrors naming the config key."""
 
 from __future__ import annotations
 
@@ -54,11 +50,9 @@ def build_model(cfg: DictConfig) -> Any:
 
 
 def build_optimizer(cfg: DictConfig) -> Any:
-    """The optimizer of ``cfg.optimizer``; a schedule with a ``_target_`` replaces the
-    constant ``learning_rate``."""
+    """The optimizer of ``cfg.optimizer``; a schedule replaces its ``learning_rate``."""
     settings = OmegaConf.to_container(cfg.optimizer, resolve=True)
     assert isinstance(settings, dict)
-    # optimizer/schedule=constant is an empty node: no schedule.
     schedule = settings.pop("schedule", None) or {}
     kwargs = {}
     if schedule.get("_target_"):
@@ -80,17 +74,9 @@ def build_datasets(cfg: DictConfig) -> tuple[Any, Any]:
 
 
 def build_model_and_data(cfg: DictConfig) -> tuple[Any, Any, Any, dict[str, Any]]:
-    """``(model, train_model, train_data, eval_splits)`` for a training run.
-
-    ``eval_splits`` maps split names to data: ``train`` and ``test``, plus ``validation``
-    when ``dataset.validation.mode`` holds part of the train split out (then ``train`` is
-    what remains).
-
-    ``train_model`` is ``model`` with the training forward pass in ``trainer.compute_dtype``
-    (evaluation keeps the float32 ``model``). The data is checked to hold every feature the
-    loss and metrics read (e.g. ``domain_id`` for ``metrics=full``) now, before any training
-    time is spent, rather than at the first evaluation.
-    """
+    """``(model, train_model, train_data, eval_splits)``: ``train_model`` computes in
+    ``trainer.compute_dtype``; ``eval_splits``: train, test and any held-out validation. The
+    data is checked against the model (:func:`.validation.check_data_features`) first."""
     from fedjax_exp.datasets.validation_split import apply_validation_split
     from fedjax_exp.experiment.parallel import with_compute_dtype
     from fedjax_exp.experiment.validation import check_data_features
@@ -121,17 +107,10 @@ def build_model_and_data(cfg: DictConfig) -> tuple[Any, Any, Any, dict[str, Any]
 def build_algorithm(
     cfg: DictConfig, model: Any, optimizer: Any, train_data: Any, **overrides: Any
 ) -> Any:
-    """The training algorithm of ``cfg.algorithm``, given the built objects; ``overrides``
-    replace arguments of the config (e.g. a built ``client_optimizer``)."""
+    """The algorithm of ``cfg.algorithm``; ``overrides`` replace its config's arguments."""
     node = OmegaConf.to_container(cfg.algorithm, resolve=True)
     assert isinstance(node, dict)
     for key in overrides:  # Hydra would merge an object into the key's config, not replace it.
         node.pop(key, None)
-    return _instantiate(
-        "algorithm",
-        node,
-        model=model,
-        optimizer=optimizer,
-        train_data=train_data,
-        **overrides,
-    )
+    objects = {"model": model, "optimizer": optimizer, "train_data": train_data}
+    return _instantiate("algorithm", node, **objects, **overrides)

@@ -1,16 +1,7 @@
-"""Checkpoints of a training run: algorithm state, step, RNG, data position and clock.
-
-Written with orbax-checkpoint's CheckpointManager: each step is written to
-``<step>.orbax-checkpoint-tmp`` and renamed to ``<step>`` only when complete, so a run killed
-mid-save leaves the previous checkpoints intact, and the half-written dir is neither listed nor
-restored (the next run that writes there removes it). Only the last ``keep`` are kept.
-Saves are synchronous: the states here are at most a few hundred MB, and a blocking save keeps
-the order of saves and metrics lines simple.
-
-The algorithm state is stored as its flat list of leaves and restored into the tree structure
-of a freshly initialised state. That works for any pytree (optax states with empty tuples,
-stax parameter lists, user dataclasses) without teaching orbax about each node type.
-"""
+"""Checkpoints of a training run (orbax, synchronous): a step is renamed into place once
+complete, so a killed save leaves the earlier ones intact; the last ``keep`` are kept. The
+state is stored as its flat list of leaves and restored into a fresh state's tree structure,
+which works for any pytree without teaching orbax about its node types."""
 
 from __future__ import annotations
 
@@ -32,22 +23,17 @@ from fedjax_exp.experiment.run_files import CHECKPOINTS_DIR
 class Snapshot:
     """Everything a resumed run needs to continue exactly where a saved one was."""
 
-    state: Any  # The algorithm state pytree (params, optimizer state, ...).
+    state: Any
     step: int
     rng: np.ndarray  # Raw key data of the run's base PRNG key.
-    data_position: int  # Number of training inputs consumed from the data stream.
-    elapsed: float  # Seconds of training before this snapshot (for the metrics "time").
-
-
-def _host_copy(tree: Any) -> Any:
-    # A real copy: the train step donates its input buffers, and on CPU np.asarray may alias
-    # device memory that the next step reuses.
-    return jax.tree_util.tree_map(lambda x: np.array(x, copy=True), tree)
+    data_position: int  # Training inputs consumed from the data stream.
+    elapsed: float  # Seconds of training before this snapshot.
 
 
 def _to_item(snapshot: Snapshot) -> dict[str, Any]:
+    # Real copies: the train step donates its buffers, which np.asarray may alias on CPU.
     return {
-        "state": _host_copy(jax.tree_util.tree_leaves(snapshot.state)),
+        "state": [np.array(x, copy=True) for x in jax.tree_util.tree_leaves(snapshot.state)],
         "step": np.asarray(snapshot.step, np.int64),
         "rng": np.asarray(snapshot.rng),
         "data_position": np.asarray(snapshot.data_position, np.int64),
@@ -56,11 +42,8 @@ def _to_item(snapshot: Snapshot) -> dict[str, Any]:
 
 
 def find_checkpoint_dir(path: str | os.PathLike[str]) -> tuple[pathlib.Path, int | None]:
-    """Resolves ``trainer.resume=PATH`` to (checkpoints dir, step or None for the latest).
-
-    PATH may be a run dir (holding ``checkpoints/``), a checkpoints dir, or one step's dir
-    (a dir named by its step number). Anything else is taken as a checkpoints dir.
-    """
+    """``trainer.resume=PATH`` (a run dir, its checkpoints dir or one step's dir) as
+    (checkpoints dir, step or None for the latest)."""
     path = pathlib.Path(path)
     if (path / CHECKPOINTS_DIR).is_dir():
         return path / CHECKPOINTS_DIR, None
@@ -96,15 +79,13 @@ def resume_source(resume: Any, own_dir: pathlib.Path) -> tuple[pathlib.Path, int
 
 
 class Checkpointer:
-    """Saves and restores :class:`Snapshot` s under one directory. ``own=True`` (a run's own
-    dir) removes the half-written saves of a killed run there; another run's dir is only read
-    (that run may still be writing to it)."""
+    """Saves and restores :class:`Snapshot` s in ``directory``; ``own`` (the run's own dir):
+    removes a killed run's half-written saves there (another run's dir is only read)."""
 
     def __init__(self, directory: str | os.PathLike[str], keep: int, own: bool = True):
-        import orbax.checkpoint as ocp  # Imported here: it is slow to import and JAX-heavy.
+        import orbax.checkpoint as ocp  # Slow to import.
 
-        # Orbax logs every save step by step at INFO through absl; keep run logs readable.
-        logging.getLogger("absl").setLevel(logging.WARNING)
+        logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax logs each save at INFO.
 
         self._ocp = ocp
         self.directory = pathlib.Path(directory).absolute()
@@ -113,27 +94,19 @@ class Checkpointer:
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, create=True, enable_async_checkpointing=False
         )
-        # The handler is named up front so that item_metadata() can read a checkpoint's shapes
-        # before restoring it (see restore()).
+        # A named handler: restore() reads a checkpoint's shapes (item_metadata) first.
         self._manager = ocp.CheckpointManager(
             self.directory, options=options, item_handlers=ocp.StandardCheckpointHandler()
         )
 
     def latest_step(self) -> int | None:
-        """The newest complete checkpoint's step, or None."""
         return self._manager.latest_step()
 
     def all_steps(self) -> list[int]:
-        """Steps of the complete checkpoints, oldest first."""
         return sorted(self._manager.all_steps())
 
     def save(self, snapshot: Snapshot) -> None:
-        """Saves ``snapshot`` and waits until it is on disk.
-
-        A checkpoint of the same step (e.g. from a run resumed from an earlier step) is
-        replaced; that delete-then-write is the one non-atomic moment, and older steps are
-        still there if it is interrupted.
-        """
+        """Saves ``snapshot`` (replacing one of the same step) and waits until it is on disk."""
         if snapshot.step in self._manager.all_steps():
             self._manager.delete(snapshot.step)
         self._manager.save(snapshot.step, args=self._ocp.args.StandardSave(_to_item(snapshot)))
@@ -142,12 +115,8 @@ class Checkpointer:
     def restore(
         self, template_state: Any, template_rng: np.ndarray, step: int | None = None
     ) -> Snapshot:
-        """Loads ``step`` (default: the latest) into the structures of the templates.
-
-        Leaves are cast to the template's dtypes. Raises :class:`ConfigError` when there is
-        no such checkpoint or when its arrays do not match the template's count and shapes
-        (a checkpoint of another model or optimizer).
-        """
+        """Loads ``step`` (default: the latest) into the templates' structures and dtypes;
+        ConfigError for no such step or arrays unlike the template's (another model)."""
         steps = self.all_steps()
         step = (steps[-1] if steps else None) if step is None else step
         if step is None:
@@ -158,9 +127,7 @@ class Checkpointer:
                 f"{steps}): resume from one of those"
             )
         leaves, treedef = jax.tree_util.tree_flatten(template_state)
-        # Compare with the saved arrays' metadata first: orbax's own errors for a mismatched
-        # template are multi-line tree diffs, and it silently restores the saved shapes when
-        # only shapes differ (which would fail later inside the jitted step).
+        # Orbax's own errors are tree diffs, and it restores other shapes silently.
         where = self.directory / str(step)
         saved = list(self._manager.item_metadata(step)["state"])
         if len(saved) != len(leaves):
@@ -187,5 +154,4 @@ class Checkpointer:
         )
 
     def close(self) -> None:
-        """Releases orbax's resources (no pending saves: saves are synchronous)."""
         self._manager.close()

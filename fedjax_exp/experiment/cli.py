@@ -1,11 +1,5 @@
-"""Command-line helpers for ``run.py``: one-line reports of config composition errors, and
-the commands that resume a run.
-
-Hydra reports a bad override (unknown group option, unknown key) as a multi-line message with
-the config search path. ``precheck_overrides`` composes the config first with Hydra's public
-compose API (for a multirun, once per option of each swept group) and turns such an error
-into one line that still names the problem and the options.
-"""
+"""Command-line helpers for ``run.py``: Hydra's multi-line composition errors as one line
+(:func:`precheck_overrides` composes the config first), and the commands that resume a run."""
 
 from __future__ import annotations
 
@@ -14,7 +8,7 @@ import re
 import shlex
 import sys
 from collections.abc import Sequence
-from typing import NoReturn
+from typing import Any, NoReturn
 
 
 def one_line(error: BaseException) -> str:
@@ -44,13 +38,8 @@ MULTIRUN_FLAGS = ("-m", "--multirun")
 
 
 def precheck_overrides(config_dir: str, config_name: str, argv: Sequence[str]) -> None:
-    """Composes ``config_name`` with the command-line overrides; on a composition error
-    prints one line to stderr and exits with status 1.
-
-    A multirun (``-m``) is checked with one composition per option of each swept config
-    group (``model=mlp,cnnn``) and with every swept key present (its values are the
-    sweeper's business), before Hydra creates the sweep dir.
-    """
+    """Composes ``config_name`` with the overrides (a multirun: once per option of each swept
+    group); on an error prints one line to stderr and exits with status 1."""
     flags = [arg for arg in argv if arg.startswith("-")]
     if any(flag not in MULTIRUN_FLAGS for flag in flags):
         return  # --cfg, --help, --info, ...: Hydra's own handling.
@@ -62,8 +51,8 @@ def precheck_overrides(config_dir: str, config_name: str, argv: Sequence[str]) -
 
 
 def _sweep_variants(config_dir: str, overrides: list[str]) -> list[list[str]]:
-    """The override lists that together try every option of each swept config group, with
-    other swept keys at their first value."""
+    """Override lists trying every option of each swept group (swept keys at their first
+    value, which checks their name and type: the values are the sweeper's business)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
 
@@ -72,8 +61,6 @@ def _sweep_variants(config_dir: str, overrides: list[str]) -> list[list[str]]:
     except HydraException as e:
         print(f"error: {one_line(e)}", file=sys.stderr)
         raise SystemExit(1) from None
-    # Every swept group at its first option, every swept key at its first value; then each
-    # other option of each swept group once.
     base: list[str] = []
     others: list[tuple[int, str, list[str]]] = []
     for override in parsed:
@@ -85,42 +72,37 @@ def _sweep_variants(config_dir: str, overrides: list[str]) -> list[list[str]]:
             options = list(override.sweep_string_iterator())
         except HydraException:  # A sweep the sweeper samples (e.g. Optuna's): no list to try.
             options = []
-        if not (pathlib.Path(config_dir) / override.key_or_group).is_dir():
-            # A swept key: its first value checks its name and type; the values are the
-            # sweeper's business (null when it samples them).
+        if not (pathlib.Path(config_dir) / override.key_or_group).is_dir():  # A swept key.
             base.append(f"{key}={options[0] if options else 'null'}")
             continue
         if options:
             others.append((len(base), key, options[1:]))
             base.append(f"{key}={options[0]}")
-    variants = [base]
-    for position, key, options in others:
-        for option in options:
-            variant = list(base)
-            variant[position] = f"{key}={option}"
-            variants.append(variant)
-    return variants
+    others_at = [(i, f"{key}={o}") for i, key, options in others for o in options]
+    return [base] + [[*base[:i], other, *base[i + 1 :]] for i, other in others_at]
+
+
+def _compose(config_dir: str, config_name: str, overrides: Sequence[str], **kwargs: Any) -> Any:
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=config_dir, version_base="1.3"):
+        return compose(config_name=config_name, overrides=list(overrides), **kwargs)
 
 
 def _compose_or_exit(config_dir: str, config_name: str, overrides: list[str]) -> None:
-    from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
     from fedjax_exp.experiment.validation import omegaconf_error_line, unknown_key_message
 
     try:
-        with initialize_config_dir(config_dir=config_dir, version_base="1.3"):
-            compose(config_name=config_name, overrides=overrides)
+        _compose(config_dir, config_name, overrides)
     except (HydraException, OmegaConfBaseException) as e:
         message = one_line(e)
         unknown = re.match(r"Could not override '([^']+)'", message)
         if not unknown and isinstance(e.__cause__, OmegaConfBaseException) and e.__cause__.full_key:
-            # A value of the wrong type for a schema (conf/trainer, conf/logger).
-            message = omegaconf_error_line(e.__cause__)
-        if unknown:
-            # A misspelled key: Hydra's hint (append it with +) would add a key nothing
-            # reads; name the nearest existing key instead.
+            message = omegaconf_error_line(e.__cause__)  # A wrong type for a schema.
+        if unknown:  # A misspelled key: name the nearest one (Hydra suggests adding it with +).
             key = unknown.group(1)
             rest = [o for o in overrides if not o.startswith(f"{key}=")]
             message = unknown_key_message(key, _known_keys(config_dir, config_name, rest))
@@ -129,32 +111,26 @@ def _compose_or_exit(config_dir: str, config_name: str, overrides: list[str]) ->
 
 
 def _known_keys(config_dir: str, config_name: str, overrides: Sequence[str]) -> list[str]:
-    """Every key of the config composed with ``overrides``, inner nodes included (a typo may
-    be in a group name such as trainer.eval_*); none when it does not compose."""
-    from hydra import compose, initialize_config_dir
+    """Every key (inner nodes included) of the config composed with ``overrides``."""
     from omegaconf import OmegaConf
 
+    from fedjax_exp.experiment.validation import walk
+
     try:
-        with initialize_config_dir(config_dir=config_dir, version_base="1.3"):
-            cfg = compose(config_name=config_name, overrides=list(overrides))
+        cfg = _compose(config_dir, config_name, overrides)
     except Exception:  # noqa: BLE001 - only a hint: another error will be reported anyway.
         return []
-    from fedjax_exp.experiment.run_record import flatten
-
-    leaves = flatten(OmegaConf.to_container(cfg, resolve=False))
-    return sorted({".".join(k.split(".")[:i]) for k in leaves for i in range(1, k.count(".") + 2)})
+    return sorted(key for key, _ in walk(OmegaConf.to_container(cfg, resolve=False)))
 
 
 RESUME_LATEST = "trainer.resume=latest"
 
 
 def resolve_resume_latest(config_dir: str, config_name: str, argv: Sequence[str]) -> list[str]:
-    """``argv`` with ``trainer.resume=latest`` replaced by ``hydra.run.dir=DIR``: the newest
-    run dir of the same config among those ``hydra.run.dir`` names (its ``${now:...}`` parts
-    match any time). Exits with one line when there is none."""
+    """``argv`` with ``trainer.resume=latest`` replaced by ``hydra.run.dir=`` the newest run
+    dir of the same config matching ``hydra.run.dir`` (``${now:...}`` matching any time)."""
     if RESUME_LATEST not in argv:
         return list(argv)
-    from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf, open_dict, read_write
 
     from fedjax_exp.experiment.errors import ConfigError
@@ -168,8 +144,7 @@ def resolve_resume_latest(config_dir: str, config_name: str, argv: Sequence[str]
     if any(arg in MULTIRUN_FLAGS for arg in argv):
         fail("it resumes one run; a sweep resumes when run again with hydra.sweep.dir=ITS_DIR")
     rest = [arg for arg in argv if arg != RESUME_LATEST]
-    with initialize_config_dir(config_dir=config_dir, version_base="1.3"):
-        cfg = compose(config_name=config_name, overrides=rest, return_hydra_config=True)
+    cfg = _compose(config_dir, config_name, rest, return_hydra_config=True)
     with read_write(cfg), open_dict(cfg):
         template = OmegaConf.to_container(cfg.hydra.run, resolve=False)["dir"]
         cfg.hydra.run.dir = re.sub(r"\$\{now:[^}]*\}", "*", template)
@@ -187,9 +162,8 @@ def resolve_resume_latest(config_dir: str, config_name: str, argv: Sequence[str]
 
 
 def resume_command(argv: Sequence[str], sweep_dir: str | None, checkpointed: bool) -> str:
-    """``resume with: COMMAND`` for the run (``sweep_dir``: the sweep) ``python run.py ARGV``
-    started: the sweep again in its dir, the run with ``trainer.resume=latest``; or ``start
-    again with: python run.py ARGV`` when the run saved no checkpoint."""
+    """``resume with: COMMAND`` for ``python run.py ARGV`` (a sweep: again in its dir; a run:
+    with ``trainer.resume=latest``), or ``start again with: ...`` without a checkpoint."""
     if sweep_dir is not None:
         kept = [arg for arg in argv if not arg.startswith("hydra.sweep.dir=")]
         argv = [*kept, f"hydra.sweep.dir={sweep_dir}"]

@@ -1,16 +1,8 @@
-"""``fedjax-compare``: a report of finished runs side by side (tables and plots), offline.
-
-A *run* is a directory holding a ``metrics.jsonl`` (layout: :mod:`.run_files`). Given run or
-sweep directories, :func:`find_runs` loads every run below them and :func:`write_report` writes
-
-* a table with one row per run, labelled by the command-line overrides that differ across the
-  runs: the last value of each metric (and its best where that differs), the differing config
-  values not in the label, failed runs marked ✗;
-* a table of groups (mean ± std over their runs) for ``group_by`` config keys or config-group
-  choices (``optimizer``), and by itself over seeds when some runs differ only by their seed;
-* one metric-vs-step plot per logged metric (a line per run, or a mean ± std band per group),
-
-as ``report.md`` (PNGs in ``plots/``) and/or a self-contained ``report.html``.
+"""``fedjax-compare``: finished runs side by side, offline. :func:`find_runs` loads every run
+(a dir with a ``metrics.jsonl``) below the given dirs; :func:`write_report` writes a table of
+runs (labelled by the overrides that differ, failed runs marked ✗), a table of groups (mean ±
+std; by itself over seeds when runs differ only by seed) and metric-vs-step plots, as
+``report.md`` (PNGs in ``plots/``) and/or a self-contained ``report.html``.
 """
 
 from __future__ import annotations
@@ -51,21 +43,14 @@ Groups = dict[tuple[str, ...], list["Run"]]
 
 
 class CompareError(ValueError):
-    """A problem with the runs to compare, with a message that says what to do about it."""
+    """A problem with the runs to compare; the message says what to do."""
 
 
 @dataclasses.dataclass
 class Run:
-    """What the report needs from one run directory.
-
-    ``name`` is the path relative to the directory the user gave; ``label`` (set by
-    :func:`label_runs`) the overrides that tell the run apart; ``config`` the flattened config
-    (dotted keys) with the config-group choices under the groups' names (``"optimizer":
-    "adam"``); ``status`` is ``completed``, ``failed`` or ``incomplete`` (no status file).
-    ``history`` maps metric ->
-    {step: value}, ``final/`` metrics included (a step logged twice, by a resumed run, keeps
-    the last value; NaN for a non-finite value).
-    """
+    """One run dir: ``name`` relative to the dir given, ``label`` (:func:`label_runs`),
+    ``config`` flattened with the config-group choices (``"optimizer": "adam"``), ``status``
+    (``incomplete``: no status file) and ``history``: metric -> {step: value} (NaN: not finite)."""
 
     path: pathlib.Path
     name: str
@@ -78,26 +63,15 @@ class Run:
 
     @property
     def final(self) -> dict[str, float]:
-        """The last value of each ``final/`` metric."""
         return {k: v[max(v)] for k, v in self.history.items() if k.startswith(FINAL_PREFIX)}
 
     @property
     def last_step(self) -> int | None:
-        """The last step the run logged anything at (None: nothing logged)."""
         return max((step for points in self.history.values() for step in points), default=None)
-
-    def series(self, metric: str) -> tuple[list[int], list[float]]:
-        """The (steps, values) of ``metric``, sorted by step; empty when never logged."""
-        points = sorted(self.history.get(metric, {}).items())
-        return [s for s, _ in points], [v for _, v in points]
-
-
-# ---- reading runs ---------------------------------------------------------------------------
 
 
 def read_history(path: str | os.PathLike[str]) -> dict[str, dict[int, float]]:
-    """A metrics file as metric -> {step: value} (see :class:`Run`). Null, how the writers
-    store NaN and inf, reads as NaN; text, flags and histograms are not metrics (left out)."""
+    """A metrics file as metric -> {step: value}; null reads as NaN, non-numbers are left out."""
     try:
         records = run_files.read_metrics(path)
     except (OSError, UnicodeDecodeError, run_files.MetricsFileError) as e:
@@ -112,7 +86,6 @@ def read_history(path: str | os.PathLike[str]) -> dict[str, dict[int, float]]:
 
 
 def _load(path: pathlib.Path, parse: Callable[[str], Any] = yaml.safe_load) -> Any:
-    """The parsed file, or None when there is none."""
     try:
         return parse(path.read_text(encoding="utf-8")) if path.is_file() else None
     except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError) as e:
@@ -120,8 +93,7 @@ def _load(path: pathlib.Path, parse: Callable[[str], Any] = yaml.safe_load) -> A
 
 
 def read_config(job_dir: str | os.PathLike[str]) -> tuple[dict[str, Any], list[str]]:
-    """The run's config (flattened) and command-line overrides: the runner's record of the run
-    (``run_config.json``), else ``.hydra/`` (e.g. a vectorized sweep's trial dirs)."""
+    """The run's flattened config and overrides: ``run_config.json``, else ``.hydra/``."""
     hydra = pathlib.Path(job_dir) / run_files.HYDRA_DIR
     try:
         record = run_record.read(job_dir)
@@ -137,7 +109,6 @@ def read_config(job_dir: str | os.PathLike[str]) -> tuple[dict[str, Any], list[s
 
 
 def load_run(job_dir: str | os.PathLike[str], name: str | None = None) -> Run:
-    """Loads one run directory (which must hold a ``metrics.jsonl``)."""
     job_dir = pathlib.Path(job_dir)
     if not (job_dir / run_files.METRICS_FILE).is_file():
         raise CompareError(f"{job_dir} is not a run directory: it has no {run_files.METRICS_FILE}")
@@ -172,14 +143,14 @@ def _natural_key(text: str) -> list[Any]:
 
 
 def _job_dirs(root: pathlib.Path, marker: str) -> list[tuple[str, pathlib.Path]]:
-    """(name, dir) of the dirs at or below ``root`` holding a file ``marker``, naturally sorted."""
+    """(name, dir) of the dirs at or below ``root`` holding ``marker``, naturally sorted."""
     dirs = sorted({p.parent for p in root.rglob(marker)}, key=lambda d: _natural_key(d.as_posix()))
     return [(f"{root.name}/{d.relative_to(root).as_posix()}".removesuffix("/."), d) for d in dirs]
 
 
 def label_runs(runs: Sequence[Run]) -> None:
-    """Labels each run by its overrides that not every run shares (e.g. ``seed=1``), with its
-    path where that leaves it without a label or with another run's."""
+    """Labels each run by its overrides not every run shares, plus its path where that leaves
+    it without a label or with another run's."""
     common = set.intersection(*(set(run.overrides) for run in runs))
     for run in runs:
         run.label = " ".join(o for o in run.overrides if o not in common)
@@ -210,8 +181,7 @@ def find_runs(paths: Sequence[str | os.PathLike[str]]) -> list[Run]:
 
 
 def find_not_started(paths: Sequence[str | os.PathLike[str]]) -> list[tuple[str, str | None]]:
-    """(name, last logged error) of the Hydra job dirs (with a ``run.log``) at or below
-    ``paths`` that hold no metrics: rejected configs (or jobs still starting)."""
+    """(name, last logged error) of the job dirs (with a ``run.log``) without metrics."""
     found = []
     for root in map(pathlib.Path, paths):
         for name, job_dir in _job_dirs(root, run_files.RUN_LOG_FILE):
@@ -222,16 +192,11 @@ def find_not_started(paths: Sequence[str | os.PathLike[str]]) -> list[tuple[str,
     return found
 
 
-# ---- summarizing and grouping ---------------------------------------------------------------
-
-
 def lower_is_better(metric: str) -> bool:
-    """Whether smaller values of ``metric`` are better (losses and errors)."""
     return any(word in metric.rsplit("/", 1)[-1].lower() for word in _LOWER_IS_BETTER)
 
 
 def best_value(values: Iterable[float], metric: str) -> float | None:
-    """The best finite value (max, or min for losses); None when there is none."""
     finite = [v for v in values if math.isfinite(v)]
     return (min if lower_is_better(metric) else max)(finite) if finite else None
 
@@ -241,7 +206,7 @@ def _canonical(value: Any) -> str:
 
 
 def differing_keys(runs: Sequence[Run]) -> list[str]:
-    """Config keys whose value is not the same in every run (a missing key counts as differing)."""
+    """Config keys whose value (or presence) differs across ``runs``."""
     keys = sorted({k for run in runs for k in run.config})
     return [k for k in keys if len({_canonical(run.config.get(k, "-")) for run in runs}) > 1]
 
@@ -267,9 +232,8 @@ def _sort_key(value: Any) -> tuple[int, Any]:
 
 
 def grouping_keys(runs: Sequence[Run], group_by: Sequence[str]) -> list[str] | None:
-    """The keys to group by: ``group_by`` (checked), else the differing config keys but the
-    seeds (keys named ``*seed``) when some runs differ only by their seeds (``[]``: all runs
-    differ only so, one group); None: no grouping."""
+    """``group_by`` (checked), else the differing keys but ``*seed`` when some runs differ
+    only by seed (``[]``: one group); None: no grouping."""
     unknown = [k for k in group_by if all(run.config.get(k) is None for run in runs)]
     if unknown:
         raise CompareError(
@@ -285,15 +249,11 @@ def grouping_keys(runs: Sequence[Run], group_by: Sequence[str]) -> list[str] | N
 
 
 def group_runs(runs: Sequence[Run], keys: Sequence[str]) -> Groups:
-    """Runs grouped by their values of ``keys``, groups in numeric/natural order of the values."""
     ordered = sorted(runs, key=lambda run: [_sort_key(run.config.get(k)) for k in keys])
     groups: Groups = {}
     for run in ordered:
         groups.setdefault(tuple(_format(run.config.get(k)) for k in keys), []).append(run)
     return groups
-
-
-# ---- tables: pandas DataFrames of strings, rendered to Markdown or HTML ---------------------
 
 
 def _format(value: Any) -> str:
@@ -305,14 +265,13 @@ def _format(value: Any) -> str:
 
 
 def summary_frame(runs: Sequence[Run], metrics: Sequence[str]) -> pd.DataFrame:
-    """One row per run: each metric's last value, plus a ``(best)`` column for a logged
-    (not final) metric where some run's best differs from its last value. None: never logged;
-    NaN: not finite."""
+    """Per run, each metric's last value, and its ``(best)`` where that differs (None: never
+    logged)."""
     import pandas as pd
 
     columns: dict[str, list[float | None]] = {}
     for metric in metrics:
-        series = [run.series(metric)[1] for run in runs]
+        series = [[v for _, v in sorted(run.history.get(metric, {}).items())] for run in runs]
         columns[metric] = last = [values[-1] if values else None for values in series]
         best = [best_value(values, metric) for values in series]
         if not metric.startswith(FINAL_PREFIX) and any(
@@ -325,8 +284,7 @@ def summary_frame(runs: Sequence[Run], metrics: Sequence[str]) -> pd.DataFrame:
 
 
 def runs_table(runs: Sequence[Run], metrics: Sequence[str]) -> pd.DataFrame:
-    """One row per run, sorted by the differing config values: label (✗: failed), dir,
-    status, step, differing config values not set by an override, metrics (—: never logged)."""
+    """One row per run, sorted by the differing config values not set by an override."""
     import pandas as pd
 
     differing = differing_keys(runs)
@@ -349,9 +307,8 @@ def runs_table(runs: Sequence[Run], metrics: Sequence[str]) -> pd.DataFrame:
 
 
 def grouped_table(groups: Groups, keys: Sequence[str], metrics: Sequence[str]) -> pd.DataFrame:
-    """One row per group: its key values, run counts and each metric's mean ± (population)
-    std over its runs' finite values; one value shows no ±, and ``(n=k)`` says how many runs
-    had a finite value when not all did."""
+    """Per group: run counts and each metric's mean ± population std over finite values
+    (``(n=k)``: only k runs had one)."""
     import pandas as pd
 
     values = summary_frame([run for group in groups.values() for run in group], metrics)
@@ -383,9 +340,6 @@ def _markdown(table: pd.DataFrame) -> str:
     return "\n".join([line(table.columns), "|" + "---|" * len(table.columns), *rows])
 
 
-# ---- plots ----------------------------------------------------------------------------------
-
-
 def figure(
     runs: Sequence[Run],
     metric: str,
@@ -393,8 +347,8 @@ def figure(
     group_label: str = "",
     log_scale: bool = False,
 ) -> Any:
-    """A matplotlib Figure of ``metric`` against step: one line per run, or a mean ± std band
-    per group, the legend beside the axes (never on the lines). None when no run logged it."""
+    """``metric`` against step, a line per run or a mean ± std band per group, the legend
+    beside the axes; None when no run logged it."""
     import pandas as pd
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -436,13 +390,10 @@ def figure(
 
 
 def png(fig: Any) -> bytes:
-    """The figure as PNG bytes, grown to hold the legend beside the axes."""
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", bbox_inches="tight")
     return buffer.getvalue()
 
-
-# ---- the report -----------------------------------------------------------------------------
 
 _HTML_HEAD = """<!DOCTYPE html><html><head><meta charset="utf-8"><title>{title}</title><style>
 body {{ font-family: system-ui, sans-serif; margin: 2em; color: #222; }}
@@ -463,22 +414,9 @@ def write_report(
     not_started: Sequence[tuple[str, str | None]] = (),
     log_scale: bool = False,
 ) -> list[pathlib.Path]:
-    """Writes the report of ``runs`` into ``out_dir``; returns the report files written.
-
-    Everything is computed before the first file is written, and a failed write removes the
-    ``out_dir`` it created: a failure leaves no empty or partial report behind.
-
-    Args:
-      runs: the runs, e.g. from :func:`find_runs`.
-      out_dir: gets ``report.md`` (with ``plots/``) and/or ``report.html``.
-      group_by: config keys (dotted) or config groups to group runs by; empty: seeds are
-        aggregated by themselves (see :func:`grouping_keys`).
-      metrics: glob patterns selecting metrics (default: final/*, eval/* and train/loss).
-      formats: any of ``"md"`` and ``"html"``.
-      title: the report's heading.
-      not_started: (name, error) of job dirs without metrics (:func:`find_not_started`).
-      log_scale: plot values on a log scale.
-    """
+    """Writes the report into ``out_dir``; returns its files. ``metrics``: globs (default:
+    final/*, eval/*, train/loss). Everything is computed first, and a failed write removes the
+    ``out_dir`` it created: no partial report is left behind."""
     if not runs:
         raise CompareError("no runs to compare")
     if not formats or set(formats) - set(FORMATS):
@@ -546,8 +484,6 @@ def write_report(
     return [out / name for name in ("report.md", "report.html") if name in files]
 
 
-# ---- command line ---------------------------------------------------------------------------
-
 _EPILOG = """\
 examples:
   fedjax-compare multirun/2024-05-01/12-00-00 --out report
@@ -564,7 +500,6 @@ and uploaded to a W&B server with an account (after `wandb login`):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The command-line interface of ``fedjax-compare`` / ``scripts/compare_runs.py``."""
     parser = argparse.ArgumentParser(
         prog="fedjax-compare",
         description="Compare experiment runs: tables of each run's metrics labelled by the "
@@ -592,7 +527,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point; returns the process exit code (0, or 1 with one error line on stderr)."""
+    """Returns the exit code (1 with one error line on stderr)."""
     args = build_parser().parse_args(argv)
     try:
         written = write_report(

@@ -1,13 +1,6 @@
-"""JAX's persistent compilation cache, on by default for runs (``trainer.compilation_cache``).
-
-Why: every run compiles the same programs again (init, the K-step train program, evaluation
-blocks); with the cache, the jobs of a sweep after the first and every re-run load them from
-disk instead (figures: docs/performance-notes.md). Results do not change.
-
-The cache is keyed by the program, the JAX/XLA version and the device, so a stale entry is
-never used; it is best effort: a cache directory that cannot be written only costs the speed-up
-(JAX warns and compiles as usual).
-"""
+"""JAX's persistent compilation cache (``trainer.compilation_cache``, on by default): a
+sweep's later jobs and re-runs load their programs from disk (docs/performance-notes.md).
+Best effort: an unwritable cache dir only costs the speed-up."""
 
 from __future__ import annotations
 
@@ -24,12 +17,8 @@ MAX_SIZE_BYTES = 2 << 30
 
 
 def enable(directory: str | os.PathLike[str] | None) -> pathlib.Path | None:
-    """Points JAX's persistent compilation cache at ``directory`` (``~`` expanded) and caches
-    every program, however fast it compiled. None disables it. Returns the directory in use,
-    or None (disabled, or the directory cannot be written: then a warning is logged).
-
-    Must run before the process compiles anything: JAX sets its cache up at the first compile.
-    """
+    """Caches every program in ``directory`` (None: off); returns the dir in use or None.
+    Must run before the first compile."""
     if directory is None or str(directory).strip() == "":
         return None
     import jax

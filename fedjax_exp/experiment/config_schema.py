@@ -1,15 +1,8 @@
-"""Schemas of the ``trainer`` and ``logger`` config groups, registered in Hydra's ConfigStore.
-
-Stored as ``schema/trainer`` and ``schema/logger`` (a group of their own, so the options of
-``trainer`` and ``logger`` stay the yaml files) and listed first in the defaults of
-``conf/trainer/default.yaml`` and ``conf/logger/*.yaml``: Hydra refuses an unknown key or a
-value of the wrong type while it composes the config. The yaml files hold the values and
-their documentation. What OmegaConf's types cannot say (ranges, ``auto`` or a number, an
-existing path) is a ``check`` in a field's metadata, run by
-:func:`~fedjax_exp.experiment.validation.check_section`.
-
-Importing this module registers the schemas; ``fedjax_exp.experiment`` imports it. No JAX.
-"""
+"""Schemas of the ``trainer`` and ``logger`` config groups, registered (on import) in Hydra's
+ConfigStore as ``schema/trainer`` and ``schema/logger``, first in the defaults of their yaml
+files: Hydra refuses unknown keys and wrong types while composing. What types cannot say
+(ranges, ``auto`` or a number) is a ``check`` in a field's metadata, run by
+:func:`~fedjax_exp.experiment.validation.check_section`."""
 
 from __future__ import annotations
 
@@ -26,12 +19,13 @@ from fedjax_exp.experiment.errors import ConfigError
 # Counts are typed Any for OmegaConf: its integer node refuses a float even when it is exact
 # (trainer.steps=1e3); their check accepts such floats and returns the int.
 Int = Any
+# Optional[...]: OmegaConf reads it, not `X | None`.
+Floats, Ints = Optional[list[float]], Optional[list[int]]  # noqa: UP045
 Check = Callable[[str, Any], Any]  # (dotted key, value) -> the value to use, or ConfigError
 
 
 def integer(key: str, value: Any, minimum: int = 0, optional: bool = False) -> Any:
-    """``value`` as an int >= ``minimum`` (an exact float such as 1e3 is converted), or None
-    when ``optional``; else a ConfigError naming ``key``."""
+    """``value`` as an int >= ``minimum`` (1e3 -> 1000), or None when ``optional``."""
     if value is None and optional:
         return None
     if isinstance(value, float) and value.is_integer():
@@ -43,18 +37,15 @@ def integer(key: str, value: Any, minimum: int = 0, optional: bool = False) -> A
 
 
 def checked(check: Check) -> Any:
-    """A required field whose value ``check`` accepts (and may convert)."""
     return dataclasses.field(default=MISSING, metadata={"check": check})
 
 
 def count(minimum: int = 0, optional: bool = False) -> Any:
-    """A field holding an integer >= ``minimum`` (or None when ``optional``)."""
     return checked(lambda key, value: integer(key, value, minimum, optional))
 
 
 def choice(*options: Any, other: Check | None = None) -> Any:
-    """A field holding one of ``options`` (of the same type: 1 is not True), or what
-    ``other`` accepts."""
+    """A field holding one of ``options`` (1 is not True), or what ``other`` accepts."""
 
     def check(key: str, value: Any) -> Any:
         if any(type(value) is type(o) and value == o for o in options):
@@ -68,8 +59,7 @@ def choice(*options: Any, other: Check | None = None) -> Any:
 
 
 def _existing_path(key: str, value: Any) -> Any:
-    if value == "latest":
-        # run.py swaps it for the run dir before Hydra composes; a config file is too late.
+    if value == "latest":  # run.py swaps it for the run dir before Hydra composes.
         raise ConfigError(
             f"{key}=latest works on the command line only (python run.py ... {key}=latest): "
             "remove it from the config file"
@@ -105,12 +95,9 @@ class EvalBatchesConfig:
 
 @dataclasses.dataclass
 class VectorizeConfig:
-    # Optional[...]: OmegaConf reads it, not `X | None`.
-    learning_rates: Optional[list[float]] = _sweep_list("positive numbers", lambda v: v > 0)  # noqa: UP045
-    client_learning_rates: Optional[list[float]] = _sweep_list(  # noqa: UP045
-        "positive numbers", lambda v: v > 0
-    )
-    seeds: Optional[list[int]] = _sweep_list("non-negative integers", lambda v: v >= 0)  # noqa: UP045
+    learning_rates: Floats = _sweep_list("positive numbers", lambda v: v > 0)
+    client_learning_rates: Floats = _sweep_list("positive numbers", lambda v: v > 0)
+    seeds: Ints = _sweep_list("non-negative integers", lambda v: v >= 0)
 
 
 @dataclasses.dataclass

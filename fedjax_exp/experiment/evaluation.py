@@ -29,7 +29,6 @@ def flatten_results(prefix: str, results: Mapping[str, Any]) -> dict[str, float]
 
 
 def first_padded_batches(fd: Any, batch_size: int, num_batches: int | None) -> list[Any]:
-    """The first ``num_batches`` padded batches of ``fd`` (all of them for None)."""
     from fedjax_exp.core.federated_data import padded_batch_federated_data
 
     batches = padded_batch_federated_data(fd, batch_size=batch_size)
@@ -37,28 +36,20 @@ def first_padded_batches(fd: Any, batch_size: int, num_batches: int | None) -> l
 
 
 def summarize_distribution(values: np.ndarray) -> dict[str, float]:
-    """Mean, min, max and the :data:`PERCENTILES` (NumPy's linear interpolation) of
-    per-client values, keyed ``mean``, ``min``, ``max``, ``p10``, ...
-
-    Raises ValueError for no values (there is no distribution to summarise).
-    """
+    """``mean``, ``min``, ``max`` and ``p10``... (:data:`PERCENTILES`) of per-client values."""
     values = np.asarray(values, dtype=np.float64)
     if values.size == 0:
         raise ValueError("no per-client values to summarise: the split has no non-empty client")
-    summary = {"mean": float(np.mean(values)), "min": float(np.min(values))}
-    summary["max"] = float(np.max(values))
-    for q, v in zip(PERCENTILES, np.percentile(values, PERCENTILES), strict=True):
-        summary[f"p{q}"] = float(v)
-    return summary
+    summary = {"mean": np.mean(values), "min": np.min(values), "max": np.max(values)}
+    percentiles = np.percentile(values, PERCENTILES)
+    summary.update({f"p{q}": percentiles[i] for i, q in enumerate(PERCENTILES)})
+    return {k: float(v) for k, v in summary.items()}
 
 
 class Evaluator:
-    """Evaluates a model's parameters on fixed subsets and on the whole test set.
-
-    The periodic subsets (the first ``num_batches[split]`` padded batches of each split) are
-    materialised once, so every periodic evaluation sees the same examples and costs no data
-    loading.
-    """
+    """Evaluates parameters periodically on fixed batches (the first ``num_batches[split]``
+    of each split, None: all, 0: none; or ``periodic_batches[split]``), and finally on whole
+    splits."""
 
     def __init__(
         self,
@@ -68,9 +59,6 @@ class Evaluator:
         num_batches: Mapping[str, int | None],
         periodic_batches: Mapping[str, list[Any]] | None = None,
     ):
-        """``num_batches[split]``: batches of each periodic evaluation (None: all of them;
-        0 or a missing split: that split is not evaluated periodically).
-        ``periodic_batches[split]``: those batches given instead (e.g. sampled clients')."""
         self.model = model
         self.datasets = dict(datasets)
         self.batch_size = batch_size
@@ -84,7 +72,6 @@ class Evaluator:
         )
 
     def periodic(self, params: Params) -> dict[str, float]:
-        """``eval/<split>/<metric>`` on the fixed subsets."""
         from fedjax_exp.core.models import evaluate_model
 
         scalars: dict[str, float] = {}
@@ -94,7 +81,6 @@ class Evaluator:
         return scalars
 
     def final(self, params: Params, split: str = "test") -> dict[str, float]:
-        """``final/<split>/<metric>`` over every example of ``split``."""
         from fedjax_exp.core.federated_data import padded_batch_federated_data
         from fedjax_exp.core.models import evaluate_model
 
@@ -109,14 +95,9 @@ class Evaluator:
         max_clients: int | None = None,
         metric: str | None = None,
     ) -> tuple[dict[str, float], np.ndarray]:
-        """The distribution of a metric over clients: its summary
-        (``final/per_client/<split>/<metric>/<stat>``, see :func:`summarize_distribution`,
-        plus ``final/per_client/<split>/num_clients``) and the per-client values, over the
-        first ``max_clients`` non-empty clients (None: all).
-
-        ``metric`` defaults to ``accuracy`` when the model has it, else its first metric; it
-        must give one number per client.
-        """
+        """The summary (``final/per_client/<split>/<metric>/<stat>`` and ``.../num_clients``)
+        and values of a scalar ``metric`` (default: accuracy, else the first) over the first
+        ``max_clients`` non-empty clients."""
         from fedjax_exp.core.models import evaluate_model
 
         if metric is None:

@@ -1,10 +1,6 @@
-"""Federated training in the experiment loop: one loop step is one round.
-
-:class:`FederatedTraining` implements the :class:`~fedjax_exp.experiment.algorithms.Algorithm`
-protocol over a library algorithm run by the cohort engine (``fedjax_exp.core.cohort``,
-``fedjax_exp.algorithms.cohort_rounds``). The round's clients and batches follow from
-``(seed, round)`` alone, so a resumed run replays the uninterrupted one exactly.
-"""
+"""Federated training in the experiment loop: one loop step is one round of a
+``cohort_rounds`` algorithm on the cohort engine. A round's clients and batches follow from
+``(seed, round)`` alone, so a resumed run replays the uninterrupted one exactly."""
 
 from __future__ import annotations
 
@@ -22,22 +18,17 @@ from fedjax_exp.core.client_datasets import ShuffleRepeatBatchHParams
 from fedjax_exp.core.parallel_for_each_client import default_lanes
 from fedjax_exp.core.typing import PRNGKey
 from fedjax_exp.experiment.algorithms import DATA_AXIS, stack_inputs, uses_convolution
+from fedjax_exp.experiment.config_schema import integer
 from fedjax_exp.experiment.errors import ConfigError
 
 ENGINES = ("auto", "scan", "stepwise")
 
 
 class FederatedTraining:
-    """Rounds of a federated algorithm (``name``: a key of ``cohort_rounds.ALGORITHMS``).
-
-    ``optimizer`` is the server optimizer (Mime, Mime Lite: the base optimizer that clients
-    mimic); ``client_optimizer`` trains the clients (SCAFFOLD: plain SGD at
-    ``client_learning_rate`` instead). Further keyword ``settings`` go to the algorithm's
-    builder (e.g. ``proximal_weight``). ``engine``: ``scan`` runs each round (and several rounds per
-    dispatch) as one program; ``stepwise`` dispatches every local step (vmap over a block's
-    clients), which XLA:CPU runs faster for convolutions; ``auto`` picks by model and backend.
-    ``lanes``: clients vmapped together (auto: 8 on accelerators; on CPU 2, or 1 stepwise).
-    """
+    """Rounds of ``cohort_rounds.ALGORITHMS[name]``; ``optimizer`` is the server's (Mime: the
+    base optimizer clients mimic), further ``settings`` go to the algorithm's builder.
+    ``engine``: ``scan`` (rounds as one program), ``stepwise`` (a dispatch per local step,
+    faster for convolutions on XLA:CPU) or ``auto``; ``lanes``: clients vmapped together."""
 
     num_trials = 1
 
@@ -79,16 +70,8 @@ class FederatedTraining:
                 f"algorithm.clients_per_round={clients_per_round} but the train data has "
                 f"{len(sizes)} clients: set algorithm.clients_per_round between 1 and {len(sizes)}"
             )
-        if isinstance(client_batch_size, bool) or not (
-            isinstance(client_batch_size, int) and client_batch_size > 0
-        ):
-            raise ConfigError(
-                f"algorithm.client_batch_size must be a positive integer, got "
-                f"{client_batch_size!r}: set e.g. algorithm.client_batch_size=10"
-            )
-        self.batch_hparams = ShuffleRepeatBatchHParams(
-            batch_size=client_batch_size, num_epochs=client_epochs, num_steps=client_steps
-        )
+        batch_size = integer("algorithm.client_batch_size", client_batch_size, 1)
+        self.batch_hparams = ShuffleRepeatBatchHParams(batch_size, client_epochs, client_steps)
         context = {
             "model": model,
             "loss": models.model_per_example_loss(model),
@@ -112,7 +95,6 @@ class FederatedTraining:
         self._configure()
 
     def _configure(self) -> None:
-        """(Re)builds the planner, the device data and the program for the current mesh."""
         platform = jax.default_backend()
         devices = 1 if self.mesh is None else self.mesh.size
         engine = self.engine
@@ -121,9 +103,8 @@ class FederatedTraining:
         self.stepwise = engine == "stepwise"
         lanes = self.lanes
         if lanes == "auto" and platform == "cpu":
-            # Stepwise: vmapped (grouped) convolutions ran ~3x slower. Scan: the whole cohort in
-            # one block ran FedAvg logistic ~1.3x faster than blocks of 2 lanes (10 clients a
-            # round, shared FEMNIST; scripts/benchmark.py --only fed).
+            # Stepwise: vmapped convolutions ran ~3x slower; scan: the whole cohort in one block
+            # ran FedAvg logistic ~1.3x faster than 2 lanes (scripts/benchmark.py --only fed).
             lanes = 1 if self.stepwise else min(self.clients_per_round, 10)
         elif lanes == "auto":
             lanes = default_lanes(platform)
@@ -165,8 +146,6 @@ class FederatedTraining:
         self._engine = engine_fn
         self._rounds = jax.jit(rounds, donate_argnums=0)
 
-    # ---- the Algorithm protocol ----
-
     def init(self, rng: PRNGKey) -> Any:
         state = self.algorithm.init(self.model.init(rng))
         return jax.device_put(state, self.replicated)
@@ -202,14 +181,11 @@ class FederatedTraining:
         return uses_convolution(self.model.apply_for_train, params, abstract, key)
 
     def use_mesh(self, mesh: Mesh) -> None:
-        """Splits each block's lanes (clients) over ``mesh``; data and state are replicated."""
         self.mesh = mesh
         self._configure()
 
-    # ---- beyond the protocol: what the runner asks of a federated run ----
-
     def logged_scalars(self, step: int) -> dict[str, float]:
-        """Host-side values logged with the train scalars at ``step``: DP's privacy spent."""
+        """DP's privacy spent, logged with the train scalars."""
         if self.epsilon is None:
             return {}
         from fedjax_exp.algorithms.dp_fed_avg import epsilon_spent
@@ -219,8 +195,7 @@ class FederatedTraining:
         return {"privacy/epsilon": epsilon_spent(noise, q, step, delta, self.accountant)}
 
     def periodic_eval_batches(self, splits: dict[str, Any], batch_size: int, seed: int) -> dict:
-        """With ``eval_clients``: each split's periodic evaluation data, the padded batches
-        of ``eval_clients`` clients drawn once (``UniformGetClientSampler`` with ``seed``)."""
+        """With ``eval_clients``: per split, the batches of that many clients drawn once."""
         if not self.eval_clients:
             return {}
         from fedjax_exp.core.client_samplers import UniformGetClientSampler

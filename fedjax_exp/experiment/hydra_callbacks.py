@@ -1,8 +1,5 @@
-"""Hydra callbacks that check the run before Hydra writes anything.
-
-Kept free of JAX imports: Hydra builds callbacks in the parent process of a multirun, and JAX
-must not start there before launchers fork their workers.
-"""
+"""Hydra callbacks that check the run before Hydra writes anything (no JAX import: they run
+in a multirun's parent process, before launchers fork)."""
 
 from __future__ import annotations
 
@@ -16,11 +13,7 @@ from fedjax_exp.experiment.validation import check_writable_dir
 
 
 class OutputDirCheck(Callback):
-    """Exits with one error line when the run (or sweep) output dir cannot be written.
-
-    Hydra itself would fail later with a traceback while creating the job's dir; checking
-    here reports the problem before any job starts.
-    """
+    """Exits with one error line when the run (or sweep) output dir cannot be written."""
 
     def _check(self, path: str, override: str) -> None:
         problem = check_writable_dir(path)

@@ -1,11 +1,7 @@
 """The training loop: steps an :class:`~fedjax_exp.experiment.algorithms.Algorithm` and runs
-the periodic actions (log, evaluate, checkpoint) around it.
-
-Per-step work is dispatch only: step outputs stay on the device and are read back (one host
-sync) when they are logged, when the state is checkpointed, and at the end. An algorithm may
-train several trials side by side (a vectorized sweep): each trial has its own writer, its own
-evaluation and its own divergence; the run stops when every trial has diverged.
-"""
+the periodic actions (log, evaluate, checkpoint) around it. Step outputs stay on the device
+until logged or checkpointed. Each trial of a sweep has its own writer, evaluation and
+divergence; the run stops when every trial has diverged."""
 
 from __future__ import annotations
 
@@ -50,12 +46,9 @@ def due(step: int, every: int) -> bool:
 
 def chunk_sizes(start: int, stop: int, per_dispatch: int, intervals: Iterable[int]) -> list[int]:
     """Sizes of the dispatches covering steps ``start + 1 .. stop``: each at most
-    ``per_dispatch``, ending at every multiple of the positive ``intervals`` (so the loop
-    observes the state exactly at those steps)."""
+    ``per_dispatch``, ending at every multiple of the positive ``intervals``."""
     if per_dispatch < 1:
-        raise ValueError(
-            f"trainer.steps_per_dispatch must be a positive integer, got {per_dispatch}"
-        )
+        raise ValueError(f"trainer.steps_per_dispatch must be a positive integer: {per_dispatch}")
     every = [i for i in intervals if i and i > 0]
     sizes, step = [], start
     while step < stop:
@@ -66,16 +59,16 @@ def chunk_sizes(start: int, stop: int, per_dispatch: int, intervals: Iterable[in
 
 
 def parallel_job_label() -> str | None:
-    """``job 3 (seed=1)`` in a sweep job that runs beside others (any Hydra launcher but the
-    sequential basic one: joblib, submitit), else None."""
-    try:
-        from hydra.core.hydra_config import HydraConfig
-        from hydra.types import RunMode
+    """``job 3 (seed=1)`` in a sweep job running beside others (a launcher other than Hydra's
+    basic one), else None."""
+    from hydra.types import RunMode
 
-        hc = HydraConfig.get()
-    except (ImportError, ValueError):
+    from fedjax_exp.experiment.run_log import hydra_config
+
+    hc = hydra_config()
+    if hc is None or hc.mode != RunMode.MULTIRUN:
         return None
-    if hc.mode != RunMode.MULTIRUN or "BasicLauncher" in str(hc.launcher.get("_target_")):
+    if "BasicLauncher" in str(hc.launcher.get("_target_")):
         return None
     return f"job {hc.job.num} ({hc.job.override_dirname})"  # A swept job has overrides.
 
@@ -92,15 +85,14 @@ class Clock:
 
 
 class Diverged(RunFailed):
-    """The loss or the parameters became NaN or infinite (at ``step``)."""
+    """The loss or the parameters became NaN or infinite (at ``step``); picklable with its
+    step for the parallel launchers that send a failed job's exception back."""
 
     def __init__(self, message: str, step: int):
         super().__init__(message)
         self.step = step
 
     def __reduce__(self) -> tuple[Any, ...]:
-        # Parallel launchers (joblib, submitit) pickle a failed job's exception back to the
-        # sweep; the default reduction would call __init__ with the message only.
         return type(self), (str(self), self.step)
 
 
@@ -141,21 +133,14 @@ def train(
     clock: Clock,
     on_step: Callable[[int], None] | None = None,
 ) -> tuple[Any, int, dict[int, str]]:
-    """Runs steps ``start_step + 1 .. settings.steps``.
-
-    Returns (final state, last step, {trial: why it diverged}). ``writers`` has one writer
-    per trial. ``rng`` is the run's base key (per trial, stacked, for several); step ``k``
-    uses ``fold_in(rng, k)`` and the data stream starts at position ``start_step``, so a
-    resumed run equals an uninterrupted one. A trial diverges on a non-finite training loss
-    or parameters; when all have, :class:`Diverged` is raised (the last checkpoint is then
-    one that was still finite).
-    """
+    """Runs steps ``start_step + 1 .. settings.steps`` (one writer per trial); returns (final
+    state, last step, {trial: why it diverged}). Step ``k`` uses ``fold_in(rng, k)`` and the
+    data from position ``start_step``, so a resumed run equals an uninterrupted one. When
+    every trial has diverged, :class:`Diverged` is raised; no diverged state is saved."""
     from tqdm.auto import tqdm
 
     trials = algorithm.num_trials
     start_loss: list[float] = []  # Per trial: the loss of the first step (inf once warned).
-    if len(writers) != trials:
-        raise ValueError(f"{trials} trials need {trials} writers, got {len(writers)}")
     intervals = [settings.log_every]
     intervals += [settings.eval_every] if evaluator is not None else []
     intervals += [settings.checkpoint_every] if checkpointer is not None else []
@@ -166,7 +151,8 @@ def train(
     step = last_logged = start_step
 
     def diverge(trial: int, why: str) -> None:
-        diverged.setdefault(trial, f"training diverged: {why}")
+        fix = "lower optimizer.learning_rate or check the data"
+        diverged.setdefault(trial, f"training diverged: {why}; {fix}")
         if len(diverged) == trials:
             raise Diverged(diverged[trial], step)
 
@@ -191,21 +177,13 @@ def train(
                 log.warning("%s%s", f"trial {trial}: " if trials > 1 else "", warning)
             bad = ", ".join(f"{k}={v}" for k, v in means.items() if not math.isfinite(v))
             if bad and trial not in diverged:
-                diverge(
-                    trial,
-                    f"non-finite {bad} (mean over steps {first}..{step}); "
-                    "lower optimizer.learning_rate or check the data",
-                )
+                diverge(trial, f"non-finite {bad} (mean over steps {first}..{step})")
 
     def check_params() -> None:
         # Never save a diverged state: the last checkpoint must be a good one.
         for trial in range(trials):
             if trial not in diverged and not all_finite(algorithm.eval_params(state, trial)):
-                diverge(
-                    trial,
-                    f"non-finite parameters after step {step}; "
-                    "lower optimizer.learning_rate or check the data",
-                )
+                diverge(trial, f"non-finite parameters after step {step}")
 
     progress = tqdm(
         total=settings.steps,
@@ -237,9 +215,6 @@ def train(
             if checkpointer is not None and (due(step, settings.checkpoint_every) or at_end):
                 log_pending()
                 check_params()
-                snapshot = Snapshot(
-                    state=state, step=step, rng=np.asarray(rng), data_position=step, elapsed=clock()
-                )
-                checkpointer.save(snapshot)
+                checkpointer.save(Snapshot(state, step, np.asarray(rng), step, clock()))
         log_pending()
     return state, step, diverged

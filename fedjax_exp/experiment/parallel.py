@@ -1,9 +1,6 @@
 """How the loop runs the steps on this machine: data parallelism, steps per dispatch and
-reduced-precision compute (:mod:`fedjax_exp.core.compute_dtype`, re-exported here). None of it
-changes what is computed (up to floating-point reassociation for data parallelism and bf16
-rounding for bf16).
-
-Why each ``auto`` default is what it is, with the measurements: docs/performance-notes.md.
+compute dtype (:mod:`fedjax_exp.core.compute_dtype`). None of it changes what is computed (up
+to reassociation and bf16 rounding); why each ``auto`` is what it is: docs/performance-notes.md.
 """
 
 from __future__ import annotations
@@ -15,7 +12,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from fedjax_exp.core.compute_dtype import COMPUTE_DTYPES, with_compute_dtype  # noqa: F401
+from fedjax_exp.core.compute_dtype import with_compute_dtype  # noqa: F401 - re-exported
 from fedjax_exp.experiment.algorithms import DATA_AXIS, Algorithm
 
 STEPS_PER_DISPATCH = 8
@@ -28,8 +25,6 @@ def data_parallel_mesh(devices: Any = None) -> Mesh:
 
 
 class SpeedSettings(NamedTuple):
-    """How the loop runs the steps (none of it changes what is computed)."""
-
     steps_per_dispatch: int
     data_parallel: bool
 
@@ -41,20 +36,10 @@ def speed_up(
     backend: str | None = None,
     num_devices: int | None = None,
 ) -> SpeedSettings:
-    """Resolves ``trainer``'s speed settings (``auto`` or null) for this machine and
-    ``algorithm``, and applies them to it (a data-parallel mesh); the loop takes
-    ``steps_per_dispatch`` from the result.
-
-    - ``data_parallel``: with more than one device; a vectorized sweep (several trials) runs on
-      one device, so ``auto`` never shards it;
-    - ``steps_per_dispatch``: 8, but 1 on CPU for a step that convolves or may
-      (``algorithm.uses_convolution()`` not False).
-
-    ``backend`` and ``num_devices`` default to this process's.
-
-    Raises:
-      ValueError: a data-parallel setting the algorithm or batch size does not allow.
-    """
+    """Resolves ``trainer``'s ``auto`` speed settings and applies them to ``algorithm``:
+    data-parallel with more than one device (never a sweep of several trials); 8 steps per
+    dispatch, but 1 on CPU for a step that convolves or may. ConfigError for a data-parallel
+    setting the algorithm or batch size does not allow."""
     if num_devices is None:
         num_devices = jax.local_device_count() if algorithm.num_trials == 1 else 1
     data_parallel = trainer.get("data_parallel", "auto")

@@ -28,7 +28,6 @@ WANDB_ID_FILE = "wandb_run_id.txt"
 RUN_LOG_FILE = "run.log"
 CHECKPOINTS_DIR = "checkpoints"
 TRIALS_DIR = "trials"
-WANDB_DIR = "wandb"
 HYDRA_DIR = ".hydra"
 
 
@@ -37,14 +36,8 @@ class MetricsFileError(ValueError):
 
 
 def read_metrics(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """The records of a metrics file, in file order (a resumed run may repeat steps).
-
-    Non-finite values read back as None (the writers store them as null). A malformed *last*
-    line is skipped: a killed process can leave a partly written line. Blank lines are skipped.
-
-    Raises:
-        MetricsFileError: a malformed line elsewhere, or a record without an integer step.
-    """
+    """The records of a metrics file in file order (null for non-finite values); blank lines
+    and a malformed last line (a killed write) are skipped, other bad lines raise."""
     with open(path, encoding="utf-8") as f:
         lines = f.read().splitlines()
     records = []

@@ -1,8 +1,5 @@
-"""One-line descriptions of a run for its log (``run.log`` in the run dir, and the console).
-
-A run's log says what was trained, where and how fast at the start, each periodic evaluation,
-and what it reached at the end, or why it stopped; all numbers live in ``metrics.jsonl``.
-"""
+"""One-line descriptions of a run for its log (``run.log`` and the console): what is trained,
+each periodic evaluation, what it reached or why it stopped."""
 
 from __future__ import annotations
 
@@ -20,15 +17,17 @@ log = logging.getLogger(__name__)
 DESCRIBED_GROUPS = ("experiment", "model", "loss", "optimizer", "dataset", "algorithm")
 
 
+def hydra_config() -> Any:
+    """Hydra's runtime config, or None outside a Hydra app."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return HydraConfig.get() if HydraConfig.initialized() else None
+
+
 def config_choices() -> str:
     """The chosen options of the groups that say what is trained, e.g. ``model=logistic
-    loss=cross_entropy optimizer=adam`` (empty outside a Hydra app)."""
-    try:
-        from hydra.core.hydra_config import HydraConfig
-
-        choices = HydraConfig.get().runtime.choices
-    except (ImportError, ValueError):
-        return ""
+    optimizer=adam`` (empty outside a Hydra app)."""
+    choices = hc.runtime.choices if (hc := hydra_config()) is not None else {}
     return " ".join(f"{group}={choices[group]}" for group in DESCRIBED_GROUPS if choices.get(group))
 
 
@@ -73,15 +72,9 @@ class EvaluationLog:
         if evaluated:
             log.info("%seval at step %d: %s", self.label, step, format_metrics(evaluated))
 
-    def _ignore(self, *args: Any) -> None:
-        """Histograms, the summary and closing: nothing to log."""
-
-    write_histogram = write_summary = close = _ignore
-
 
 def note_in_log_file(message: str) -> None:
-    """Writes ``message`` to the log files only (Hydra's job log, ``run.log``): why a run
-    stopped, which ``run.py`` prints on the console in its own one-line form."""
+    """Writes ``message`` to the log files only (``run.py`` prints its own console line)."""
     record = log.makeRecord(log.name, logging.ERROR, __file__, 0, message, None, None)
     for handler in logging.getLogger().handlers:
         if isinstance(handler, logging.FileHandler):

@@ -1,20 +1,8 @@
-"""The config a run dir was started with, so that re-running the dir resumes the same run.
-
-Re-running ``python run.py`` in a dir that holds checkpoints resumes them. That is only right
-when the command describes the same training: a checkpoint of another learning rate, seed,
-dataset or batch size has the right shapes, so the restore alone cannot tell. The runner
-writes ``run_config.json`` (the resolved config and the command-line overrides) once a run
-is validated and about to write anything else, and checks it before resuming its own dir.
-
-Only settings that do not change the training trajectory may differ on resume: how long to
-train (``trainer.steps``), logging, evaluation, checkpointing and the speed settings (which
-give the same results). ``trainer.resume=PATH`` from another dir is a deliberate fork (e.g.
-fine-tuning with a new learning rate) and is not checked.
-
-``trainer.resume=latest`` finds the newest run dir recorded with the same config. The record
-is also what ``fedjax-compare`` reads for a run's config: Hydra rewrites
-``.hydra/config.yaml`` on every invocation, including one that is then rejected.
-"""
+"""``run_config.json``: the resolved config and overrides a run dir was started with, written
+before anything else. Rerunning the dir resumes only the same training: only settings that
+do not change the trajectory (:data:`RESUMABLE_CHANGES`) may differ; ``trainer.resume=PATH``
+from another dir is a deliberate fork and not checked. ``trainer.resume=latest`` and
+``fedjax-compare`` read it too (Hydra rewrites ``.hydra/`` even for a rejected run)."""
 
 from __future__ import annotations
 
@@ -81,11 +69,8 @@ def differences(recorded: Mapping[str, Any], current: Mapping[str, Any]) -> list
 
 
 def read(run_dir: str | os.PathLike[str]) -> dict[str, Any] | None:
-    """The run's record ``{"config": ..., "overrides": [...]}``, or None when there is none.
-
-    Raises:
-        ConfigError: the file exists but is not a record (hand-edited or truncated).
-    """
+    """The run's record ``{"config": ..., "overrides": [...]}`` or None; ConfigError for a
+    file that is not one."""
     path = pathlib.Path(run_dir) / RUN_CONFIG_FILE
     if not path.is_file():
         return None
@@ -99,10 +84,7 @@ def read(run_dir: str | os.PathLike[str]) -> dict[str, Any] | None:
 
 
 def check_resumable(run_dir: str | os.PathLike[str], config: Mapping[str, Any]) -> None:
-    """Raises :class:`ConfigError` when ``config`` is not the run recorded in ``run_dir``.
-
-    A dir without a record (a run from before records were kept) passes.
-    """
+    """ConfigError when ``config`` is not the run recorded in ``run_dir`` (if any)."""
     record = read(run_dir)
     if record is None:
         return

@@ -1,12 +1,7 @@
 """``run(cfg)``: one experiment from a composed config, start to finish.
 
-A run trains one algorithm with :func:`~fedjax_exp.experiment.loop.train`. A vectorized sweep
-(``trainer.vectorize``) is the same run with an algorithm over a trials axis; each trial then
-gets its own run dir under ``<run dir>/trials/<name>/`` (metrics, status, W&B run, ``.hydra/``)
-so that the comparison report and W&B see ordinary runs.
-
-Order matters for "nothing half-written": every check that can reject the run (bad config,
-a dir another run holds, a dir holding another config) runs before its first file is written.
+A vectorized sweep (``trainer.vectorize``) writes each trial as its own run dir under
+``<run dir>/trials/<name>/``. Every check that can reject a run runs before its first write.
 """
 
 from __future__ import annotations
@@ -38,19 +33,9 @@ class RunDirBusy(ConfigError):
     """Another run holds the run dir's lock."""
 
 
-def _hydra_config() -> Any:
-    """Hydra's runtime config, or None outside a Hydra app."""
-    try:
-        from hydra.core.hydra_config import HydraConfig
-
-        return HydraConfig.get()
-    except ValueError:
-        return None
-
-
 def _job_name_and_group(task_name: str) -> tuple[str, str]:
     """(run name, W&B group): the job's overrides, and in a multirun the sweep dir."""
-    hc = _hydra_config()
+    hc = run_log.hydra_config()
     if hc is None:
         return task_name, task_name
     from hydra.types import RunMode
@@ -61,14 +46,11 @@ def _job_name_and_group(task_name: str) -> tuple[str, str]:
 
 
 def save_hydra_files(out: pathlib.Path, cfg: DictConfig) -> None:
-    """Hydra's ``.hydra/{config,hydra,overrides}.yaml`` for the job in ``out``.
-
-    conf/config.yaml turns Hydra's own saving off (``hydra.output_subdir: null``): Hydra saves
-    before the job starts, so a rejected run would overwrite the files of the run in its dir.
-    """
+    """Hydra's ``.hydra/`` files, saved here rather than by Hydra (``hydra.output_subdir:
+    null``), which would save before a rejected run could leave its dir's files alone."""
     from omegaconf import OmegaConf
 
-    hc = _hydra_config()
+    hc = run_log.hydra_config()
     if hc is None:
         return
     directory = out / HYDRA_DIR
@@ -80,9 +62,8 @@ def save_hydra_files(out: pathlib.Path, cfg: DictConfig) -> None:
 
 @contextlib.contextmanager
 def _run_dir_lock(out: pathlib.Path) -> Iterator[None]:
-    """An exclusive flock on the run dir itself (no file is written; the OS drops it when the
-    process ends, even by SIGKILL), so a second run in the same dir stops at once instead of
-    interleaving its files with the first one's. Without ``fcntl`` (Windows): no lock."""
+    """An exclusive flock on the run dir (dropped by the OS when the process ends): a second
+    run in the dir stops at once. Without ``fcntl`` (Windows): no lock."""
     try:
         import fcntl
     except ImportError:
@@ -106,9 +87,8 @@ def _run_dir_lock(out: pathlib.Path) -> Iterator[None]:
 
 @contextlib.contextmanager
 def _ctrl_c_between_steps() -> Iterator[list[int]]:
-    """While training, a first Ctrl-C (SIGINT) only asks to stop (the list it yields is then
-    non-empty) and the run stops after the step: stopping inside one could leave a checkpoint
-    half-written, or surface as an XLA error in a host callback. A second one stops at once."""
+    """A first Ctrl-C only asks to stop (the yielded list turns non-empty; the run stops after
+    the step, never inside a checkpoint write); a second one stops at once."""
     requested: list[int] = []
 
     def request(signum: int, frame: Any) -> None:
@@ -127,19 +107,12 @@ def _ctrl_c_between_steps() -> Iterator[list[int]]:
 
 
 def run(cfg: DictConfig, output_dir: str | os.PathLike[str] | None = None) -> float:
-    """Trains and evaluates the experiment ``cfg``; returns ``cfg.optimized_metric`` (for a
-    vectorized sweep: the best trial's).
-
-    Writes into ``output_dir`` (default: Hydra's job dir): ``metrics.jsonl``, ``status.json``,
-    ``run_config.json``, ``checkpoints/``, ``.hydra/`` and ``wandb/``. Rerunning with the same
-    output dir resumes from its checkpoints when the config defines the same training; a dir
-    whose run completed ``trainer.steps`` is left as it is. Raises :class:`ConfigError` (before
-    writing anything) for a bad config or a dir another run is using,
-    :class:`~fedjax_exp.experiment.errors.RunFailed` when training fails and
-    :class:`~fedjax_exp.experiment.errors.RunInterrupted` on Ctrl-C.
-    """
+    """Trains and evaluates ``cfg`` in ``output_dir`` (default: Hydra's job dir; layout in
+    :mod:`.run_files`); returns ``cfg.optimized_metric`` (a sweep: the best trial's). Rerunning
+    a dir resumes it (same config) or leaves a completed one as it is. Raises ConfigError
+    before writing anything, RunFailed when training fails, RunInterrupted on Ctrl-C."""
     if output_dir is None:
-        hc = _hydra_config()
+        hc = run_log.hydra_config()
         if hc is None:
             raise ConfigError("no output dir: call run(cfg, output_dir=DIR) outside Hydra")
         output_dir = hc.runtime.output_dir
@@ -164,36 +137,34 @@ class _Member:
 
 
 def _open_members(container, out, trials, start_step, resumed, clock) -> list[_Member]:
-    """The run's writers (metrics.jsonl, W&B), one set per trial of a sweep."""
+    """The run's writers (metrics.jsonl, the log, W&B), one set per trial of a sweep."""
     from fedjax_exp.experiment import vectorized, writers
 
     name, group = _job_name_and_group(str(container.get("task_name", "train")))
-    wandb_settings = (container.get("logger") or {}).get("wandb")
+    wandb = (container.get("logger") or {}).get("wandb")
     members = []
     for trial in trials or [None]:
-        directory, config, run_name = out, container, name
+        directory, config, settings, run_name, label = out, container, wandb, name, ""
         if trial is not None:  # Its own run dir and W&B run, grouped under the sweep's name.
-            directory = out / vectorized.TRIALS_DIR / trial.name
-            config = vectorized.trial_config(container, trial)
-            run_name = (
-                f"{wandb_settings.get('name') or name}/{trial.name}" if wandb_settings else ""
-            )
-            group = (wandb_settings or {}).get("group") or name
-            vectorized.write_trial_hydra_files(directory, config, trial)
+            directory, label = out / vectorized.TRIALS_DIR / trial.name, f"{trial.name}: "
+            config = vectorized.write_trial_files(directory, container, trial)
+            if wandb:
+                settings, group = {**wandb, "name": None}, wandb.get("group") or name
+                run_name = f"{wandb.get('name') or name}/{trial.name}"
         directory.mkdir(parents=True, exist_ok=True)
         jsonl = writers.JsonlWriter(directory, clock, resume_step=start_step if resumed else None)
-        parts = [jsonl, run_log.EvaluationLog(f"{trial.name}: " if trial is not None else "")]
-        if wandb_settings:
-            settings = {**wandb_settings, "name": None} if trial is not None else wandb_settings
-            wandb_writer = writers.create_wandb_writer(
-                settings,
-                directory=directory,
-                config=config,
-                default_name=run_name,
-                default_group=group,
+        parts = [jsonl, run_log.EvaluationLog(label)]
+        if settings:
+            parts.append(
+                writers.create_wandb_writer(
+                    settings,
+                    directory=directory,
+                    config=config,
+                    default_name=run_name,
+                    default_group=group,
+                )
             )
-            parts += [wandb_writer] if wandb_writer is not None else []
-        members.append(_Member(directory, writers.MultiWriter(parts), jsonl))
+        members.append(_Member(directory, writers.MultiWriter(filter(None, parts)), jsonl))
     return members
 
 
@@ -230,9 +201,8 @@ def _run_validated(cfg: DictConfig, container: dict[str, Any], out: pathlib.Path
         run_record.check_resumable(out, container)
         completed_runs = _completed_runs(out, trainer["steps"])
         if completed_runs is not None:  # Nothing to do, and nothing is written.
-            reached = (
-                f"; {run_log.format_metrics(completed_runs[0].final)}" if trials is None else ""
-            )
+            final = completed_runs[0].final
+            reached = f"; {run_log.format_metrics(final)}" if trials is None else ""
             print(f"already complete: {out} reached trainer.steps={trainer['steps']}{reached}")
             return _optimized_metric(container, completed_runs)
 
@@ -261,10 +231,7 @@ def _run_validated(cfg: DictConfig, container: dict[str, Any], out: pathlib.Path
     else:
         algorithm = vectorized.build(cfg, make_algorithm, trials)
         init_rng, train_rng = vectorized.trial_keys(trials)
-    try:
-        speed = parallel.speed_up(algorithm, trainer)
-    except ValueError as e:
-        raise ConfigError(str(e)) from e
+    speed = parallel.speed_up(algorithm, trainer)
     state = algorithm.init(init_rng)
     start_step, elapsed = 0, 0.0
     if source is not None:
@@ -281,30 +248,26 @@ def _run_validated(cfg: DictConfig, container: dict[str, Any], out: pathlib.Path
         )
     described = run_log.describe(container, start_step, speed.steps_per_dispatch)
     if trials is not None:
-        names = ", ".join(t.name for t in trials)
-        described += f"; {len(trials)} trials in one program ({names})"
+        described += f"; {len(trials)} trials in one program ({', '.join(t.name for t in trials)})"
     parameters = run_log.count_parameters(algorithm.eval_params(state))
-    log.info("%s; %s parameters; writing to %s", described, f"{parameters:,}", out)
+    log.info(f"{described}; {parameters:,} parameters; writing to {out}")
 
     # From here on the run writes files; every exit path records how it ended.
     save_hydra_files(out, cfg)
-    hc = _hydra_config()
+    hc = run_log.hydra_config()
     run_record.write(out, container, list(hc.overrides.task) if hc is not None else [])
     clock = loop.Clock(elapsed)
     members = _open_members(container, out, trials, start_step, source is not None, clock)
-    sampled_eval = getattr(algorithm, "periodic_eval_batches", None)  # Federated runs.
-    eval_batch_size = int(trainer["eval_batch_size"])
+    sampled = getattr(algorithm, "periodic_eval_batches", None)  # Federated runs.
+    batch_size = int(trainer["eval_batch_size"])
     evaluator = Evaluator(
         model,
         eval_splits,
-        batch_size=eval_batch_size,
-        num_batches=dict(trainer["eval_batches"]),
-        periodic_batches=sampled_eval
-        and sampled_eval(eval_splits, eval_batch_size, container["seed"]),
+        batch_size,
+        dict(trainer["eval_batches"]),
+        sampled and sampled(eval_splits, batch_size, container["seed"]),
     )
-    checkpointer = None
-    step, outcome, error = start_step, "failed", None
-
+    checkpointer, step, outcome, error = None, start_step, "failed", None
     ctrl_c = contextlib.ExitStack()
     stop_requested = ctrl_c.enter_context(_ctrl_c_between_steps())
 
@@ -316,11 +279,9 @@ def _run_validated(cfg: DictConfig, container: dict[str, Any], out: pathlib.Path
 
     try:
         checkpointer = Checkpointer(own_checkpoints, keep=int(trainer["keep_checkpoints"]))
+        every = ("steps", "log_every", "eval_every", "checkpoint_every")
         settings = loop.LoopSettings(
-            steps=int(trainer["steps"]),
-            log_every=int(trainer["log_every"]),
-            eval_every=int(trainer["eval_every"]),
-            checkpoint_every=int(trainer["checkpoint_every"]),
+            **{k: int(trainer[k]) for k in every},
             progress_bar=bool(trainer["progress_bar"]),
             steps_per_dispatch=speed.steps_per_dispatch,
         )
@@ -338,30 +299,23 @@ def _run_validated(cfg: DictConfig, container: dict[str, Any], out: pathlib.Path
             on_step=on_step,
         )
         ctrl_c.close()  # The final evaluation stops at the first Ctrl-C.
-        for index, member in enumerate(members):
+        for index, m in enumerate(members):
             params = algorithm.eval_params(state, index)
-            member.final = evaluator.final(params, "test")
-            if "validation" in eval_splits:
-                member.final.update(evaluator.final(params, "validation"))
+            for split in ("test", "validation") if "validation" in eval_splits else ("test",):
+                m.final.update(evaluator.final(params, split))
             if trainer.get("per_client_eval"):
                 limit = trainer.get("per_client_max_clients")
                 summary, values = evaluator.per_client(params, "test", limit)
-                member.final.update(summary)
-                key = "final/per_client/test/histogram"
-                member.writer.write_histogram(step, key, values.tolist())
-            member.writer.write_scalars(step, member.final)
-            member.writer.write_summary(member.final)
-            member.error = f"Diverged: {diverged[index]}" if index in diverged else None
+                m.final.update(summary)
+                m.writer.write_histogram(step, "final/per_client/test/histogram", values.tolist())
+            m.writer.write_scalars(step, m.final)
+            m.writer.write_summary(m.final)
+            m.error = f"Diverged: {diverged[index]}" if index in diverged else None
             label = f"trial {trials[index].name}: " if trials is not None else ""
-            ended = f" ({member.error})" if member.error else ""
-            metrics = run_log.format_metrics(member.final)
+            ended = f" ({m.error})" if m.error else ""
             log.info(
-                "finished step %d after %.1f s of training: %s%s%s",
-                step,
-                clock(),
-                label,
-                metrics,
-                ended,
+                f"finished step {step} after {clock():.1f} s of training: "
+                f"{label}{run_log.format_metrics(m.final)}{ended}"
             )
         outcome = "completed"
     except BaseException as e:
@@ -377,9 +331,9 @@ def _run_validated(cfg: DictConfig, container: dict[str, Any], out: pathlib.Path
                 f"last checkpoint: step {kept}" if kept is not None else "no checkpoint yet"
             )
         run_log.note_in_log_file(error if outcome == "interrupted" else f"failed: {error}")
-        for member in members:
-            member.error = member.error or error
-            member.jsonl.write_event(step, status=outcome, error=member.error)
+        for m in members:
+            m.error = m.error or error
+            m.jsonl.write_event(step, status=outcome, error=m.error)
         if outcome == "interrupted":
             raise RunInterrupted(error, kept) from None
         raise
@@ -390,8 +344,8 @@ def _run_validated(cfg: DictConfig, container: dict[str, Any], out: pathlib.Path
 
 
 def _end_run(actions: list[Callable[[], None]], failed: bool) -> None:
-    """Runs every clean-up action, even when one fails. A clean-up error is logged when the run
-    failed (it must not hide why), else the first one is raised after the others ran."""
+    """Runs every clean-up action, even when one fails; a clean-up error is logged when the
+    run failed (it must not hide why), else the first is raised after the others ran."""
     first: Exception | None = None
     for action in actions:
         try:
@@ -408,15 +362,18 @@ def _finish(members, trials, out, step, outcome, error, checkpointer) -> None:
     """Writes each run's status.json (and a sweep's own), then closes everything."""
     from fedjax_exp.experiment.writers import write_status
 
-    completed = outcome == "completed"
-    actions = []
-    for m in members:
-        status = "failed" if completed and m.error is not None else outcome
-        actions.append(
-            functools.partial(
-                write_status, m.directory, status=status, step=step, error=m.error, final=m.final
-            )
+    ok = outcome == "completed"
+    status = functools.partial(write_status, step=step)
+    actions = [
+        functools.partial(
+            status,
+            m.directory,
+            status="failed" if ok and m.error else outcome,
+            error=m.error,
+            final=m.final,
         )
+        for m in members
+    ]
     if trials is not None:
         listed = [
             {
@@ -428,16 +385,12 @@ def _finish(members, trials, out, step, outcome, error, checkpointer) -> None:
             }
             for t, m in zip(trials, members, strict=True)
         ]
-        actions.append(
-            functools.partial(
-                write_status, out, status=outcome, step=step, error=error, trials=listed
-            )
-        )
-    if checkpointer is not None:
-        actions.append(checkpointer.close)
-    for m in members:
-        actions.append(functools.partial(m.writer.close, 0 if completed and m.error is None else 1))
-    _end_run(actions, failed=not completed)
+        actions.append(functools.partial(status, out, status=outcome, error=error, trials=listed))
+    actions += [checkpointer.close] if checkpointer is not None else []
+    actions += [
+        functools.partial(m.writer.close, int(not ok or m.error is not None)) for m in members
+    ]
+    _end_run(actions, failed=not ok)
 
 
 def _optimized_metric(container: dict[str, Any], runs: list[_Member]) -> float:

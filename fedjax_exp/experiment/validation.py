@@ -1,12 +1,7 @@
-"""Checks a run before it writes anything, so bad input fails in one line.
-
-:func:`validate_config` checks the composed config: ``trainer`` and ``logger`` against their
-schemas (:mod:`~fedjax_exp.experiment.config_schema`), then what no schema says (a positive
-learning rate, importable ``_target_`` s, existing paths). :func:`check_data_features` checks
-the loaded data against the built model before training. Each raises :class:`ConfigError`
-with one line naming the key, the bad value and the fix. Imports no JAX itself (Hydra
-callbacks import this module in a multirun's parent process).
-"""
+"""Checks a run before it writes anything, each failure one ConfigError line naming the key,
+the value and the fix: :func:`validate_config` (the schemas of :mod:`.config_schema`, then
+what no schema says) and :func:`check_data_features` (the data against the model). No JAX
+import: Hydra callbacks import this module in a multirun's parent process."""
 
 from __future__ import annotations
 
@@ -44,9 +39,8 @@ ALIASES = {
 
 
 def suggest_key(key: str, known: Iterable[str]) -> str | None:
-    """The known dotted key that ``key`` most likely meant: a common alias of its last part
-    among its siblings (``optimizer.lr`` -> ``optimizer.learning_rate``), else the closest
-    sibling by spelling (the closest key anywhere when the parent is unknown), else None."""
+    """The known key ``key`` most likely meant: an alias among its siblings (``optimizer.lr``
+    -> ``optimizer.learning_rate``), else the closest by spelling, else None."""
     parent, _, leaf = key.rpartition(".")
     known = sorted(set(known))
     siblings = {k.rpartition(".")[2]: k for k in known if k.rpartition(".")[0] == parent}
@@ -59,7 +53,6 @@ def suggest_key(key: str, known: Iterable[str]) -> str | None:
 
 
 def unknown_key_message(key: str, known: Iterable[str]) -> str:
-    """``unknown config key 'KEY'; did you mean 'NEAREST'?``"""
     near = suggest_key(key, known)
     hint = f"did you mean {near!r}?" if near else "`python run.py --cfg job` prints every key"
     return f"unknown config key {key!r}; {hint}"
@@ -80,9 +73,8 @@ def omegaconf_error_line(error: OmegaConfBaseException, known: Iterable[str] = (
 
 
 def check_section(schema: type, values: Any, prefix: str) -> dict[str, Any]:
-    """``values`` (plain, resolved) checked against ``schema``: unknown keys (also those added
-    with ``+trainer.KEY=``), types, then every field's ``check``. Returns plain Python with
-    counts as int (1e3 -> 1000)."""
+    """``values`` checked against ``schema`` (unknown keys, types, each field's ``check``), as
+    plain Python with counts as int (1e3 -> 1000)."""
     if not isinstance(values, dict):
         raise ConfigError(f"{prefix} must be a mapping of its settings, got {values!r}")
     base = OmegaConf.structured(schema)
@@ -90,7 +82,7 @@ def check_section(schema: type, values: Any, prefix: str) -> dict[str, Any]:
         obj = OmegaConf.to_object(OmegaConf.merge(base, values))
     except OmegaConfBaseException as e:
         e.full_key = f"{prefix}.{e.full_key}"
-        known = [prefix + k for k, _ in _walk(OmegaConf.to_container(base), ".")]
+        known = [prefix + k for k, _ in walk(OmegaConf.to_container(base), ".")]
         raise ConfigError(omegaconf_error_line(e, known)) from None
     checked = {}
     for f in dataclasses.fields(obj):
@@ -106,7 +98,7 @@ def check_section(schema: type, values: Any, prefix: str) -> dict[str, Any]:
 
 
 def resolve(cfg: DictConfig) -> dict[str, Any]:
-    """The config as plain Python values, interpolations resolved, Hydra's own node dropped."""
+    """The config as plain Python, resolved, without Hydra's node."""
     try:
         missing = sorted(k for k in OmegaConf.missing_keys(cfg) if not k.startswith("hydra"))
         if missing:
@@ -123,7 +115,7 @@ def resolve(cfg: DictConfig) -> dict[str, Any]:
 
 def validate_config(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
     """Checks the config; returns it resolved as plain Python. Counts given as exact floats
-    (``trainer.steps=1e3``) become ints in ``cfg`` too, so their interpolations are ints."""
+    become ints in ``cfg`` too, so their interpolations are ints."""
     cfg = cfg if isinstance(cfg, DictConfig) else OmegaConf.create(dict(cfg))
     resolve(cfg)  # Missing values and broken interpolations first: the sections need both.
     for section, (schema, option) in SCHEMAS.items():
@@ -144,7 +136,7 @@ def validate_config(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
             "set e.g. optimizer.learning_rate=1e-3"
         )
     _check_schedule(optimizer.get("schedule") or {})
-    for key, value in _walk(container):
+    for key, value in walk(container):
         is_path = key.startswith("dataset.") and key.endswith("_path") and value is not None
         if is_path and (not isinstance(value, str) or not os.path.exists(value)):
             raise ConfigError(
@@ -166,7 +158,6 @@ def validate_config(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _write_back(cfg: DictConfig, key: str, old: Any, new: Any) -> None:
-    """Sets in ``cfg`` the values a check converted (1e3 -> 1000); interpolations stay."""
     if isinstance(old, dict) and isinstance(new, dict):
         for name, value in new.items():
             _write_back(cfg, f"{key}.{name}", old.get(name), value)
@@ -175,7 +166,7 @@ def _write_back(cfg: DictConfig, key: str, old: Any, new: Any) -> None:
 
 
 def _check_schedule(schedule: dict[str, Any]) -> None:
-    """Step counts of a learning-rate schedule (optax's own errors name its internals)."""
+    """Step counts of a learning-rate schedule (optax's errors name its internals)."""
     for key in ("decay_steps", "transition_steps", "warmup_steps"):
         if key in schedule:
             integer(f"optimizer.schedule.{key}", schedule[key], 0 if key[0] == "w" else 1)
@@ -188,15 +179,14 @@ def _check_schedule(schedule: dict[str, Any]) -> None:
         )
 
 
-def _walk(node: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
-    """(dotted key, value) of every entry of nested dicts."""
+def walk(node: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
     for key, value in node.items() if isinstance(node, dict) else ():
         yield f"{prefix}{key}", value
-        yield from _walk(value, f"{prefix}{key}.")
+        yield from walk(value, f"{prefix}{key}.")
 
 
 def _import(key: str, path: Any) -> Any:
-    """``get_object(path)``; its failure as one ConfigError line (and not also logged)."""
+    """``get_object(path)``; a failure as one ConfigError line (not also logged)."""
     hydra_log = logging.getLogger("hydra.utils")
     disabled, hydra_log.disabled = hydra_log.disabled, True
     try:
@@ -212,8 +202,8 @@ def _import(key: str, path: Any) -> Any:
 
 
 def check_writable_dir(path: str | os.PathLike[str]) -> str | None:
-    """Returns why ``path`` cannot be used as an output dir, or None when it can. Creates the
-    dir and writes a probe file (removed at once): permission bits say nothing for root."""
+    """Why ``path`` cannot be an output dir, or None; creates it and writes a probe file
+    (permission bits say nothing for root)."""
     try:
         pathlib.Path(path).mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=path, prefix=".write_probe_"):
@@ -223,11 +213,8 @@ def check_writable_dir(path: str | os.PathLike[str]) -> str | None:
     return None
 
 
-# ---- the loaded data against the built model ------------------------------------------------
-
-
 def _target_key(fn: Any) -> str | None:
-    """The ``target_key`` default (or partial binding) of a loss function, if it has one."""
+    """The ``target_key`` default (or partial binding) of a loss function, or None."""
     try:
         default = inspect.signature(fn).parameters["target_key"].default
     except (KeyError, TypeError, ValueError):
@@ -236,9 +223,8 @@ def _target_key(fn: Any) -> str | None:
 
 
 def metric_feature_keys(metric: Any, path: str) -> list[tuple[str, str]]:
-    """``(config key, feature)`` for every example feature ``metric`` (named ``path`` in the
-    config) reads: its ``*_key`` fields but ``pred_key``, those of nested metrics and the
-    ``target_key`` of the loss functions it wraps."""
+    """``(config key, feature)`` of every feature ``metric`` (at ``path``) reads: ``*_key``
+    fields but ``pred_key``, nested metrics' and wrapped loss functions' ``target_key``."""
     keys: list[tuple[str, str]] = []
     for f in dataclasses.fields(metric) if dataclasses.is_dataclass(metric) else ():
         value, attribute = getattr(metric, f.name, None), f"{path}.{f.name}"
@@ -256,16 +242,13 @@ def check_data_features(
     datasets: Mapping[str, Any],
     *,
     batch_size: int = 16,
-    scan_batches: int | None = 16,
     num_classes: int | None = None,
     input_shape: Sequence[int] | None = None,
 ) -> None:
-    """Checks, before training, what would otherwise fail (or mislead) only later: each split
-    has examples, of ``input_shape``, with every feature the model's metrics (and, in
-    ``"train"``, its loss) read, finite float features, per-domain metrics that cover the
-    domain ids and integer labels below ``num_classes``. Values come from a feature's whole
-    column where the store keeps one, else from the first ``scan_batches`` padded batches.
-    Raises ConfigError naming the feature and the fix."""
+    """Checks, before training, what would fail (or mislead) later: each split has examples of
+    ``input_shape`` with the features the metrics (and loss) read, finite floats, domain ids
+    its per-domain metrics cover and labels below ``num_classes``. Reads whole columns where
+    the store keeps them, else the first 16 batches."""
     import numpy as np
 
     from fedjax_exp.core.typing import EXAMPLE_MASK_KEY
@@ -273,7 +256,7 @@ def check_data_features(
 
     for split, fd in ((s, fd) for s, fd in datasets.items() if fd is not None):
         real: dict[str, list[Any]] = {}
-        for batch in first_padded_batches(fd, batch_size, scan_batches):
+        for batch in first_padded_batches(fd, batch_size, 16):
             mask = np.asarray(batch[EXAMPLE_MASK_KEY], bool)
             for k, v in batch.items():
                 real.setdefault(k, []).append(np.asarray(v)[mask])
@@ -358,8 +341,7 @@ def _check_domains(path: str, metric: Any, ids: Any, split: str) -> None:
 
 
 def _check_finite(key: str, column: Any, split: str) -> None:
-    """Else the loss turns NaN at the first step and the run stops as "diverged", which
-    points at the learning rate rather than at the data."""
+    """Else the run "diverges" at once, which points at the learning rate, not the data."""
     import numpy as np
 
     # One float64 sum, no temporary the size of the column: a NaN or inf in it spreads.

@@ -1,11 +1,5 @@
-"""Metric writers: one interface, a local JSON-lines file (always on) and W&B.
-
-``metrics.jsonl`` (layout in :mod:`~fedjax_exp.experiment.run_files`) holds one JSON object a
-line: ``"step"``, ``"time"`` (seconds since the run started, carried across resumes) and flat
-"/"-namespaced metrics such as ``"train/loss"`` and ``"final/test/accuracy"``; non-finite
-values are written as null so that every line is strict JSON. ``status.json`` says how the
-run ended.
-"""
+"""Metric writers: ``metrics.jsonl`` (always on; layout in :mod:`.run_files`) and W&B, and
+``status.json``, how the run ended."""
 
 from __future__ import annotations
 
@@ -29,24 +23,15 @@ log = logging.getLogger(__name__)
 
 
 class MetricWriter(Protocol):
-    """Where metrics go. Values are plain Python numbers (host-side already)."""
+    """Where metrics go (plain Python numbers). Beside ``write_scalars`` a writer may have
+    ``write_histogram(step, name, values)``, ``write_summary(final)`` and ``close(exit_code)``
+    (non-zero: the run failed); :class:`MultiWriter` skips those it lacks."""
 
-    def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
-        """Records ``scalars`` at ``step``."""
-
-    def write_histogram(self, step: int, name: str, values: Sequence[float]) -> None:
-        """Records a distribution (e.g. per-client accuracy) at ``step``."""
-
-    def write_summary(self, summary: Mapping[str, Any]) -> None:
-        """Records end-of-run values (final metrics)."""
-
-    def close(self, exit_code: int) -> None:
-        """Flushes and releases resources; ``exit_code != 0`` marks a failed run."""
+    def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None: ...
 
 
 def _json_value(value: Any) -> Any:
-    """A JSON-safe scalar: NumPy/JAX 0-d arrays become Python numbers, and NaN/inf become
-    null so every line stays strict JSON (``json.dumps`` would write the non-standard NaN)."""
+    """A JSON-safe scalar: 0-d arrays as Python numbers, NaN/inf as null (strict JSON)."""
     if isinstance(value, np.generic) or (hasattr(value, "__array__") and np.ndim(value) == 0):
         value = np.asarray(value).item()
     if isinstance(value, float) and not math.isfinite(value):
@@ -55,13 +40,9 @@ def _json_value(value: Any) -> Any:
 
 
 class JsonlWriter:
-    """Appends one JSON line per ``write_scalars`` call to ``<dir>/metrics.jsonl``.
-
-    Each line is flushed at once so a killed run keeps everything logged before the kill.
-    ``clock()`` gives the ``"time"`` of each line. With ``resume_step=None`` (a fresh run) an
-    existing file is replaced; otherwise its lines after ``resume_step`` (which the resumed
-    run logs again), its final results and its status events are dropped.
-    """
+    """Appends one flushed JSON line per ``write_scalars`` to ``<dir>/metrics.jsonl``, its
+    ``"time"`` from ``clock()``. A fresh run (``resume_step=None``) replaces the file; a
+    resumed one drops the lines after ``resume_step``, final results and status events."""
 
     def __init__(
         self,
@@ -72,8 +53,6 @@ class JsonlWriter:
         self.path = pathlib.Path(directory) / METRICS_FILE
         self._clock = clock
         if resume_step is not None and self.path.exists():
-            # Lines after the checkpoint would be logged again by the resumed run, and an old
-            # "failed" event no longer describes it: keep one consistent history.
             kept = [
                 r
                 for r in read_metrics(self.path)
@@ -83,7 +62,7 @@ class JsonlWriter:
             ]
             atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         elif resume_step is None:
-            self.path.unlink(missing_ok=True)  # A fresh run does not inherit an old history.
+            self.path.unlink(missing_ok=True)
         self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
 
     def _write(self, record: dict[str, Any]) -> None:
@@ -95,22 +74,15 @@ class JsonlWriter:
         self._write({"step": int(step), **{k: _json_value(v) for k, v in scalars.items()}})
 
     def write_event(self, step: int, **fields: str) -> None:
-        """A non-metric line, e.g. ``status="failed", error=...`` when the run fails."""
+        """A non-metric line, e.g. ``status="failed", error=...``."""
         self._write({"step": int(step), **fields})
 
-    def write_histogram(self, step: int, name: str, values: Sequence[float]) -> None:
-        pass  # The file holds scalars; distributions are summarised as percentiles instead.
-
-    def write_summary(self, summary: Mapping[str, Any]) -> None:
-        pass  # Final values are written as scalars (final/...) and in status.json.
-
     def close(self, exit_code: int) -> None:
-        self._file.close()  # The status goes to status.json (write_status), not here.
+        self._file.close()
 
 
 class WandbWriter:
-    """Logs to one W&B run object (never the global ``wandb.log``, so that several runs can
-    be live in one process). Created through :func:`create_wandb_writer`."""
+    """Logs to one W&B run object (not the global ``wandb.log``: a sweep has several live)."""
 
     def __init__(self, run: Any):
         self.run = run
@@ -132,9 +104,8 @@ class WandbWriter:
 
 
 def wandb_run_id(directory: str | os.PathLike[str]) -> str:
-    """The W&B run id of the job in ``directory``: the one stored there by an earlier start
-    (so a resumed run continues its W&B run), else a new random id (stored by
-    :func:`create_wandb_writer` once the run has started)."""
+    """The W&B run id stored in ``directory`` (a resumed run continues its W&B run), else a
+    new one."""
     id_file = pathlib.Path(directory) / WANDB_ID_FILE
     stored = id_file.read_text().strip() if id_file.exists() else ""
     return stored or uuid.uuid4().hex[:12]
@@ -149,16 +120,10 @@ def create_wandb_writer(
     default_group: str,
     run_id: str | None = None,
 ) -> WandbWriter | None:
-    """Starts a W&B run from ``logger.wandb`` settings; None for ``mode: disabled``, and None
-    with a warning when W&B fails to start.
-
-    W&B is a convenience, never a reason to lose a run: when ``wandb.init`` raises (no login
-    for online mode, a broken install, ...) training continues with local logging
-    only. Each call starts a new, independent run (``reinit="create_new"``). ``run_id`` None:
-    the id stored in ``directory`` (see :func:`wandb_run_id`), written there once the run has
-    started; runs log to ``directory``. ``silent`` (default true) drops W&B's banner and run
-    summary (about 20 console lines a run); an online run then logs its URL in one line.
-    """
+    """A new W&B run in ``directory`` from ``logger.wandb`` settings; None for ``mode:
+    disabled``, and None with a warning when W&B fails to start (training goes on with local
+    logging). ``run_id`` None: :func:`wandb_run_id`. ``silent`` drops W&B's console output
+    but an online run's URL."""
     mode = settings.get("mode", "offline")
     if mode == "disabled":
         return None
@@ -179,9 +144,7 @@ def create_wandb_writer(
             dir=str(directory),
             id=run_id,
             resume="allow",
-            # A new run even while others are live: a vectorized sweep logs one per trial
-            # (wandb >= 0.19.10, pyproject.toml's lower bound).
-            reinit="create_new",
+            reinit="create_new",  # Another run while others are live (wandb >= 0.19.10).
             settings=wandb.Settings(silent=bool(settings.get("silent", True))),
         )
     except Exception as e:  # noqa: BLE001 - any W&B failure must fall back, not crash.
@@ -199,29 +162,30 @@ def _warn(message: str) -> None:
 
 
 class MultiWriter:
-    """Fans every call out to several writers; ``close`` closes all of them and never raises
-    (a writer that fails to close, e.g. W&B, is reported as a warning: by then the run's
-    outcome is decided, and a close error must not replace the run's own error)."""
+    """Fans every call out to the writers that have the method; ``close`` closes all and
+    never raises (a close error is a warning: it must not replace the run's own error)."""
 
     def __init__(self, writers: Iterable[MetricWriter]):
         self.writers = list(writers)
 
-    def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
+    def _call(self, method: str, *args: Any) -> None:
         for w in self.writers:
-            w.write_scalars(step, scalars)
+            if hasattr(w, method):
+                getattr(w, method)(*args)
+
+    def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
+        self._call("write_scalars", step, scalars)
 
     def write_histogram(self, step: int, name: str, values: Sequence[float]) -> None:
-        for w in self.writers:
-            w.write_histogram(step, name, values)
+        self._call("write_histogram", step, name, values)
 
     def write_summary(self, summary: Mapping[str, Any]) -> None:
-        for w in self.writers:
-            w.write_summary(summary)
+        self._call("write_summary", summary)
 
     def close(self, exit_code: int) -> None:
         for w in self.writers:
             try:
-                w.close(exit_code)
+                getattr(w, "close", lambda code: None)(exit_code)
             except Exception as e:  # noqa: BLE001 - keep closing the others.
                 _warn(f"closing the {type(w).__name__} failed ({type(e).__name__}: {e})")
 
@@ -235,11 +199,8 @@ def write_status(
     final: Mapping[str, float] | None = None,
     **extra: Any,
 ) -> None:
-    """Writes ``status.json`` atomically: how the run ended and its final metrics.
-
-    ``final`` None leaves out the ``"final"`` key (e.g. a vectorized sweep's own status, whose
-    trials have their own); ``extra`` adds JSON-serialisable fields (e.g. ``trials=[...]``).
-    """
+    """Writes ``status.json`` atomically; ``final`` None leaves out its key (a sweep's own
+    status), ``extra`` adds fields (``trials=[...]``)."""
     payload: dict[str, Any] = {"status": status, "step": int(step), "error": error}
     if final is not None:
         payload["final"] = {k: _json_value(v) for k, v in final.items()}
