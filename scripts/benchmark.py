@@ -81,7 +81,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test (about 2 minutes)")
+    p.add_argument(
+        "--quick", action="store_true", help="tiny sizes: a smoke test (about 2 minutes)"
+    )
     p.add_argument(
         "--only",
         type=_csv("section", sections.SECTIONS),
