@@ -103,8 +103,8 @@ class FederatedTraining:
         self.stepwise = engine == "stepwise"
         lanes = self.lanes
         if lanes == "auto" and platform == "cpu":
-            # Stepwise: vmapped convolutions ran ~3x slower; scan: the whole cohort in one block
-            # ran FedAvg logistic ~1.3x faster than 2 lanes (scripts/benchmark.py --only fed).
+            # Stepwise (convolutions): one client at a time; scan: the whole cohort in one
+            # block. Measured in docs/performance-notes.md ("Federated rounds").
             lanes = 1 if self.stepwise else min(self.clients_per_round, 10)
         elif lanes == "auto":
             lanes = default_lanes(platform)
