@@ -15,9 +15,7 @@ def one_line(error: BaseException) -> str:
     """The lines of a Hydra/OmegaConf error (and its cause) joined into one line."""
     parts: list[str] = []
     options: list[str] = []
-    for exc in (error, error.__cause__):
-        if exc is None:
-            continue
+    for exc in filter(None, (error, error.__cause__)):
         for line in str(exc).splitlines():
             if line.startswith("Config search path") or line.startswith("\tprovider="):
                 break

@@ -317,17 +317,15 @@ def grouped_table(groups: Groups, keys: Sequence[str], metrics: Sequence[str]) -
         [i for i, g in enumerate(groups.values()) for _ in g]
     )
     mean, std, count = by.mean(), by.std(ddof=0), by.count()
-    rows = []
-    for i, (value, group) in enumerate(groups.items()):
-        row = dict(zip(keys, value, strict=True)) if keys else {"runs of": "all"}
-        row["runs"] = str(len(group))
-        row["failed"] = str(sum(run.status == "failed" for run in group))
-        for column in values:
-            n = count.at[i, column]
-            text = _format(mean.at[i, column]) + (f" ± {std.at[i, column]:.2g}" if n > 1 else "")
-            row[column] = "—" if n == 0 else text if n == len(group) else f"{text} (n={n})"
-        rows.append(row)
-    return pd.DataFrame(rows)
+    size = pd.Series([len(group) for group in groups.values()])
+    text = mean.map(_format) + (" ± " + std.map("{:.2g}".format)).where(count > 1, "")
+    text = text.where(count.eq(size, axis=0), text + " (n=" + count.astype(str) + ")")
+    table = pd.DataFrame(
+        [*groups] if keys else [("all",)] * len(groups), columns=keys or ["runs of"]
+    )
+    table["runs"] = size.astype(str)
+    table["failed"] = [str(sum(run.status == "failed" for run in g)) for g in groups.values()]
+    return pd.concat([table, text.where(count > 0, "—")], axis=1)
 
 
 def _markdown(table: pd.DataFrame) -> str:
@@ -395,12 +393,12 @@ def png(fig: Any) -> bytes:
     return buffer.getvalue()
 
 
-_HTML_HEAD = """<!DOCTYPE html><html><head><meta charset="utf-8"><title>{title}</title><style>
-body {{ font-family: system-ui, sans-serif; margin: 2em; color: #222; }}
-table {{ border-collapse: collapse; margin: 1em 0; font-size: 0.9em; }}
-th, td {{ border: 1px solid #ccc; padding: 0.3em 0.6em; text-align: left; }}
-th {{ background: #f3f3f3; }} img {{ max-width: 100%; }}
-</style></head><body><h1>{title}</h1>"""
+_HTML_HEAD = """<!DOCTYPE html><html><head><meta charset="utf-8"><title>Run comparison</title>
+<style>body { font-family: system-ui, sans-serif; margin: 2em; color: #222; }
+table { border-collapse: collapse; margin: 1em 0; font-size: 0.9em; }
+th, td { border: 1px solid #ccc; padding: 0.3em 0.6em; text-align: left; }
+th { background: #f3f3f3; } img { max-width: 100%; }
+</style></head><body><h1>Run comparison</h1>"""
 
 
 def write_report(
@@ -410,7 +408,6 @@ def write_report(
     group_by: Sequence[str] = (),
     metrics: Sequence[str] | None = None,
     formats: Sequence[str] = FORMATS,
-    title: str = "Run comparison",
     not_started: Sequence[tuple[str, str | None]] = (),
     log_scale: bool = False,
 ) -> list[pathlib.Path]:
@@ -454,14 +451,14 @@ def write_report(
 
     files: dict[str, bytes] = {}
     if "md" in formats:
-        parts = [f"# {title}", summary + "."]
+        parts = ["# Run comparison", summary + "."]
         parts += [f"## {name}\n\n{_markdown(table)}" for name, table in tables]
         parts += ["## Metrics over steps"] if plots else []
         parts += [f"![{metric}]({path})" for metric, (path, _) in plots.items()]
         files["report.md"] = "\n\n".join([*parts, *notes]).encode() + b"\n"
         files.update(plots.values())
     if "html" in formats:
-        parts = [_HTML_HEAD.format(title=html.escape(title)), f"<p>{html.escape(summary)}.</p>"]
+        parts = [_HTML_HEAD, f"<p>{html.escape(summary)}.</p>"]
         for name, table in tables:
             parts += [f"<h2>{html.escape(name)}</h2>", table.to_html(index=False, border=0)]
         parts += ["<h2>Metrics over steps</h2>"] if plots else []
@@ -521,7 +518,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add("--metrics", nargs="+", metavar="GLOB", help="default: final/* eval/* train/loss")
     add("--format", choices=[*FORMATS, "both"], default="both")
-    add("--title", default="Run comparison", help="report heading")
     add("--log-scale", action="store_true", help="plot values on a log scale")
     return parser
 
@@ -536,7 +532,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             group_by=[k for arg in args.group_by for k in arg.split(",") if k],
             metrics=args.metrics,
             formats=FORMATS if args.format == "both" else (args.format,),
-            title=args.title,
             not_started=find_not_started(args.paths),
             log_scale=args.log_scale,
         )

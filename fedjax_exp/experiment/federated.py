@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -122,28 +123,18 @@ class FederatedTraining:
         constrain = cohort._no_constraint
         if self.mesh is not None:
             lanes_sharding = NamedSharding(self.mesh, PartitionSpec(DATA_AXIS))
-
-            def constrain(tree: Any) -> Any:
-                return jax.tree_util.tree_map(
-                    lambda x: jax.lax.with_sharding_constraint(x, lanes_sharding), tree
-                )
-
-        def engine_fn(fns, shared, lane_inputs, columns, layout, loss_fn=None):
-            if self.stepwise:
-                return cohort.StepwiseCohort()(
-                    fns, shared, lane_inputs, columns, layout, loss_fn=loss_fn
-                )
-            return cohort.train_cohort(
-                fns, shared, lane_inputs, columns, layout, loss_fn=loss_fn, constrain=constrain
+            constrain = functools.partial(
+                jax.lax.with_sharding_constraint, shardings=lanes_sharding
             )
+        engine = cohort.StepwiseCohort() if self.stepwise else cohort.train_cohort
+        self._engine = functools.partial(engine, constrain=constrain)
 
         def rounds(state, block, columns):
             def body(state, inputs):
-                return self.algorithm.round(state, inputs, columns, engine_fn)
+                return self.algorithm.round(state, inputs, columns, self._engine)
 
             return jax.lax.scan(body, state, block)
 
-        self._engine = engine_fn
         self._rounds = jax.jit(rounds, donate_argnums=0)
 
     def init(self, rng: PRNGKey) -> Any:

@@ -319,12 +319,11 @@ def _run_validated(cfg: DictConfig, container: dict[str, Any], out: pathlib.Path
             )
         outcome = "completed"
     except BaseException as e:
-        error = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
         kept = checkpointer.latest_step() if checkpointer is not None else None
         if isinstance(e, loop.Diverged) and checkpointer is not None:
             where = f"step {kept} in {own_checkpoints}" if kept is not None else "none"
             e.args = (f"{e}; last good checkpoint: {where}",)
-            error = f"{type(e).__name__}: {e}"
+        error = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
         if isinstance(e, KeyboardInterrupt):
             outcome = "interrupted"
             error = f"interrupted at step {step} of {trainer['steps']} (SIGINT); " + (
@@ -376,13 +375,7 @@ def _finish(members, trials, out, step, outcome, error, checkpointer) -> None:
     ]
     if trials is not None:
         listed = [
-            {
-                "name": t.name,
-                "learning_rate": t.learning_rate,
-                "seed": t.seed,
-                "dir": str(m.directory.relative_to(out)),
-                "error": m.error,
-            }
+            {**dataclasses.asdict(t), "dir": str(m.directory.relative_to(out)), "error": m.error}
             for t, m in zip(trials, members, strict=True)
         ]
         actions.append(functools.partial(status, out, status=outcome, error=error, trials=listed))

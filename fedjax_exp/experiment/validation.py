@@ -255,16 +255,15 @@ def check_data_features(
     from fedjax_exp.experiment.evaluation import first_padded_batches
 
     for split, fd in ((s, fd) for s, fd in datasets.items() if fd is not None):
-        real: dict[str, list[Any]] = {}
-        for batch in first_padded_batches(fd, batch_size, 16):
-            mask = np.asarray(batch[EXAMPLE_MASK_KEY], bool)
-            for k, v in batch.items():
-                real.setdefault(k, []).append(np.asarray(v)[mask])
-        real.pop(EXAMPLE_MASK_KEY, None)
+        batches = first_padded_batches(fd, batch_size, 16)
+        masks = [np.asarray(b[EXAMPLE_MASK_KEY], bool) for b in batches]
         columns = fd.columns if isinstance(getattr(fd, "columns", None), Mapping) else {}
         values = {
-            k: np.asarray(columns[k]) if k in columns else np.concatenate(v)
-            for k, v in real.items()
+            k: np.asarray(columns[k])
+            if k in columns
+            else np.concatenate([np.asarray(b[k])[m] for b, m in zip(batches, masks, strict=True)])
+            for k in (batches[0] if batches else ())
+            if k != EXAMPLE_MASK_KEY
         }
         if not values or not len(next(iter(values.values()))):
             raise ConfigError(f"the {split} data has no examples: check the dataset settings")
@@ -297,9 +296,17 @@ def check_data_features(
         for name, metric in model.eval_metrics.items():
             if hasattr(metric, "num_domains") and hasattr(metric, "domain_id_key"):
                 _check_domains(f"metrics.{name}", metric, values[metric.domain_id_key], split)
-        for key, value in values.items():
-            if np.issubdtype(value.dtype, np.floating):
-                _check_finite(key, value, split)
+        for key, value in values.items():  # Else the run "diverges" at once, blaming the lr.
+            # One float64 sum, no temporary the size of the column: a NaN or inf in it spreads.
+            if np.issubdtype(value.dtype, np.floating) and not np.isfinite(
+                np.sum(value, dtype=np.float64)
+            ):
+                finite = np.isfinite(value.reshape(len(value), -1)).all(axis=1)
+                if not finite.all():  # Else only the sum overflowed.
+                    raise ConfigError(
+                        f"the {split} data has NaN or infinite values in feature {key!r} (first "
+                        f"at row {int(np.argmin(finite))}): clean or filter the data"
+                    )
         label_key = _target_key(model.train_loss) or "y"
         labels = values.get(label_key, np.zeros(0, np.float32))
         if num_classes is not None and np.issubdtype(labels.dtype, np.integer):
@@ -338,17 +345,3 @@ def _check_domains(path: str, metric: Any, ids: Any, split: str) -> None:
             RuntimeWarning,
             stacklevel=3,
         )
-
-
-def _check_finite(key: str, column: Any, split: str) -> None:
-    """Else the run "diverges" at once, which points at the learning rate, not the data."""
-    import numpy as np
-
-    # One float64 sum, no temporary the size of the column: a NaN or inf in it spreads.
-    if not np.isfinite(np.sum(column, dtype=np.float64)):
-        finite = np.isfinite(column.reshape(len(column), -1)).all(axis=1)
-        if not finite.all():
-            raise ConfigError(
-                f"the {split} data has NaN or infinite values in feature {key!r} (first at row "
-                f"{int(np.argmin(finite))}): clean or filter the data"
-            )

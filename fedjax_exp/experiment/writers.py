@@ -133,13 +133,10 @@ def create_wandb_writer(
         run_id = run_id or wandb_run_id(directory)
         run = wandb.init(
             mode=mode,
-            project=settings.get("project"),
-            entity=settings.get("entity"),
+            **{k: settings.get(k) for k in ("project", "entity", "job_type", "notes")},
             group=settings.get("group") or default_group,
-            job_type=settings.get("job_type"),
             name=settings.get("name") or default_name,
             tags=list(settings.get("tags") or []),
-            notes=settings.get("notes"),
             config=dict(config),
             dir=str(directory),
             id=run_id,
@@ -161,6 +158,14 @@ def _warn(message: str) -> None:
     log.warning(message)
 
 
+def _fan_out(method: str) -> Callable[..., None]:
+    def call(self: MultiWriter, *args: Any) -> None:
+        for w in self.writers:
+            getattr(w, method, lambda *_: None)(*args)
+
+    return call
+
+
 class MultiWriter:
     """Fans every call out to the writers that have the method; ``close`` closes all and
     never raises (a close error is a warning: it must not replace the run's own error)."""
@@ -168,19 +173,9 @@ class MultiWriter:
     def __init__(self, writers: Iterable[MetricWriter]):
         self.writers = list(writers)
 
-    def _call(self, method: str, *args: Any) -> None:
-        for w in self.writers:
-            if hasattr(w, method):
-                getattr(w, method)(*args)
-
-    def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
-        self._call("write_scalars", step, scalars)
-
-    def write_histogram(self, step: int, name: str, values: Sequence[float]) -> None:
-        self._call("write_histogram", step, name, values)
-
-    def write_summary(self, summary: Mapping[str, Any]) -> None:
-        self._call("write_summary", summary)
+    write_scalars = _fan_out("write_scalars")
+    write_histogram = _fan_out("write_histogram")
+    write_summary = _fan_out("write_summary")
 
     def close(self, exit_code: int) -> None:
         for w in self.writers:
