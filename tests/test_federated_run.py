@@ -58,7 +58,9 @@ def test_every_algorithm_runs_from_the_command_line(tmp_path):
     for job, name in enumerate(ALGORITHMS):
         run_dir = tmp_path / str(job)
         assert f"algorithm={name}" in (run_dir / ".hydra" / "overrides.yaml").read_text()
-        described = (run_dir / "run.log").read_text().splitlines()[0]
+        log_lines = (run_dir / "run.log").read_text().splitlines()
+        described = log_lines[0]
+        assert any("finished round 2 after" in line for line in log_lines), log_lines
         assert f"algorithm={name} seed=0: rounds 1-2, 4 clients per round, client batch 20;" in (
             described
         ), described

@@ -483,8 +483,8 @@ def write_report(
 
 _EPILOG = """\
 examples:
-  fedjax-compare multirun/2024-05-01/12-00-00 --out report
-  fedjax-compare multirun/2024-05-01/12-00-00 --group-by optimizer --log-scale \\
+  fedjax-compare multirun/train/2024-05-01/12-00-00 --out report
+  fedjax-compare multirun/train/2024-05-01/12-00-00 --group-by optimizer --log-scale \\
       --metrics 'eval/test/*' 'final/test/*' --format html
 
 Runs are found recursively (every directory holding metrics.jsonl); failed runs are marked ✗.

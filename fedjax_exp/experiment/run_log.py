@@ -31,18 +31,23 @@ def config_choices() -> str:
     return " ".join(f"{group}={choices[group]}" for group in DESCRIBED_GROUPS if choices.get(group))
 
 
+def step_name(container: Mapping[str, Any]) -> str:
+    """What one loop step is: ``"round"`` for a federated algorithm, else ``"step"``."""
+    return "round" if "clients_per_round" in (container.get("algorithm") or {}) else "step"
+
+
 def describe(container: Mapping[str, Any], start_step: int, steps_per_dispatch: int) -> str:
     """What a run is about to train: groups, seed, step (or round) range, batch size, backend."""
     trainer, algorithm = container["trainer"], container.get("algorithm") or {}
-    steps = f"{start_step + 1}-{trainer['steps']}"
-    if "clients_per_round" in algorithm:  # Federated: a loop step is one round.
-        unit = "rounds"
-        span = (
-            f"rounds {steps}, {algorithm['clients_per_round']} clients per round, "
+    unit = step_name(container) + "s"
+    span = f"{unit} {start_step + 1}-{trainer['steps']}, "
+    if unit == "rounds":
+        span += (
+            f"{algorithm['clients_per_round']} clients per round, "
             f"client batch {algorithm['client_batch_size']}"
         )
     else:
-        unit, span = "steps", f"steps {steps}, batch {trainer['batch_size']}"
+        span += f"batch {trainer['batch_size']}"
     return (
         f"training {config_choices() or 'the composed config'} seed={container['seed']}: "
         f"{span}; {jax.default_backend()} backend, {steps_per_dispatch} {unit} per dispatch"

@@ -313,10 +313,8 @@ def _run_validated(cfg: DictConfig, container: dict[str, Any], out: pathlib.Path
             m.error = f"Diverged: {diverged[index]}" if index in diverged else None
             label = f"trial {trials[index].name}: " if trials is not None else ""
             ended = f" ({m.error})" if m.error else ""
-            log.info(
-                f"finished step {step} after {clock():.1f} s of training: "
-                f"{label}{run_log.format_metrics(m.final)}{ended}"
-            )
+            reached = f"{run_log.step_name(container)} {step} after {clock():.1f} s of training"
+            log.info(f"finished {reached}: {label}{run_log.format_metrics(m.final)}{ended}")
         outcome = "completed"
     except BaseException as e:
         kept = checkpointer.latest_step() if checkpointer is not None else None
