@@ -128,15 +128,15 @@ def test_within_noise(bench):
     from bench import sections
 
     # One seed each: 3 standard errors of a difference at p = 0.5 on 2048 examples ~ 0.047.
-    assert sections._within_noise([0.50], [0.54]) is True
-    assert sections._within_noise([0.50], [0.56]) is False
-    assert sections._within_noise([], [0.5]) is None
+    assert sections.within_noise([0.50], [0.54]) is True
+    assert sections.within_noise([0.50], [0.56]) is False
+    assert sections.within_noise([], [0.5]) is None
     # Several seeds: the seed-to-seed spread is the noise (here std 0.05 per side, so 3
     # standard errors of the difference of two 3-seed means ~ 0.12).
-    assert sections._within_noise([0.40, 0.45, 0.50], [0.50, 0.55, 0.60]) is True
-    assert sections._within_noise([0.40, 0.45, 0.50], [0.60, 0.65, 0.70]) is False
+    assert sections.within_noise([0.40, 0.45, 0.50], [0.50, 0.55, 0.60]) is True
+    assert sections.within_noise([0.40, 0.45, 0.50], [0.60, 0.65, 0.70]) is False
     # Never below the evaluation's binomial noise, even when the seeds agree exactly.
-    assert sections._within_noise([0.50, 0.50], [0.53, 0.53]) is True
+    assert sections.within_noise([0.50, 0.50], [0.53, 0.53]) is True
 
 
 def test_cli_rejects_bad_options(bench, capsys):

@@ -11,7 +11,6 @@ to the run path, which is what ``python run.py algorithm=fed_avg`` trains with.
 from __future__ import annotations
 
 import json
-import math
 import pathlib
 import statistics
 import subprocess
@@ -28,6 +27,8 @@ from bench.sections import (
     _median,
     attempt,
     make_row,
+    side_by_side_fields,
+    within_noise,
 )
 from bench.timing import Rate
 
@@ -79,26 +80,6 @@ def fed_in_process(side: str, args: dict[str, Any]) -> dict[str, Any]:
         tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
         raise RuntimeError(f"{side} federated process failed (exit {proc.returncode}): {tail}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-def within_noise(a: Sequence[float], b: Sequence[float], n: int) -> bool | None:
-    """Whether two sides' mean accuracies differ by at most 3 standard errors of the
-    difference.
-
-    The per-seed variance is pooled over the sides that ran several seeds (which clients are
-    sampled and the initial parameters change with the seed: federated training noise), and
-    is never below the binomial noise of one evaluation on ``n`` examples.
-    """
-    if not a or not b:
-        return None
-    mean_a, mean_b = statistics.fmean(a), statistics.fmean(b)
-    p = (mean_a + mean_b) / 2
-    per_seed = max(p * (1 - p), 1e-12) / max(n, 1)
-    spreads = [(statistics.variance(s), len(s) - 1) for s in (a, b) if len(s) > 1]
-    if spreads:
-        pooled = sum(v * d for v, d in spreads) / sum(d for _, d in spreads)
-        per_seed = max(per_seed, pooled)
-    return abs(mean_a - mean_b) <= 3 * math.sqrt(per_seed * (1 / len(a) + 1 / len(b)))
 
 
 def _note(a: Sequence[float], b: Sequence[float], n: int) -> str:
@@ -180,20 +161,7 @@ def section_fed(ctx: Context) -> list[dict[str, Any]]:
                         "server_learning_rate": settings.server_learning_rate,
                         **dict(settings.server_kwargs),
                     },
-                    accuracy={
-                        "fedjax": statistics.fmean(seeds_ref) if seeds_ref else None,
-                        "fedjax_exp": statistics.fmean(seeds_ours) if seeds_ours else None,
-                    },
-                    seed_accuracies={"fedjax": seeds_ref, "fedjax_exp": seeds_ours},
-                    accuracy_within_noise=within_noise(seeds_ref, seeds_ours, n),
-                    warmup_s={
-                        "fedjax": ref["warmup_s"] if ref else None,
-                        "fedjax_exp": mine["warmup_s"] if mine else None,
-                    },
-                    samples={
-                        "fedjax": ref["samples"] if ref else [],
-                        "fedjax_exp": mine["samples"] if mine else [],
-                    },
+                    **side_by_side_fields(ref, mine, seeds_ref, seeds_ours, n),
                 )
             )
     return rows

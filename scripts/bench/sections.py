@@ -442,8 +442,6 @@ def section_train(ctx: Context) -> list[dict[str, Any]]:
             rate = {k: Rate(v["samples"], "steps/s") if v else None for k, v in runs.items()}
             seeds_ref = ref["seed_accuracies"] if ref else []
             seeds_ours = mine["seed_accuracies"] if mine else []
-            acc_ref = statistics.fmean(seeds_ref) if seeds_ref else None
-            acc_ours = statistics.fmean(seeds_ours) if seeds_ours else None
             rows.append(
                 make_row(
                     "train",
@@ -459,17 +457,7 @@ def section_train(ctx: Context) -> list[dict[str, Any]]:
                     batch_size=bs,
                     steps=steps,
                     warmup_steps=warmup,
-                    accuracy={"fedjax": acc_ref, "fedjax_exp": acc_ours},
-                    seed_accuracies={"fedjax": seeds_ref, "fedjax_exp": seeds_ours},
-                    accuracy_within_noise=_within_noise(seeds_ref, seeds_ours),
-                    warmup_s={
-                        "fedjax": ref["warmup_s"] if ref else None,
-                        "fedjax_exp": mine["warmup_s"] if mine else None,
-                    },
-                    samples={
-                        "fedjax": ref["samples"] if ref else [],
-                        "fedjax_exp": mine["samples"] if mine else [],
-                    },
+                    **side_by_side_fields(ref, mine, seeds_ref, seeds_ours),
                 )
             )
     return rows
@@ -478,29 +466,59 @@ def section_train(ctx: Context) -> list[dict[str, Any]]:
 EVAL_EXAMPLES = reference.EVAL_BATCHES * reference.EVAL_BATCH_SIZE
 
 
-def _within_noise(a: Sequence[float], b: Sequence[float], n: int = EVAL_EXAMPLES) -> bool | None:
-    """Whether the mean accuracies of two sets of training seeds differ by at most 3 standard
-    errors of the difference of means.
+def within_noise(a: Sequence[float], b: Sequence[float], n: int = EVAL_EXAMPLES) -> bool | None:
+    """Whether two sides' mean accuracies differ by at most 3 standard errors of the
+    difference of means.
 
-    The noise is the spread across seeds (different initial keys and shuffles: training
-    noise, which includes the evaluation's) when both sides have several seeds, and never less
-    than the binomial sampling noise of an evaluation on ``n`` examples.
+    The per-seed variance is pooled over the sides that ran several seeds (the initial keys,
+    shuffles and, federated, the sampled clients change with the seed: training noise, which
+    includes the evaluation's), and is never below the binomial noise of one evaluation on
+    ``n`` examples.
     """
     if not a or not b:
         return None
     mean_a, mean_b = statistics.fmean(a), statistics.fmean(b)
     p = (mean_a + mean_b) / 2
-    variance = max(p * (1 - p), 1e-12) * (1 / len(a) + 1 / len(b)) / n
-    if len(a) > 1 and len(b) > 1:
-        spread = statistics.variance(a) / len(a) + statistics.variance(b) / len(b)
-        variance = max(variance, spread)
-    return abs(mean_a - mean_b) <= 3 * math.sqrt(variance)
+    per_seed = max(p * (1 - p), 1e-12) / max(n, 1)
+    spreads = [(statistics.variance(s), len(s) - 1) for s in (a, b) if len(s) > 1]
+    if spreads:
+        pooled = sum(v * d for v, d in spreads) / sum(d for _, d in spreads)
+        per_seed = max(per_seed, pooled)
+    return abs(mean_a - mean_b) <= 3 * math.sqrt(per_seed * (1 / len(a) + 1 / len(b)))
+
+
+def side_by_side_fields(
+    ref: dict[str, Any] | None,
+    mine: dict[str, Any] | None,
+    seeds_ref: Sequence[float],
+    seeds_ours: Sequence[float],
+    n: int = EVAL_EXAMPLES,
+) -> dict[str, Any]:
+    """The JSON fields of a training row for both sides (``ref``/``mine``: a side's result, or
+    None when it failed): mean and per-seed accuracy, whether they agree within noise, the
+    warm-up time and the timed samples."""
+    return dict(
+        accuracy={
+            "fedjax": statistics.fmean(seeds_ref) if seeds_ref else None,
+            "fedjax_exp": statistics.fmean(seeds_ours) if seeds_ours else None,
+        },
+        seed_accuracies={"fedjax": list(seeds_ref), "fedjax_exp": list(seeds_ours)},
+        accuracy_within_noise=within_noise(seeds_ref, seeds_ours, n),
+        warmup_s={
+            "fedjax": ref["warmup_s"] if ref else None,
+            "fedjax_exp": mine["warmup_s"] if mine else None,
+        },
+        samples={
+            "fedjax": ref["samples"] if ref else [],
+            "fedjax_exp": mine["samples"] if mine else [],
+        },
+    )
 
 
 def _accuracy_note(a: Sequence[float], b: Sequence[float]) -> str:
     if not a or not b:
         return ""
-    ok = "within noise" if _within_noise(a, b) else "NOT within noise"
+    ok = "within noise" if within_noise(a, b) else "NOT within noise"
     mean_a, mean_b = statistics.fmean(a), statistics.fmean(b)
     if len(a) == 1 and len(b) == 1:
         return f"accuracy {mean_a:.3f} vs {mean_b:.3f} ({ok})"
