@@ -110,10 +110,15 @@ def _norms(deltas: Any) -> jax.Array:
     return jax.vmap(tree_util.tree_l2_norm)(deltas)
 
 
-def _averaging(fns, init, server_optimizer, clients_per_round, per_example_loss, clip=None):
+def _averaging(ctx, build_library, init=None, clip=None):
     """FedAvg's round (FedProx's too): example-weighted mean delta, server optimizer step.
-    ``clip``: DP-FedAvg's clip norm, noise multiplier (then uniform weights and noise)."""
-    loss_fn = _loss_fn(per_example_loss)
+    ``build_library``: the library constructor call whose client functions the round trains
+    with; ``init``: the server state (default: the library algorithm's); ``clip``: DP-FedAvg's
+    clip norm, noise multiplier (then uniform weights and noise)."""
+    captured, algorithm = capture_client_functions(build_library)
+    fns, init = captured[0], init or algorithm.init
+    server_optimizer, clients_per_round = ctx["server_optimizer"], ctx["clients_per_round"]
+    loss_fn = _loss_fn(ctx["loss"])
 
     def round_(state, inputs, columns, cohort):
         rngs = _lane_rngs(inputs, clients_per_round)
@@ -140,32 +145,28 @@ def _averaging(fns, init, server_optimizer, clients_per_round, per_example_loss,
 
 def build_fed_avg(ctx: dict[str, Any]) -> CohortAlgorithm:
     """FedAvg (``fed_avg.federated_averaging``)."""
-    captured, algorithm = capture_client_functions(
+    return _averaging(
+        ctx,
         lambda: fed_avg.federated_averaging(
             models.model_grad(ctx["model"]),
             ctx["client_optimizer"],
             ctx["server_optimizer"],
             ctx["batch_hparams"],
-        )
-    )
-    return _averaging(
-        captured[0], algorithm.init, ctx["server_optimizer"], ctx["clients_per_round"], ctx["loss"]
+        ),
     )
 
 
 def build_fed_prox(ctx: dict[str, Any], proximal_weight: float) -> CohortAlgorithm:
     """FedProx (``fed_prox.fed_prox``): FedAvg with the proximal term in the client loss."""
-    captured, algorithm = capture_client_functions(
+    return _averaging(
+        ctx,
         lambda: fed_prox.fed_prox(
             ctx["loss"],
             ctx["client_optimizer"],
             ctx["server_optimizer"],
             ctx["batch_hparams"],
             proximal_weight,
-        )
-    )
-    return _averaging(
-        captured[0], algorithm.init, ctx["server_optimizer"], ctx["clients_per_round"], ctx["loss"]
+        ),
     )
 
 
@@ -179,7 +180,13 @@ def build_dp_fed_avg(
 ) -> CohortAlgorithm:
     """DP-FedAvg (``dp_fed_avg.dp_federated_averaging``): clipped, uniformly averaged deltas
     plus Gaussian noise. The library constructor checks the settings (noise needs a clip)."""
-    captured, _ = capture_client_functions(
+    server_optimizer = ctx["server_optimizer"]
+
+    def init(params: Params) -> DPState:
+        return DPState(params, server_optimizer.init(params), jax.random.PRNGKey(noise_seed))
+
+    return _averaging(
+        ctx,
         lambda: dp_fed_avg.dp_federated_averaging(
             models.model_grad(ctx["model"]),
             ctx["client_optimizer"],
@@ -192,19 +199,8 @@ def build_dp_fed_avg(
             target_delta=target_delta,
             noise_seed=noise_seed,
             accountant=accountant,
-        )
-    )
-    server_optimizer = ctx["server_optimizer"]
-
-    def init(params: Params) -> DPState:
-        return DPState(params, server_optimizer.init(params), jax.random.PRNGKey(noise_seed))
-
-    return _averaging(
-        captured[0],
+        ),
         init,
-        server_optimizer,
-        ctx["clients_per_round"],
-        ctx["loss"],
         clip=(clip_norm, noise_multiplier),
     )
 
