@@ -1,4 +1,4 @@
-"""The run comparison report (fedjax_exp.experiment.compare) on synthetic run dirs."""
+"""The run comparison report (fedjax_exp.compare) on synthetic run dirs."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ import sys
 import pytest
 import yaml
 
-from fedjax_exp.experiment import compare, run_record
+from fedjax_exp import compare
+from fedjax_exp.experiment import run_record
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

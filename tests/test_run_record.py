@@ -8,7 +8,8 @@ import os
 
 import pytest
 
-from fedjax_exp.experiment import ConfigError, compare, run_files, run_record
+from fedjax_exp import compare
+from fedjax_exp.experiment import ConfigError, run_files, run_record
 
 CONFIG = {
     "seed": 0,

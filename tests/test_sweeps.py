@@ -15,7 +15,7 @@ import pytest
 import yaml
 from helpers import compose_config, run_py
 
-from fedjax_exp.experiment import compare
+from fedjax_exp import compare
 
 # A training that takes a second or two: a few steps, one eval batch, no progress bar.
 TINY = [

@@ -29,6 +29,13 @@ RUN_LOG_FILE = "run.log"
 CHECKPOINTS_DIR = "checkpoints"
 TRIALS_DIR = "trials"
 HYDRA_DIR = ".hydra"
+# Metrics whose name contains one of these are better when smaller; all others when larger.
+_LOWER_IS_BETTER = ("loss", "error", "perplexity", "regret")
+
+
+def lower_is_better(metric: str) -> bool:
+    """Whether smaller values of ``metric`` (``"final/test/loss"``) are better."""
+    return any(word in metric.rsplit("/", 1)[-1].lower() for word in _LOWER_IS_BETTER)
 
 
 class MetricsFileError(ValueError):

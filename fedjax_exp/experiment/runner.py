@@ -21,7 +21,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from fedjax_exp.experiment import run_log, run_record
+from fedjax_exp.experiment import run_files, run_log, run_record
 from fedjax_exp.experiment.errors import ConfigError, RunInterrupted
 from fedjax_exp.experiment.run_files import CHECKPOINTS_DIR, HYDRA_DIR, STATUS_FILE
 from fedjax_exp.experiment.validation import check_writable_dir, validate_config
@@ -386,8 +386,6 @@ def _finish(members, trials, out, step, outcome, error, checkpointer) -> None:
 
 def _optimized_metric(container: dict[str, Any], runs: list[_Member]) -> float:
     """``optimized_metric`` of the run, or the best over a sweep's trials that completed."""
-    from fedjax_exp.experiment.compare import lower_is_better
-
     key = container.get("optimized_metric")
     if key is None:
         return float("nan")
@@ -395,4 +393,4 @@ def _optimized_metric(container: dict[str, Any], runs: list[_Member]) -> float:
         raise ConfigError(f"optimized_metric={key!r} was not computed; got {sorted(runs[0].final)}")
     values = [m.final[key] for m in runs if m.error is None and key in m.final]
     values = [v for v in values if v == v] or [float("nan")]
-    return min(values) if lower_is_better(str(key)) else max(values)
+    return min(values) if run_files.lower_is_better(str(key)) else max(values)

@@ -22,21 +22,17 @@ import re
 import shutil
 import sys
 from collections.abc import Callable, Iterable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+import pandas as pd
 import yaml
 
 from fedjax_exp.experiment import run_files, run_record
 from fedjax_exp.experiment.errors import ConfigError
 from fedjax_exp.experiment.run_files import TRIALS_DIR
 
-if TYPE_CHECKING:  # pandas is imported where it is used: the runner imports this module.
-    import pandas as pd
-
 FINAL_PREFIX = "final/"
 RESERVED_KEYS = frozenset({"step", "time", "status", "error"})  # bookkeeping, not metrics
-# Metrics whose name contains one of these are better when smaller; all others when larger.
-_LOWER_IS_BETTER = ("loss", "error", "perplexity", "regret")
 FORMATS = ("md", "html")
 LEGEND_MAX = 40  # More lines than this get no legend (grouping is the readable view).
 Groups = dict[tuple[str, ...], list["Run"]]
@@ -192,13 +188,9 @@ def find_not_started(paths: Sequence[str | os.PathLike[str]]) -> list[tuple[str,
     return found
 
 
-def lower_is_better(metric: str) -> bool:
-    return any(word in metric.rsplit("/", 1)[-1].lower() for word in _LOWER_IS_BETTER)
-
-
 def best_value(values: Iterable[float], metric: str) -> float | None:
     finite = [v for v in values if math.isfinite(v)]
-    return (min if lower_is_better(metric) else max)(finite) if finite else None
+    return (min if run_files.lower_is_better(metric) else max)(finite) if finite else None
 
 
 def _canonical(value: Any) -> str:
@@ -267,8 +259,6 @@ def _format(value: Any) -> str:
 def summary_frame(runs: Sequence[Run], metrics: Sequence[str]) -> pd.DataFrame:
     """Per run, each metric's last value, and its ``(best)`` where that differs (None: never
     logged)."""
-    import pandas as pd
-
     columns: dict[str, list[float | None]] = {}
     for metric in metrics:
         series = [[v for _, v in sorted(run.history.get(metric, {}).items())] for run in runs]
@@ -285,8 +275,6 @@ def summary_frame(runs: Sequence[Run], metrics: Sequence[str]) -> pd.DataFrame:
 
 def runs_table(runs: Sequence[Run], metrics: Sequence[str]) -> pd.DataFrame:
     """One row per run, sorted by the differing config values not set by an override."""
-    import pandas as pd
-
     differing = differing_keys(runs)
     overridden = {o.partition("=")[0].lstrip("+~") for run in runs for o in run.overrides}
     table = pd.DataFrame(
@@ -309,8 +297,6 @@ def runs_table(runs: Sequence[Run], metrics: Sequence[str]) -> pd.DataFrame:
 def grouped_table(groups: Groups, keys: Sequence[str], metrics: Sequence[str]) -> pd.DataFrame:
     """Per group: run counts and each metric's mean ± population std over finite values
     (``(n=k)``: only k runs had one)."""
-    import pandas as pd
-
     values = summary_frame([run for group in groups.values() for run in group], metrics)
     values = values.reset_index(drop=True).astype(float)
     by = values.where(values.abs() < math.inf).groupby(
@@ -347,7 +333,6 @@ def figure(
 ) -> Any:
     """``metric`` against step, a line per run or a mean ± std band per group, the legend
     beside the axes; None when no run logged it."""
-    import pandas as pd
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
