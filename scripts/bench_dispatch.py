@@ -57,16 +57,11 @@ def measure(model, k: int, steps: int, batch_size: int) -> float:
 
 def auto_steps_per_dispatch(model) -> int:
     """What ``trainer.steps_per_dispatch=auto`` picks for ``model`` on this backend."""
-    from fedjax_exp.core import optimizers
-    from fedjax_exp.experiment import algorithms, parallel
+    from fedjax_exp.experiment import parallel
+    from fedjax_exp.training.steps import model_uses_convolution
 
-    key = jax.random.PRNGKey(0)
-    alg = algorithms.CentralizedTraining(model, optimizers.adam(1e-3), None, 8, 1, 1)
-    sample = {
-        "x": jax.ShapeDtypeStruct((8, 28, 28, 1), np.float32),
-        "y": jax.ShapeDtypeStruct((8,), np.int32),
-    }
-    conv = algorithms.uses_convolution(alg.update, jax.eval_shape(alg.init, key), sample, key)
+    sample = {"x": np.zeros((8, 28, 28, 1), np.float32), "y": np.zeros(8, np.int32)}
+    conv = model_uses_convolution(model, sample)
     probe = types.SimpleNamespace(num_trials=1, uses_convolution=lambda: conv)
     return parallel.speed_up(probe, {}, num_devices=1).steps_per_dispatch
 

@@ -19,6 +19,7 @@ from fedjax_exp.core import optimizers
 from fedjax_exp.experiment import ConfigError, algorithms, loop, parallel, run
 from fedjax_exp.experiment.writers import read_metrics
 from fedjax_exp.models import emnist
+from fedjax_exp.training import steps
 
 # --- pipeline pieces --------------------------------------------------------------------------
 
@@ -124,8 +125,8 @@ def test_convolution_detection_sees_nested_jits():
     )
     x = jax.ShapeDtypeStruct((1, 1, 4, 4), np.float32)
     w = jax.ShapeDtypeStruct((2, 1, 3, 3), np.float32)
-    assert algorithms.uses_convolution(lambda x, w: jax.jit(conv)(x, w).sum(), x, w)
-    assert not algorithms.uses_convolution(lambda x, w: (x.sum(), w.sum()), x, w)
+    assert steps.uses_convolution(lambda x, w: jax.jit(conv)(x, w).sum(), x, w)
+    assert not steps.uses_convolution(lambda x, w: (x.sum(), w.sum()), x, w)
 
 
 class _Probe:

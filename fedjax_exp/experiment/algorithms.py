@@ -20,9 +20,9 @@ from fedjax_exp.experiment.errors import ConfigError
 from fedjax_exp.training.steps import (
     TrainState,
     centralized_update,
+    model_uses_convolution,
     multi_step,
     stack_inputs,
-    uses_convolution,
 )
 
 DATA_AXIS = "data"
@@ -137,12 +137,7 @@ class CentralizedTraining:
         fd = self._column_data()
         if fd is None:
             return None
-        batch = dict(fd.gather(np.arange(min(2, fd.num_examples))))
-        key = jax.random.PRNGKey(0)
-        abstract = {
-            k: jax.ShapeDtypeStruct(np.shape(v), np.asarray(v).dtype) for k, v in batch.items()
-        }
-        return uses_convolution(self.update, jax.eval_shape(self.init, key), abstract, key)
+        return model_uses_convolution(self.model, fd.gather(np.arange(min(2, fd.num_examples))))
 
     def use_mesh(self, mesh: Mesh) -> None:
         """Data parallelism over ``mesh``: the state replicated, every batch split along its

@@ -18,7 +18,7 @@ from fedjax_exp.core import cohort, models
 from fedjax_exp.core.client_datasets import ShuffleRepeatBatchHParams
 from fedjax_exp.core.parallel_for_each_client import default_lanes
 from fedjax_exp.core.typing import PRNGKey
-from fedjax_exp.experiment.algorithms import DATA_AXIS, stack_inputs, uses_convolution
+from fedjax_exp.experiment.algorithms import DATA_AXIS, model_uses_convolution, stack_inputs
 from fedjax_exp.experiment.config_schema import integer
 from fedjax_exp.experiment.errors import ConfigError
 
@@ -120,14 +120,12 @@ class FederatedTraining:
         )
         self.replicated = None if self.mesh is None else NamedSharding(self.mesh, PartitionSpec())
         self.columns = jax.device_put(self.host_columns, self.replicated)
-        constrain = cohort._no_constraint
-        if self.mesh is not None:
-            lanes_sharding = NamedSharding(self.mesh, PartitionSpec(DATA_AXIS))
-            constrain = functools.partial(
-                jax.lax.with_sharding_constraint, shardings=lanes_sharding
-            )
         engine = cohort.StepwiseCohort() if self.stepwise else cohort.train_cohort
-        self._engine = functools.partial(engine, constrain=constrain)
+        if self.mesh is not None:  # Every lanes-leading tree split over the devices.
+            sharded = NamedSharding(self.mesh, PartitionSpec(DATA_AXIS))
+            constrain = functools.partial(jax.lax.with_sharding_constraint, shardings=sharded)
+            engine = functools.partial(engine, constrain=constrain)
+        self._engine = engine
 
         def rounds(state, block, columns):
             def body(state, inputs):
@@ -165,11 +163,7 @@ class FederatedTraining:
         return state.params
 
     def uses_convolution(self) -> bool | None:
-        key = jax.random.PRNGKey(0)
-        batch = {k: v[:2] for k, v in self.host_columns.items()}
-        abstract = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch.items()}
-        params = jax.eval_shape(self.model.init, key)
-        return uses_convolution(self.model.apply_for_train, params, abstract, key)
+        return model_uses_convolution(self.model, {k: v[:2] for k, v in self.host_columns.items()})
 
     def use_mesh(self, mesh: Mesh) -> None:
         self.mesh = mesh

@@ -22,6 +22,7 @@ __all__ = [
     "TrainState",
     "centralized_update",
     "masked_mean_loss",
+    "model_uses_convolution",
     "multi_step",
     "stack_inputs",
     "uses_convolution",
@@ -114,6 +115,14 @@ def uses_convolution(fn: Callable[..., Any], *args: Any) -> bool:
     """Whether ``fn(*args)`` computes a convolution, nested calls included (traced
     abstractly: ``args`` may be ``jax.ShapeDtypeStruct`` s; nothing runs)."""
     return "conv_general_dilated" in str(jax.make_jaxpr(fn)(*args))
+
+
+def model_uses_convolution(model: Any, batch: Mapping[str, Any]) -> bool:
+    """Whether ``model.apply_for_train`` convolves on batches shaped like ``batch`` (a few
+    examples; traced abstractly, nothing runs)."""
+    key = jax.random.PRNGKey(0)
+    abstract = {k: jax.ShapeDtypeStruct(np.shape(v), np.asarray(v).dtype) for k, v in batch.items()}
+    return uses_convolution(model.apply_for_train, jax.eval_shape(model.init, key), abstract, key)
 
 
 def stack_inputs(items: Sequence[Any]) -> Any:
