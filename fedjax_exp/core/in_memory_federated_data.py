@@ -43,11 +43,11 @@ from fedjax_exp.core.federated_data import (
 )
 from fedjax_exp.core.typing import EXAMPLE_MASK_KEY, ClientId
 
-# Target bytes gathered per gather call by shuffle_repeat_batches (see there). Measured on the
-# 2-core box (FEMNIST rows of 3 KiB): one thread gathers a shuffled row in ~0.24 us at any
-# chunk size; two threads splitting a chunk take 0.35 us at 256 rows (the hand-off costs more
-# than it saves), 0.19 us at 1,024 and 0.14 us at 4,096 rows (12 MiB).
-_CHUNK_BYTES = 12 << 20
+# Target bytes gathered per gather call by shuffle_repeat_batches (see there). Under 4 MiB:
+# NumPy asks the kernel for transparent huge pages for arrays of 4 MiB and more, and each such
+# fresh chunk can then wait for memory compaction (docs/performance-notes.md, "Shuffled
+# batches").
+_CHUNK_BYTES = 3 << 20
 # Columns gathered at least this many bytes per chunk are split between two threads (np.take
 # releases the GIL while it copies), when the process may run on more than one core.
 _PARALLEL_GATHER_MIN_BYTES = 2 << 20

@@ -162,7 +162,9 @@ def timed_loop(
 
     Steps 1..``warmup`` run in a first loop call (compilation included; ``warmup_s`` is its
     wall time); steps ``warmup+1..steps`` run in a second call whose log-time sync marks
-    give the timed windows.
+    give the timed windows. The warm-up ends on a ``trainer.log_every`` boundary: the loop
+    cuts its dispatches at those boundaries, so every block length the timed steps run (e.g.
+    8 and 2 for 8 steps per dispatch and logging every 50) has compiled before them.
     """
     import jax
 
@@ -171,10 +173,12 @@ def timed_loop(
     if steps < 2:
         raise ValueError(f"steps must be at least 2 for fedjax_exp's timed loop, got {steps}")
     algorithm, engine = _engine_options(cfg, algorithm)
+    log_every = int(cfg.trainer.log_every)
+    if log_every > 0:
+        warmup = -(-warmup // log_every) * log_every
     warmup = max(1, min(warmup, steps - 1))
     init_rng, train_rng = jax.random.split(jax.random.PRNGKey(seed))
     state = algorithm.init(init_rng)
-    log_every = int(cfg.trainer.log_every)
 
     def run(state: Any, start: int, stop: int, writer: Any) -> Any:
         settings = loop.LoopSettings(
