@@ -4,6 +4,7 @@ resuming, and the speed settings through the runner."""
 from __future__ import annotations
 
 import json
+import platform
 
 import jax
 import numpy as np
@@ -19,7 +20,8 @@ from fedjax_exp.core import optimizers
 from fedjax_exp.experiment import ConfigError, algorithms, loop, parallel, run
 from fedjax_exp.experiment.writers import read_metrics
 from fedjax_exp.models import emnist
-from fedjax_exp.training import steps
+from fedjax_exp.training import host_memory, steps
+from fedjax_exp.training.host_memory import reuse_freed_memory
 
 # --- pipeline pieces --------------------------------------------------------------------------
 
@@ -144,6 +146,14 @@ class _Probe:
         self.meshes.append(mesh)
 
 
+@pytest.fixture(autouse=True)
+def host_memory_calls(monkeypatch):
+    """Records calls of the process-wide host memory setting instead of making them."""
+    calls = []
+    monkeypatch.setattr(host_memory, "reuse_freed_memory", lambda: calls.append(1) or True)
+    return calls
+
+
 def _resolve(trainer, backend="cpu", num_devices=1, uses_convolution=False):
     probe = _Probe(uses_convolution)
     settings = parallel.speed_up(probe, trainer, backend=backend, num_devices=num_devices)
@@ -156,20 +166,30 @@ def test_auto_speed_settings_on_cpu_follow_the_model():
     assert dense == parallel.SpeedSettings(
         steps_per_dispatch=parallel.STEPS_PER_DISPATCH,
         data_parallel=False,
+        reuse_host_memory=True,
     )
     assert _resolve({}, uses_convolution=True).steps_per_dispatch == 1
     assert _resolve({}, uses_convolution=None).steps_per_dispatch == 1
     assert _resolve({}, num_devices=2).data_parallel
 
 
-def test_auto_speed_settings_on_accelerators_and_explicit_values_win():
+def test_auto_speed_settings_on_accelerators_and_explicit_values_win(host_memory_calls):
     gpu = _resolve({}, "gpu", uses_convolution=True)
     assert gpu.steps_per_dispatch == parallel.STEPS_PER_DISPATCH
-    explicit = {
-        "steps_per_dispatch": 3,
-        "data_parallel": False,
-    }
-    assert _resolve(explicit, num_devices=4) == parallel.SpeedSettings(3, False)
+    assert not gpu.reuse_host_memory and not host_memory_calls  # Off the CPU: untouched.
+    explicit = {"steps_per_dispatch": 3, "data_parallel": False, "reuse_host_memory": False}
+    assert _resolve(explicit, num_devices=4) == parallel.SpeedSettings(3, False, False)
+    assert not host_memory_calls
+    assert _resolve({"reuse_host_memory": True}, "gpu").reuse_host_memory
+    assert host_memory_calls == [1]
+
+
+@pytest.mark.skipif(
+    platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc only"
+)
+def test_host_memory_reuse_takes_effect_with_glibc():
+    # Exercises the real mallopt calls (process-wide; the thresholds only keep freed blocks).
+    assert reuse_freed_memory()  # The real function: the fixture patches the module.
 
 
 # --- through the runner -----------------------------------------------------------------------

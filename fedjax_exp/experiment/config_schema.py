@@ -120,6 +120,7 @@ class TrainerConfig:
     progress_bar: bool = MISSING
     steps_per_dispatch: Any = choice("auto", other=lambda key, value: integer(key, value, 1))
     data_parallel: Any = choice("auto", True, False)
+    reuse_host_memory: Any = choice("auto", True, False)
     compilation_cache: Optional[str] = MISSING  # noqa: UP045
     compute_dtype: str = choice("float32", "bfloat16", "float16")
     vectorize: VectorizeConfig = dataclasses.field(default_factory=VectorizeConfig)
