@@ -146,7 +146,7 @@ def _open_members(container, out, trials, start_step, resumed, clock) -> list[_M
     for trial in trials or [None]:
         directory, config, settings, run_name, label = out, container, wandb, name, ""
         if trial is not None:  # Its own run dir and W&B run, grouped under the sweep's name.
-            directory, label = out / vectorized.TRIALS_DIR / trial.name, f"{trial.name}: "
+            directory, label = out / run_files.TRIALS_DIR / trial.name, f"{trial.name}: "
             config = vectorized.write_trial_files(directory, container, trial)
             if wandb:
                 settings, group = {**wandb, "name": None}, wandb.get("group") or name

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedjax_exp.core.dataclasses import dataclass
-from fedjax_exp.core.injected_learning_rate import (  # noqa: F401 - re-exported
+from fedjax_exp.core.injected_learning_rate import (
     LearningRateState,
     learning_rate_in_scope,
     learning_rate_in_state,
@@ -32,7 +32,7 @@ from fedjax_exp.core.injected_learning_rate import (  # noqa: F401 - re-exported
 from fedjax_exp.core.typing import Params, PRNGKey
 from fedjax_exp.experiment import algorithms
 from fedjax_exp.experiment.errors import ConfigError
-from fedjax_exp.experiment.run_files import HYDRA_DIR, TRIALS_DIR  # noqa: F401 - re-exported
+from fedjax_exp.experiment.run_files import HYDRA_DIR
 
 
 @dataclasses.dataclass(frozen=True)
