@@ -287,3 +287,16 @@ def test_fed_section_quick(bench, tiny_federated):
             assert 0.0 <= accuracy <= 1.0
     # The goal applies to the run.py path only.
     assert (run["goal"], jit["goal"]) == (20.0, None)
+
+
+def test_fed_ceiling_counts_the_logistic_step_flops(bench):
+    import bench_fed_ceiling
+
+    result = bench_fed_ceiling.measure(clients=2, steps=3, batch_size=4, rounds=2, repeats=1)
+    # Forward [4, 784] x [784, 62] and the weight gradient, 2 x 2 x 4 x 784 x 62 FLOP, plus
+    # the softmax, bias and update arithmetic: XLA counts a little more than the two dots.
+    dots = 2 * 2 * 4 * 784 * 62 / 1e6
+    assert dots < result["mflop_per_local_step"] < 1.2 * dots
+    assert result["rounds_per_s"] > 0
+    expected = 2 * 3 * result["mflop_per_local_step"] * result["rounds_per_s"] / 1e3
+    assert math.isclose(result["useful_gflop_per_s"], expected)
