@@ -63,7 +63,9 @@ def auto_steps_per_dispatch(model) -> int:
     sample = {"x": np.zeros((8, 28, 28, 1), np.float32), "y": np.zeros(8, np.int32)}
     conv = model_uses_convolution(model, sample)
     probe = types.SimpleNamespace(num_trials=1, uses_convolution=lambda: conv)
-    return parallel.speed_up(probe, {}, num_devices=1).steps_per_dispatch
+    # Only the resolved K: leave the process's allocator as the measurements found it.
+    settings = parallel.speed_up(probe, {"reuse_host_memory": False}, num_devices=1)
+    return settings.steps_per_dispatch
 
 
 def main() -> None:

@@ -30,7 +30,8 @@ DATA_AXIS = "data"
 
 class Algorithm(Protocol):
     """A training algorithm driven by the experiment loop. ``num_trials``: trials trained
-    side by side (1 for a plain run; above 1 the step scalars carry a trailing trials axis)."""
+    side by side (1 for a plain run; above 1 the step scalars carry a trailing trials axis).
+    Implementations subclass it for the defaults of the last two methods."""
 
     num_trials: int
 
@@ -58,6 +59,14 @@ class Algorithm(Protocol):
     def use_mesh(self, mesh: Mesh) -> None:
         """Trains data-parallel over ``mesh``; ConfigError where it cannot."""
 
+    def logged_scalars(self, step: int) -> dict[str, float]:
+        """Host values logged with the train scalars at ``step`` (e.g. DP's privacy spent)."""
+        return {}
+
+    def periodic_eval_batches(self, splits: dict, batch_size: int, seed: int) -> dict:
+        """Per split, the batches periodic evaluation uses ({}: each split's first ones)."""
+        return {}
+
 
 def check_batch_divisible(batch_size: int, num_devices: int) -> None:
     """ConfigError unless ``batch_size`` splits evenly over ``num_devices``."""
@@ -70,7 +79,7 @@ def check_batch_divisible(batch_size: int, num_devices: int) -> None:
         )
 
 
-class CentralizedTraining:
+class CentralizedTraining(Algorithm):
     """One optimizer step per shuffle-repeat batch pooled across the train clients.
     :attr:`update` is what :meth:`run_steps` scans, a sweep vmaps and a mesh shards;
     :meth:`step` is the plain jitted step (the reference the fast paths must equal)."""

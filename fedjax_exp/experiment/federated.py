@@ -18,14 +18,15 @@ from fedjax_exp.core import cohort, models
 from fedjax_exp.core.client_datasets import ShuffleRepeatBatchHParams
 from fedjax_exp.core.parallel_for_each_client import default_lanes
 from fedjax_exp.core.typing import PRNGKey
-from fedjax_exp.experiment.algorithms import DATA_AXIS, model_uses_convolution, stack_inputs
+from fedjax_exp.experiment.algorithms import DATA_AXIS, Algorithm, stack_inputs
 from fedjax_exp.experiment.config_schema import integer
 from fedjax_exp.experiment.errors import ConfigError
+from fedjax_exp.training.steps import model_uses_convolution
 
 ENGINES = ("auto", "scan", "stepwise")
 
 
-class FederatedTraining:
+class FederatedTraining(Algorithm):
     """Rounds of ``cohort_rounds.ALGORITHMS[name]``; ``optimizer`` is the server's (Mime: the
     base optimizer clients mimic), further ``settings`` go to the algorithm's builder.
     ``engine``: ``scan`` (rounds as one program), ``stepwise`` (a dispatch per local step,
@@ -88,10 +89,7 @@ class FederatedTraining:
             raise ConfigError(f"algorithm={name}: {e}") from None
         self.host_columns, self.offsets = columns, offsets
         self.clients_per_round, self.engine, self.lanes = clients_per_round, engine, lanes
-        self.epsilon = None
-        if name == "dp_fed_avg":
-            self.epsilon = (settings.get("noise_multiplier", 0.0), settings["target_delta"])
-            self.accountant = settings.get("accountant", "rdp")
+        self.privacy = settings if name == "dp_fed_avg" else None  # For the epsilon spent.
         self.mesh: Mesh | None = None
         self._configure()
 
@@ -171,13 +169,13 @@ class FederatedTraining:
 
     def logged_scalars(self, step: int) -> dict[str, float]:
         """DP's privacy spent, logged with the train scalars."""
-        if self.epsilon is None:
+        if self.privacy is None:
             return {}
         from fedjax_exp.algorithms.dp_fed_avg import epsilon_spent
 
-        noise, delta = self.epsilon
-        q = self.clients_per_round / self.planner.num_clients
-        return {"privacy/epsilon": epsilon_spent(noise, q, step, delta, self.accountant)}
+        dp, q = self.privacy, self.clients_per_round / self.planner.num_clients
+        noise, accountant = dp.get("noise_multiplier", 0.0), dp.get("accountant", "rdp")
+        return {"privacy/epsilon": epsilon_spent(noise, q, step, dp["target_delta"], accountant)}
 
     def periodic_eval_batches(self, splits: dict[str, Any], batch_size: int, seed: int) -> dict:
         """With ``eval_clients``: per split, the batches of that many clients drawn once."""

@@ -164,9 +164,9 @@ def train(
         if not start_loss and "loss" in pending:  # Steps x trials values; one sync a run.
             start_loss.extend(np.asarray(pending["loss"][0]).reshape(-1, trials)[0].tolist())
         means_per_trial = _pop_means(pending, trials)
-        host = getattr(algorithm, "logged_scalars", None)  # e.g. DP's privacy spent so far.
+        host = algorithm.logged_scalars(step)  # Once for all trials: e.g. DP's accounting.
         for trial, (means, writer) in enumerate(zip(means_per_trial, writers, strict=True)):
-            means.update(host(step) if host is not None else {})
+            means.update(host)
             writer.write_scalars(step, means)
             loss = means.get("train/loss", math.nan)
             if trials == 1 and "train/loss" in means:

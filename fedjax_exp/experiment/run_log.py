@@ -9,7 +9,6 @@ from collections.abc import Mapping
 from typing import Any
 
 import jax
-import numpy as np
 
 log = logging.getLogger(__name__)
 
@@ -22,13 +21,6 @@ def hydra_config() -> Any:
     from hydra.core.hydra_config import HydraConfig
 
     return HydraConfig.get() if HydraConfig.initialized() else None
-
-
-def config_choices() -> str:
-    """The chosen options of the groups that say what is trained, e.g. ``model=logistic
-    optimizer=adam`` (empty outside a Hydra app)."""
-    choices = hc.runtime.choices if (hc := hydra_config()) is not None else {}
-    return " ".join(f"{group}={choices[group]}" for group in DESCRIBED_GROUPS if choices.get(group))
 
 
 def step_name(container: Mapping[str, Any]) -> str:
@@ -48,15 +40,12 @@ def describe(container: Mapping[str, Any], start_step: int, steps_per_dispatch: 
         )
     else:
         span += f"batch {trainer['batch_size']}"
+    choices = hc.runtime.choices if (hc := hydra_config()) is not None else {}
+    chosen = " ".join(f"{g}={choices[g]}" for g in DESCRIBED_GROUPS if choices.get(g))
     return (
-        f"training {config_choices() or 'the composed config'} seed={container['seed']}: "
+        f"training {chosen or 'the composed config'} seed={container['seed']}: "
         f"{span}; {jax.default_backend()} backend, {steps_per_dispatch} {unit} per dispatch"
     )
-
-
-def count_parameters(params: Any) -> int:
-    """Number of scalars in the ``params`` pytree."""
-    return sum(int(np.size(leaf)) for leaf in jax.tree_util.tree_leaves(params))
 
 
 def format_metrics(metrics: Mapping[str, Any]) -> str:

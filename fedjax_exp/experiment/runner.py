@@ -249,7 +249,7 @@ def _run_validated(cfg: DictConfig, container: dict[str, Any], out: pathlib.Path
     described = run_log.describe(container, start_step, speed.steps_per_dispatch)
     if trials is not None:
         described += f"; {len(trials)} trials in one program ({', '.join(t.name for t in trials)})"
-    parameters = run_log.count_parameters(algorithm.eval_params(state))
+    parameters = sum(np.size(x) for x in jax.tree_util.tree_leaves(algorithm.eval_params(state)))
     log.info(f"{described}; {parameters:,} parameters; writing to {out}")
 
     # From here on the run writes files; every exit path records how it ended.
@@ -258,14 +258,13 @@ def _run_validated(cfg: DictConfig, container: dict[str, Any], out: pathlib.Path
     run_record.write(out, container, list(hc.overrides.task) if hc is not None else [])
     clock = loop.Clock(elapsed)
     members = _open_members(container, out, trials, start_step, source is not None, clock)
-    sampled = getattr(algorithm, "periodic_eval_batches", None)  # Federated runs.
     batch_size = int(trainer["eval_batch_size"])
     evaluator = Evaluator(
         model,
         eval_splits,
         batch_size,
         dict(trainer["eval_batches"]),
-        sampled and sampled(eval_splits, batch_size, container["seed"]),
+        algorithm.periodic_eval_batches(eval_splits, batch_size, container["seed"]),
     )
     checkpointer, step, outcome, error = None, start_step, "failed", None
     ctrl_c = contextlib.ExitStack()

@@ -115,7 +115,7 @@ def stack_trees(trees: Sequence[Any]) -> Any:
     return jax.device_put(algorithms.stack_inputs(jax.device_get(trees)))
 
 
-class VectorizedTraining:
+class VectorizedTraining(algorithms.Algorithm):
     """``make_algorithm(optimizer)`` (a CentralizedTraining), vmapped over ``trials``;
     ``make_optimizer(lr)`` is the run's optimizer at a learning rate."""
 
@@ -167,6 +167,12 @@ class VectorizedTraining:
 
     def uses_convolution(self) -> bool | None:
         return self.base.uses_convolution()
+
+    def logged_scalars(self, step: int) -> dict[str, float]:
+        return self.base.logged_scalars(step)
+
+    def periodic_eval_batches(self, splits: dict[str, Any], batch_size: int, seed: int) -> dict:
+        return self.base.periodic_eval_batches(splits, batch_size, seed)
 
     def use_mesh(self, mesh: Any) -> None:
         raise ConfigError(
@@ -227,12 +233,6 @@ class VectorizedFederatedTraining(VectorizedTraining):
 
     def eval_params(self, state: Any, trial: int = 0) -> Params:
         return jax.tree_util.tree_map(lambda x: x[trial], state.server.params)
-
-    def periodic_eval_batches(self, splits: dict[str, Any], batch_size: int, seed: int) -> dict:
-        return self.base.periodic_eval_batches(splits, batch_size, seed)
-
-    def logged_scalars(self, step: int) -> dict[str, float]:
-        return self.base.logged_scalars(step)
 
 
 def make_optimizer_factory(cfg: Any, key: str = "optimizer") -> Callable[[Any], Any]:
